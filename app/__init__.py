@@ -1,0 +1,1 @@
+"""saelab: app layer (see DESIGN.md)."""

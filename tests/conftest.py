@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random Llama saved to disk (unit tests) and the embedded model
+loaded once per session (slow end-to-end tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The data dir of the test session; the embedded model is converted into it once."""
+    return tmp_path_factory.mktemp("saelab-data")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 4-layer, d=64 random LlamaForCausalLM with a character-level tokenizer (vocab
+    512, BOS id 1), saved as a genuine on-disk HF checkpoint so the real loading code runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {f"<{i}>": i for i in range(4)}
+    vocab.update({chr(c): len(vocab) for c in range(32, 127)})
+    vocab.update({f"x{i}": len(vocab) for i in range(TINY_VOCAB - len(vocab))})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<3>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>",
+                                   unk_token="<3>", pad_token="<0>")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_llama_dir, data_dir):
+    from training.models import load_model
+
+    return load_model(str(tiny_llama_dir), data_dir=data_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_model(data_dir):
+    """SmolLM2-135M-Instruct, loaded once for every slow test."""
+    from training.models import EMBEDDED_MODEL, load_model
+
+    return load_model(EMBEDDED_MODEL, data_dir=data_dir, device="cpu")

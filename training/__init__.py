@@ -1,0 +1,1 @@
+"""The ML engine: everything that touches tensors. Imports nothing else of saelab."""

@@ -1,0 +1,1 @@
+"""saelab: worker layer (see DESIGN.md)."""

@@ -21,8 +21,8 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 4-layer, d=64 random LlamaForCausalLM with a character-level tokenizer (vocab
     512, BOS id 1), saved as a genuine on-disk HF checkpoint so the real loading code runs."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-llama")
     vocab = {f"<{i}>": i for i in range(4)}

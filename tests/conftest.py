@@ -25,9 +25,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {f"<{i}>": i for i in range(4)}
-    vocab.update({chr(c): len(vocab) for c in range(32, 127)})
-    vocab.update({f"x{i}": len(vocab) for i in range(TINY_VOCAB - len(vocab))})
+    names = [f"<{i}>" for i in range(4)] + [chr(c) for c in range(32, 127)] + ["\n"]
+    names += [f"x{i}" for i in range(TINY_VOCAB - len(names))]
+    vocab = {name: index for index, name in enumerate(names)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<3>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<1>", eos_token="<2>",

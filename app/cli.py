@@ -1,0 +1,191 @@
+"""The ``saelab`` command line: thin wrappers that parse flags and call ``training``.
+
+Every failure a user can cause ends as one line ``error: …`` naming the flag or the
+problem, exit status 2, and no partial output (the engine writes atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.settings import get_settings
+
+app = typer.Typer(help="saelab: sparse autoencoders for Llama-family models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks (print one JSON line).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="'smollm2-135m', a local "
+                                              "checkpoint dir or a hub id [default: settings]")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="'embedded', a local "
+                                         ".txt/.jsonl/.parquet file or dir, or an HF dataset")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda or cpu [default: auto]")]
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn the engine's input errors into a one-line message and exit status 2."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def _load(model: str | None, device: str | None):
+    from training.models import load_model
+
+    settings = get_settings()
+    return load_model(model or settings.default_model, data_dir=settings.data_dir, device=device)
+
+
+@app.command()
+def capture(
+    layer: Annotated[int, typer.Option("--layer", help="decoder block (0-based)")],
+    tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    model: ModelOpt = None,
+    dataset: DatasetOpt = "embedded",
+    context: Annotated[int, typer.Option("--context", help="tokens per context")] = 128,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32")] = "fp16",
+    batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 16,
+    split: Annotated[str, typer.Option("--split", help="HF dataset split")] = "train",
+    text_column: Annotated[str, typer.Option("--text-column")] = "text",
+    device: DeviceOpt = None,
+) -> None:
+    """Capture block LAYER's residual-stream activations into sharded safetensors."""
+    from training.capture import CaptureConfig
+    from training.capture import capture as run_capture
+
+    with cli_errors():
+        cfg = CaptureConfig(layer=layer, tokens=tokens, dataset=dataset, context=context,
+                            dtype=dtype, batch_contexts=batch, split=split,
+                            text_column=text_column)
+        lm = _load(model, device)
+        manifest = run_capture(lm, cfg, out)
+    typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
+               f"{manifest.layer} in {len(manifest.shards)} shards -> {out}")
+
+
+@app.command()
+def train(
+    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    latents: Annotated[int, typer.Option("--latents", help="dictionary size n")],
+    k: Annotated[int, typer.Option("--k", help="active latents per token")],
+    out: Annotated[Path, typer.Option("--out", help="output SAE directory")],
+    arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk")] = "topk",
+    tokens: Annotated[int | None, typer.Option("--tokens", help="training tokens "
+                                               "[default: one pass]")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="global batch in tokens")] = 4096,
+    lr: Annotated[float | None, typer.Option("--lr", help="[default: 2e-4/sqrt(n/2^14)]")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
+    dead_tokens: Annotated[int, typer.Option("--dead-tokens", help="tokens without firing "
+                                             "before a latent counts as dead")] = 1_000_000,
+    nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
+                                         "checkpoint")] = False,
+) -> None:
+    """Train a TopK / BatchTopK SAE on captured activations."""
+    from training.activations import Manifest
+
+    with cli_errors():
+        d_in = Manifest.load(acts).d_model
+        spec = {"acts": str(acts), "out": str(out), "resume": resume,
+                "sae": {"d_in": d_in, "n_latents": latents, "k": k, "architecture": arch,
+                        "dead_tokens": dead_tokens},
+                "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
+                          "checkpoint_every": checkpoint_every}}
+        _validate_train_spec(spec, nproc)
+        metrics = _run_train(spec, nproc)
+    typer.echo(json.dumps(metrics))
+
+
+def _validate_train_spec(spec: dict, nproc: int) -> None:
+    from training.sae import SaeConfig
+    from training.trainer import TrainConfig
+
+    SaeConfig.from_dict(spec["sae"])
+    TrainConfig.from_dict(spec["train"])
+    if nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    if spec["train"]["batch"] % nproc:
+        raise ValueError(f"--batch {spec['train']['batch']} is not divisible by --nproc {nproc}")
+
+
+def _run_train(spec: dict, nproc: int) -> dict:
+    from training.launch import run_spec
+
+    if nproc == 1:
+        return run_spec(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        result_path = Path(tmp) / "metrics.json"
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "-m", "training.launch", str(spec_path),
+                   str(result_path)]
+        if subprocess.run(command, check=False).returncode != 0 or not result_path.exists():
+            raise ValueError(f"distributed training with --nproc {nproc} failed (see above)")
+        return json.loads(result_path.read_text())
+
+
+@app.command("eval")
+def evaluate(
+    sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to evaluate on")] = 8192,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = "embedded",
+    layer: Annotated[int | None, typer.Option("--layer", help="[default: the SAE's]")] = None,
+    context: Annotated[int, typer.Option("--context")] = 128,
+    batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 8,
+    skip_contexts: Annotated[int | None, typer.Option(
+        "--skip-contexts", help="contexts of the dataset to skip first [default: those the "
+        "SAE was trained on, when it is the same dataset]")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON."""
+    from training.metrics import evaluate_sae_on_dataset
+    from training.sae_io import load_sae
+
+    with cli_errors():
+        sae_module, cfg = load_sae(sae)
+        lm = _load(model or cfg.get("model_name"), device)
+        metrics = evaluate_sae_on_dataset(
+            lm, sae_module.to(lm.device), layer if layer is not None else int(cfg["hook_layer"]),
+            dataset=dataset, tokens=tokens, context=context, batch=batch,
+            skip_contexts=_trained_contexts(cfg, dataset) if skip_contexts is None
+            else skip_contexts)
+    typer.echo(json.dumps(metrics.to_dict()))
+
+
+def _trained_contexts(cfg: dict, dataset: str) -> int:
+    """Contexts the SAE's capture used, so evaluation runs on text it has not seen."""
+    from training.activations import Manifest
+
+    try:
+        manifest = Manifest.load(Path(cfg["activations"]))
+    except (KeyError, ValueError):
+        return 0
+    return manifest.contexts if manifest.dataset == dataset else 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from app import cli_bench  # noqa: F401  (registers the bench commands)
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""``saelab bench …`` commands (registered on import)."""

@@ -1,0 +1,43 @@
+"""Entry point of one training process, single or under torchrun.
+
+``run_spec`` takes the JSON-able spec the CLI (or a worker) builds; ``python -m
+training.launch SPEC.json RESULT.json`` is what torchrun starts on every rank (rank 0 writes
+the metrics to RESULT.json). Multi-node runs use torchrun directly with this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.distributed import DistContext
+from training.sae import SaeConfig
+from training.train_run import train
+from training.trainer import TrainConfig
+
+
+def run_spec(spec: dict, dist: DistContext | None = None, progress: bool = True) -> dict:
+    """Train as ``spec`` says: {acts, out, resume, sae: SaeConfig fields, train: TrainConfig
+    fields}; returns the metrics."""
+    return train(Path(spec["acts"]), Path(spec["out"]), SaeConfig.from_dict(spec["sae"]),
+                 TrainConfig.from_dict(spec["train"]), resume=bool(spec.get("resume")),
+                 dist=dist, progress=progress)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    dist = DistContext.from_environment()
+    try:
+        metrics = run_spec(json.loads(spec_path.read_text()), dist)
+        if dist.is_main:
+            result_path.write_text(json.dumps(metrics))
+    finally:
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -100,6 +100,20 @@ class ActivationStore:
     def __len__(self) -> int:
         return self.manifest.rows
 
+    def verify(self) -> None:
+        """Check every shard's header against the manifest (rows, d) without reading the
+        data, so a truncated or missing shard fails before a long run, not in the middle."""
+        for index, rows in enumerate(self.manifest.shards):
+            path = self.directory / shard_name(index)
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    shape = handle.get_slice(SHARD_KEY).get_shape()
+            except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
+                raise ActivationError(f"corrupt activation shard {path}: {exc}") from exc
+            if list(shape) != [rows, self.d_model]:
+                raise ActivationError(f"shard {path} has shape {shape}, the manifest says "
+                                      f"[{rows}, {self.d_model}]")
+
     @property
     def d_model(self) -> int:
         return self.manifest.d_model
@@ -158,7 +172,8 @@ class ActivationStore:
                 pool = torch.cat([carry, *(p.float() for p in parts if p is not None)])
                 pool = pool[torch.randperm(len(pool), generator=gen)]
                 usable = len(pool) - len(pool) % batch
-                yield from pool[:usable].split(batch)
+                if usable:  # (an empty tensor's split() is one empty batch, not none)
+                    yield from pool[:usable].split(batch)
                 carry = pool[usable:]
             epoch += 1
 

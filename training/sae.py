@@ -66,17 +66,19 @@ class SaeConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}: "
+            raise ValueError(f"--arch {self.architecture!r} is unknown: "
                              f"choose one of {', '.join(ARCHITECTURES)}")
-        if self.d_in < 1 or self.n_latents < 1:
-            raise ValueError("d_in and n_latents must be positive")
+        if self.d_in < 1:
+            raise ValueError(f"d_in must be positive (got {self.d_in})")
+        if self.n_latents < 2:
+            raise ValueError(f"--latents must be at least 2 (got {self.n_latents})")
         if not 1 <= self.k < self.n_latents:
-            raise ValueError(f"k must be between 1 and latents-1 (got k={self.k}, "
-                             f"latents={self.n_latents})")
+            raise ValueError(f"--k must be between 1 and --latents - 1 (got --k {self.k}, "
+                             f"--latents {self.n_latents})")
         if self.k_aux is None:
             self.k_aux = max(1, self.d_in // 2)
         if self.dead_tokens < 1:
-            raise ValueError("dead_tokens must be positive")
+            raise ValueError(f"--dead-tokens must be positive (got {self.dead_tokens})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +181,10 @@ class SparseAutoencoder(nn.Module):
     def _world(gather: GatherFn) -> int:
         return int(gather(torch.ones(1)).numel())
 
-    def _update_threshold(self, theta: Tensor, decay: float = 0.99) -> None:
+    def _update_threshold(self, theta: Tensor, decay: float = 0.9) -> None:
+        """EMA of the per-batch threshold. A short memory (0.9): each batch's θ is a quantile
+        over k·B values, hence precise, while θ drifts down all through training — a slow
+        EMA (0.99) lags so far behind that short runs infer with L0 well below k."""
         with torch.no_grad():
             theta = theta.clamp_min(0).to(self.threshold)
             if self.threshold == 0:

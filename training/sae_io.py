@@ -7,7 +7,10 @@ stream directly, and steering by ``(v − z_f)·W_dec[f]`` is in raw units. The 
 then have norm 1/s; ``cfg.json`` records s as ``input_scale``.
 
 Tensor names and shapes follow SAELens: W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d].
-Folders written by SAELens load too (``training.saelens``).
+The folder also holds ``sae_weights.safetensors``, the one file SAELens'
+``SAE.load_from_disk`` reads (a hard link to ``sae.safetensors`` for TopK; for BatchTopK it
+adds the per-latent ``threshold`` SAELens' ``jumprelu`` needs). Folders written by SAELens
+load too (``training.saelens``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.sae import SaeConfig, SparseAutoencoder
-from training.saelens import read_saelens_folder, saelens_cfg_fields
+from training.saelens import (
+    SAELENS_WEIGHTS_FILE,
+    read_saelens_folder,
+    saelab_architecture,
+    saelens_cfg_fields,
+    saelens_state_dict,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -56,16 +65,23 @@ def save_sae(directory: Path, sae: SparseAutoencoder, input_scale: float, *,
         k=sae.cfg.k, threshold=float(sae.threshold), model_name=model, hook_layer=layer,
         hook_name=cfg["hook_name"], context_size=context))
     cfg.update(extra or {})
-    write_folder(directory, cfg, folded_state(sae, input_scale))
+    tensors = folded_state(sae, input_scale)
+    saelens = saelens_state_dict(sae.cfg.architecture, tensors, float(sae.threshold))
+    write_folder(directory, cfg, tensors, saelens)
 
 
-def write_folder(directory: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write cfg.json + sae.safetensors into a temp dir, then move it to ``directory``."""
+def write_folder(directory: Path, cfg: dict, tensors: dict[str, torch.Tensor],
+                 saelens_tensors: dict[str, torch.Tensor]) -> None:
+    """Write cfg.json and both weight files into a temp dir, then move it to ``directory``."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
         save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if saelens_tensors.keys() == tensors.keys():
+            os.link(tmp / WEIGHTS_FILE, tmp / SAELENS_WEIGHTS_FILE)
+        else:
+            save_file(saelens_tensors, str(tmp / SAELENS_WEIGHTS_FILE))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -83,19 +99,22 @@ def load_sae(directory: Path, device: torch.device | str = "cpu"
         cfg = json.loads((directory / CFG_FILE).read_text())
         if "n_latents" in cfg and (directory / WEIGHTS_FILE).is_file():
             tensors = load_file(str(directory / WEIGHTS_FILE))
+            cfg["architecture"] = saelab_architecture(cfg)
         else:
             cfg, tensors = read_saelens_folder(directory)
-    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+    except (ValueError, SafetensorError, OSError) as exc:
         raise SaeLoadError(f"cannot read the SAE in {directory}: {exc}") from exc
+    if cfg["architecture"] not in ("topk", "batchtopk"):
+        raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE with per-latent "
+                           "thresholds; saelab runs TopK and BatchTopK SAEs")
     sae = _from_tensors(cfg, tensors, directory)
     return sae.to(device).eval(), cfg
 
 
 def _from_tensors(cfg: dict, tensors: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
     d_in, n = tensors["W_enc"].shape
-    arch = cfg.get("architecture", "topk")
     sae_cfg = SaeConfig(d_in=d_in, n_latents=n, k=int(cfg.get("k") or 1),
-                        architecture=arch if arch in ("topk", "batchtopk") else "topk")
+                        architecture=cfg["architecture"])
     sae = SparseAutoencoder(sae_cfg)
     state = {"w_enc": tensors["W_enc"].t(), "b_enc": tensors["b_enc"],
              "w_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],

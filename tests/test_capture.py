@@ -1,0 +1,140 @@
+"""Capture on the tiny random Llama: layout, early stop equivalence, resume, bad input."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import capture as capture_module
+from training.activations import ActivationError, ActivationStore, Manifest, read_shard
+from training.capture import CaptureConfig, CaptureError, capture
+from training.corpus import CorpusError
+from training.models import ModelLoadError
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    return path
+
+
+def _cfg(text_file, **kw) -> CaptureConfig:
+    base = {"layer": 1, "tokens": 600, "dataset": str(text_file), "context": 32,
+            "dtype": "fp32", "batch_contexts": 4, "shard_rows": 31 * 5}
+    return CaptureConfig(**{**base, **kw})
+
+
+def test_capture_layout_matches_hidden_states(tiny_model, text_file, tmp_path):
+    out = tmp_path / "acts"
+    manifest = capture(tiny_model, _cfg(text_file), out, progress=False)
+    assert manifest.rows >= 600 and manifest.rows % 31 == 0
+    assert manifest.shards[:-1] == [155] * (len(manifest.shards) - 1)
+    assert not (tmp_path / ".acts.partial").exists()
+    store = ActivationStore(out)
+    tokens = store.tokens()
+    assert tokens.shape == (manifest.contexts, 32) and (tokens[:, 0] == 1).all()
+    # Row r is context r // 31, position r % 31 + 1 of hidden_states[layer + 1].
+    ids = tokens[:3].long()
+    with torch.no_grad():
+        hidden = tiny_model.model(ids, output_hidden_states=True).hidden_states[2]
+    first = next(store.iter_sequential(93))
+    torch.testing.assert_close(first, hidden[:, 1:].reshape(-1, 64), atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["layer"] == 1
+
+
+def test_capture_fp16_and_shuffled_reading(tiny_model, text_file, tmp_path):
+    out = tmp_path / "acts16"
+    capture(tiny_model, _cfg(text_file, dtype="fp16"), out, progress=False)
+    store = ActivationStore(out)
+    assert store.shard(0).dtype == torch.float16
+    seen = torch.cat(list(store.iter_shuffled(31, seed=3, epochs=1)))
+    everything = torch.cat(list(store.iter_sequential(1000))).float()
+    assert seen.shape == everything.shape
+    assert not torch.equal(seen, everything)  # shuffled
+    assert torch.equal(seen.sum(0), everything.sum(0)) or torch.allclose(
+        seen.sum(0), everything.sum(0), atol=1e-2)
+    again = torch.cat(list(store.iter_shuffled(31, seed=3, epochs=1)))
+    assert torch.equal(seen, again)  # deterministic in the seed
+
+
+def test_rerun_reuses_and_different_settings_refuse(tiny_model, text_file, tmp_path):
+    out = tmp_path / "acts"
+    first = capture(tiny_model, _cfg(text_file), out, progress=False)
+    again = capture(tiny_model, _cfg(text_file), out, progress=False)
+    assert again.rows == first.rows
+    with pytest.raises(CaptureError, match="already holds a different capture"):
+        capture(tiny_model, _cfg(text_file, layer=2), out, progress=False)
+
+
+def test_interrupted_capture_resumes(tiny_model, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "acts"
+    reference = capture(tiny_model, _cfg(text_file), tmp_path / "ref", progress=False)
+    real_write = capture_module._write_shard
+    calls = {"n": 0}
+
+    def write_then_interrupt(*args):
+        real_write(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(capture_module, "_write_shard", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        capture(tiny_model, _cfg(text_file), out, progress=False)
+    partial = tmp_path / ".acts.partial"
+    # The second shard's file landed but the manifest was not updated: resume drops it.
+    assert Manifest.load(partial).shards == [155] and not out.exists()
+    assert (partial / "shard-00001.safetensors").exists()
+    monkeypatch.setattr(capture_module, "_write_shard", real_write)
+    resumed = capture(tiny_model, _cfg(text_file), out, progress=False)
+    assert resumed.shards == reference.shards and not partial.exists()
+    a = torch.cat(list(ActivationStore(out).iter_sequential(10_000)))
+    b = torch.cat(list(ActivationStore(tmp_path / "ref").iter_sequential(10_000)))
+    assert torch.equal(a, b)
+
+
+def test_disk_full_leaves_nothing(tiny_model, text_file, tmp_path, monkeypatch):
+    def no_space(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(capture_module, "_write_shard", no_space)
+    with pytest.raises(CaptureError, match="disk full"):
+        capture(tiny_model, _cfg(text_file), tmp_path / "acts", progress=False)
+    assert list(tmp_path.iterdir()) == [text_file]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "pattern"), [
+    ({"layer": 4}, ModelLoadError, "layer 4 is out of range"),
+    ({"layer": -1}, ModelLoadError, "out of range"),
+    ({"context": 1}, CaptureError, "--context must be at least 2"),
+    ({"context": 1000}, CaptureError, "exceeds"),
+    ({"tokens": 0}, CaptureError, "--tokens must be positive"),
+    ({"dtype": "int8"}, ValueError, "unknown dtype"),
+])
+def test_bad_settings_fail_before_writing(tiny_model, text_file, tmp_path, kwargs, error,
+                                          pattern):
+    with pytest.raises(error, match=pattern):
+        capture(tiny_model, _cfg(text_file, **kwargs), tmp_path / "acts", progress=False)
+    assert not (tmp_path / "acts").exists() and not (tmp_path / ".acts.partial").exists()
+
+
+def test_empty_dataset_is_named(tiny_model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises((CorpusError, CaptureError), match="empty"):
+        capture(tiny_model, _cfg(empty), tmp_path / "acts", progress=False)
+    assert not (tmp_path / "acts").exists() and not (tmp_path / ".acts.partial").exists()
+
+
+def test_corrupt_shard_is_named(tiny_model, text_file, tmp_path):
+    out = tmp_path / "acts"
+    capture(tiny_model, _cfg(text_file), out, progress=False)
+    shard = out / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ActivationError, match="corrupt activation shard .*shard-00001"):
+        read_shard(shard, 64)
+    with pytest.raises(ActivationError, match="not an activation directory"):
+        ActivationStore(tmp_path)

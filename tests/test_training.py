@@ -1,0 +1,228 @@
+"""The SAE and its trainer on synthetic sparse data: learning, constraints, BatchTopK,
+AuxK, checkpoints and resume, saving in raw units."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.synthetic import sparse_rows, write_capture
+from training.activations import ActivationStore
+from training.sae import SaeConfig, SparseAutoencoder
+from training.sae_io import SaeLoadError, load_sae
+from training.train_run import TrainError, partial_dir, train
+from training.trainer import TrainConfig, Trainer, lr_factor
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def acts_dir(tmp_path_factory) -> Path:
+    """12,800 synthetic rows (800 contexts of 17 tokens) in 20 shards."""
+    directory = tmp_path_factory.mktemp("synthetic") / "acts"
+    write_capture(directory, sparse_rows(12_800, D))
+    return directory
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    base = dict(batch=256, warmup_steps=5, init_rows=1024, holdout_rows=1024,
+                checkpoint_every=0, log_every=5, lr=1e-2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _sae_cfg(**kw) -> SaeConfig:
+    return SaeConfig(**{"d_in": D, "n_latents": 64, "k": 4, **kw})
+
+
+def test_lr_schedule_warms_up_holds_and_decays() -> None:
+    factors = [lr_factor(step, 100, warmup=5, decay_fraction=0.2) for step in range(100)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == 1.0
+    assert factors[50] == 1.0 and factors[79] == 1.0
+    assert factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
+
+
+def test_topk_training_learns_the_dictionary(acts_dir, tmp_path) -> None:
+    metrics = train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(tokens=256 * 130),
+                    progress=False)
+    curve = (tmp_path / "sae" / "loss_curve.csv").read_text().splitlines()
+    first_fvu = float(curve[1].split(",")[2])
+    assert metrics["heldout_fvu"] < 0.15 and first_fvu > 0.4  # 48 atoms in 16 dims: a floor
+    assert metrics["heldout_l0"] <= 4
+    assert metrics["steps"] == 130  # 2.8 passes over the 11,776 training rows
+    assert json.loads((tmp_path / "sae" / "metrics.json").read_text()) == metrics
+    sae, cfg = load_sae(tmp_path / "sae")
+    norms = sae.w_dec.norm(dim=1) * cfg["input_scale"]
+    torch.testing.assert_close(norms, torch.ones(64), atol=1e-5, rtol=0)
+
+
+def test_decoder_gradient_is_orthogonal_to_its_rows() -> None:
+    sae = SparseAutoencoder(_sae_cfg())
+    x = sparse_rows(128, D)
+    out = sae(x)
+    out.fvu.backward()
+    sae.remove_parallel_decoder_grad_()
+    along = (sae.w_dec.grad * sae.w_dec).sum(1)
+    assert along.abs().max() < 1e-6 and sae.w_dec.grad.abs().sum() > 0
+
+
+def test_init_ties_encoder_to_decoder_and_centres_b_dec() -> None:
+    trainer = Trainer(_sae_cfg(), _train_cfg(), total_steps=10)
+    assert torch.equal(trainer.sae.w_enc, trainer.sae.w_dec)
+    sample = sparse_rows(2048, D)
+    trainer.initialise(sample, input_scale=0.5)
+    median_dist = (sample * 0.5 - trainer.sae.b_dec).norm(dim=1).mean()
+    mean_dist = (sample * 0.5 - sample.mean(0) * 0.5).norm(dim=1).mean()
+    assert median_dist <= mean_dist + 1e-4
+
+
+def test_batchtopk_keeps_k_per_token_on_average(acts_dir, tmp_path) -> None:
+    metrics = train(acts_dir, tmp_path / "sae", _sae_cfg(architecture="batchtopk"),
+                    _train_cfg(), progress=False)
+    assert metrics["l0"] == pytest.approx(4, abs=1e-6)  # exactly k·B per training batch
+    assert 2 <= metrics["heldout_l0"] <= 6  # the threshold at inference: k on average
+    assert metrics["heldout_fvu"] < 0.25
+    sae, cfg = load_sae(tmp_path / "sae")
+    assert sae.cfg.architecture == "batchtopk" and cfg["threshold"] > 0
+    assert float(sae.threshold) == pytest.approx(cfg["threshold"])
+
+
+def test_auxk_gives_dead_latents_a_gradient() -> None:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(_sae_cfg())
+    x = sparse_rows(256, D)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:32] = True
+    out = sae(x, dead)
+    assert out.auxk_loss > 0
+    out.auxk_loss.backward()
+    grad_rows = sae.w_enc.grad.abs().sum(1)
+    assert (grad_rows[:32] > 0).sum() > 16  # the dead half gets gradient from AuxK
+    assert (grad_rows[32:] == 0).all()  # and only the dead half
+
+
+def test_dead_latents_are_revived_by_training(acts_dir, tmp_path) -> None:
+    """With a 1024-token dead window most latents that die early fire again by the end."""
+    metrics = train(acts_dir, tmp_path / "sae", _sae_cfg(dead_tokens=1024),
+                    _train_cfg(), progress=False)
+    assert metrics["dead_fraction"] < 0.25
+
+
+def test_resume_continues_exactly_where_it_stopped(acts_dir, tmp_path) -> None:
+    cfg = _train_cfg(checkpoint_every=10)
+    train(acts_dir, tmp_path / "whole", _sae_cfg(), cfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_25(stats) -> None:
+        if stats.step == 25:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(acts_dir, tmp_path / "cut", _sae_cfg(), cfg, progress=False, on_step=stop_at_25)
+    assert not (tmp_path / "cut").exists()
+    assert (partial_dir(tmp_path / "cut") / "checkpoint.pt").is_file()
+    resumed = train(acts_dir, tmp_path / "cut", _sae_cfg(), cfg, progress=False, resume=True)
+    assert not partial_dir(tmp_path / "cut").exists()
+    whole = load_file(str(tmp_path / "whole" / "sae.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "sae.safetensors"))
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name], rtol=0, atol=0)
+    assert resumed["steps"] == (12_800 - 1024) // 256
+
+
+def test_resume_without_checkpoint_is_an_error(acts_dir, tmp_path) -> None:
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(), resume=True)
+
+
+def test_too_few_rows_for_one_batch(acts_dir, tmp_path) -> None:
+    with pytest.raises(TrainError, match="fewer than one --batch"):
+        train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(batch=20_000), progress=False)
+    assert not (tmp_path / "sae").exists() and not partial_dir(tmp_path / "sae").exists()
+
+
+def test_saved_sae_works_on_raw_activations(acts_dir, tmp_path) -> None:
+    """The folded folder gives the same z as the trained SAE on scaled inputs."""
+    cfg = _train_cfg(tokens=256 * 8)
+    store = ActivationStore(acts_dir)
+    trainer = Trainer(_sae_cfg(), cfg, total_steps=8)
+    trainer.initialise(store.sample(1024), input_scale=0.37)
+    for batch in itertools.islice(store.iter_shuffled(256, seed=0, limit_rows=2048), 8):
+        trainer.step(batch)
+    from training.sae_io import save_sae
+
+    save_sae(tmp_path / "sae", trainer.sae, 0.37, model="m", layer=0, context=17)
+    loaded, saved_cfg = load_sae(tmp_path / "sae")
+    assert saved_cfg["input_scale"] == pytest.approx(0.37)
+    x = store.tail(512)
+    trainer.sae.eval()
+    z_trained = trainer.sae.dense_latents(x * 0.37)
+    z_loaded = loaded.dense_latents(x)
+    torch.testing.assert_close(z_loaded, z_trained, rtol=1e-5, atol=1e-5)
+    enc = loaded.encode(x)
+    raw = loaded.decode(enc.values, enc.indices)
+    scaled = trainer.sae.decode(*trainer.sae.encode(x * 0.37)[:2])
+    torch.testing.assert_close(raw, scaled / 0.37, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_saved_folder_is_what_saelens_loads(acts_dir, tmp_path, architecture) -> None:
+    """SAELens' ``SAE.load_from_disk`` reads cfg.json and exactly these tensors from
+    sae_weights.safetensors (strict load; jumprelu adds a per-latent threshold)."""
+    train(acts_dir, tmp_path / "sae", _sae_cfg(architecture=architecture),
+          _train_cfg(tokens=256 * 10), progress=False)
+    folder = tmp_path / "sae"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    shapes = {name: tuple(t.shape) for name, t in weights.items()}
+    expected = {"W_enc": (D, 64), "b_enc": (64,), "W_dec": (64, D), "b_dec": (D,)}
+    assert cfg["d_in"] == D and cfg["d_sae"] == 64 and cfg["dtype"] == "float32"
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    if architecture == "topk":
+        assert cfg["architecture"] == "topk" and cfg["k"] == 4
+        assert cfg["rescale_acts_by_decoder_norm"] is False
+        assert shapes == expected
+        assert (folder / "sae_weights.safetensors").samefile(folder / "sae.safetensors")
+    else:
+        assert cfg["architecture"] == "jumprelu"
+        assert cfg["metadata"]["training_architecture"] == "batchtopk"
+        assert shapes == {**expected, "threshold": (64,)}
+        assert torch.all(weights["threshold"] == cfg["threshold"])
+
+
+def test_load_rejects_a_folder_without_an_sae(tmp_path) -> None:
+    with pytest.raises(SaeLoadError, match="not an SAE folder"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(SaeLoadError, match="cannot read"):
+        load_sae(tmp_path)
+
+
+def test_bad_sae_settings_name_the_flag() -> None:
+    with pytest.raises(ValueError, match="--k"):
+        SaeConfig(d_in=D, n_latents=64, k=64)
+    with pytest.raises(ValueError, match="--arch"):
+        SaeConfig(d_in=D, n_latents=64, k=4, architecture="relu")
+    with pytest.raises(ValueError, match="--latents"):
+        SaeConfig(d_in=D, n_latents=0, k=4)
+    with pytest.raises(ValueError, match="--tokens"):
+        TrainConfig(batch=256, tokens=100)
+
+
+def test_shuffled_batches_are_full_when_shards_lie_in_the_holdout(acts_dir) -> None:
+    """Shard groups wholly above ``limit_rows`` must not yield empty batches."""
+    store = ActivationStore(acts_dir)
+    batches = list(itertools.islice(store.iter_shuffled(256, seed=0, limit_rows=2048), 40))
+    assert all(b.shape == (256, D) for b in batches)
+    rows = torch.cat(list(store.iter_shuffled(256, seed=1, limit_rows=2048, epochs=1)))
+    assert len(rows) == 2048
+    head = torch.cat(list(store.iter_sequential(2048)))[:2048]
+    assert torch.equal(rows.sort(0).values, head.sort(0).values)

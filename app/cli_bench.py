@@ -1,1 +1,95 @@
-"""``saelab bench …`` commands (registered on import)."""
+"""``saelab bench capture`` and ``saelab bench train``: each prints one JSON line.
+
+The maths and the timing live in ``training.bench``; these commands choose sizes, find or
+capture the activations the train benchmark needs (cached under the data dir, so a second
+run starts at once) and print the result.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli import DatasetOpt, DeviceOpt, ModelOpt, _load, bench_app, cli_errors
+from app.settings import get_settings
+
+
+@bench_app.command("capture")
+def bench_capture(
+    model: ModelOpt = None,
+    layer: Annotated[int | None, typer.Option(
+        "--layer", help="[default: a quarter of the way into the model]")] = None,
+    batches: Annotated[int, typer.Option("--batches", help="timed batches")] = 6,
+    batch: Annotated[int, typer.Option("--batch", help="contexts per batch")] = 8,
+    context: Annotated[int, typer.Option("--context")] = 128,
+    dataset: DatasetOpt = "embedded",
+    device: DeviceOpt = None,
+) -> None:
+    """Early-stop capture vs a full forward with output_hidden_states=True (tokens/s)."""
+    from training.bench import bench_capture as run
+
+    with cli_errors():
+        if batches < 1 or batch < 1:
+            raise ValueError("--batches and --batch must be positive")
+        lm = _load(model, device)
+        chosen = layer if layer is not None else lm.n_layers // 4
+        result = run(lm, layer=chosen, batches=batches, batch=batch, context=context,
+                     dataset=dataset)
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("train")
+def bench_train(
+    acts: Annotated[Path | None, typer.Option(
+        "--acts", help="capture directory [default: capture --layer of --model once, "
+        "cached under the data dir]")] = None,
+    model: ModelOpt = None,
+    layer: Annotated[int, typer.Option("--layer", help="layer to capture")] = 15,
+    latents: Annotated[int, typer.Option("--latents")] = 8192,
+    k: Annotated[int, typer.Option("--k")] = 32,
+    batch: Annotated[int, typer.Option("--batch")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens")] = 81_920,
+    holdout: Annotated[int, typer.Option("--holdout", help="held-out rows")] = 8192,
+    lr: Annotated[float | None, typer.Option("--lr", help="[default: 2e-4/sqrt(n/2^14)]")
+                  ] = None,
+    saelens: Annotated[bool, typer.Option("--saelens/--no-saelens",
+                                          help="compare with SAELens when installed")] = True,
+    device: DeviceOpt = None,
+) -> None:
+    """saelab's trainer vs SAELens' TopK trainer: tokens/s and held-out FVU."""
+    from training.bench import bench_train as run
+
+    with cli_errors():
+        if tokens < batch:
+            raise ValueError(f"--tokens {tokens} must be at least one --batch ({batch})")
+        acts = acts or _bench_capture(model, layer, max(tokens + holdout, 10 * holdout),
+                                      device)
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
+            result = run(acts, Path(work), n_latents=latents, k=k, batch=batch,
+                         tokens=tokens, holdout=holdout, lr=lr, with_saelens=saelens)
+    if "skipped" in result["saelens"]:
+        typer.secho(f"notice: SAELens comparison skipped — {result['saelens']['skipped']}",
+                    err=True, fg=typer.colors.YELLOW)
+    typer.echo(json.dumps(result))
+
+
+def _bench_capture(model: str | None, layer: int, rows: int, device: str | None) -> Path:
+    """A capture of at least ``rows`` rows, reused from the data dir when present."""
+    from training.activations import ActivationError, Manifest
+    from training.capture import CaptureConfig, capture
+
+    settings = get_settings()
+    name = (model or settings.default_model).replace("/", "--")
+    out = settings.data_dir / "bench" / f"{name}-L{layer}-{rows}"
+    try:
+        if Manifest.load(out).rows >= rows:
+            return out
+    except ActivationError:
+        pass
+    lm = _load(model, device)
+    capture(lm, CaptureConfig(layer=layer, tokens=rows, dtype="fp32"), out)
+    return out

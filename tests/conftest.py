@@ -55,3 +55,22 @@ def embedded_model(data_dir):
     from training.models import EMBEDDED_MODEL, load_model
 
     return load_model(EMBEDDED_MODEL, data_dir=data_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_sae(embedded_model, tmp_path_factory) -> dict[str, Path]:
+    """One small capture of the embedded model (layer 3, 16k tokens) and an SAE trained on
+    it (n=1024, k=16), shared by every test that needs real data."""
+    from training.capture import CaptureConfig, capture
+    from training.sae import SaeConfig
+    from training.train_run import train
+    from training.trainer import TrainConfig
+
+    root = tmp_path_factory.mktemp("embedded")
+    capture(embedded_model, CaptureConfig(layer=3, tokens=16_384, context=128, dtype="fp32"),
+            root / "acts", progress=False)
+    train(root / "acts", root / "sae",
+          SaeConfig(d_in=embedded_model.d_model, n_latents=1024, k=16),
+          TrainConfig(batch=1024, lr=2e-3, warmup_steps=10, holdout_rows=2048,
+                      checkpoint_every=0), progress=False)
+    return {"acts": root / "acts", "sae": root / "sae"}

@@ -151,3 +151,38 @@ def test_not_a_capture_or_sae(env, tmp_path) -> None:
     _one_line_error(result, "not an activation directory")
     result = invoke(env, "eval", "--sae", tmp_path)
     _one_line_error(result, "not an SAE folder")
+
+
+def test_bench_capture_prints_one_json_line(env, corpus) -> None:
+    from app import cli_bench  # noqa: F401  (registers the bench commands)
+
+    result = invoke(env, "bench", "capture", "--layer", 0, "--batches", 2, "--batch", 2,
+                    "--context", 64, "--dataset", corpus)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    figures = json.loads(lines[0])
+    assert figures["max_abs_diff"] < 1e-4  # early stop gives the same activations
+    assert figures["saelab_tokens_per_s"] > 0 and figures["naive_tokens_per_s"] > 0
+    assert list(figures)[-1] == "speedup"
+
+
+def test_bench_train_without_saelens(env, acts) -> None:
+    from app import cli_bench  # noqa: F401
+
+    result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,
+                    "--batch", 512, "--tokens", 2048, "--holdout", 1024, "--no-saelens")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "skipped" in figures["saelens"] and "notice" in result.stderr
+    ours = figures["saelab"]
+    assert ours["tokens_per_s"] > 0 and 0 < ours["heldout_fvu"] < 2
+    assert ours["flops_fraction"] > 0 and figures["matmul_gflops"] > 0
+
+
+def test_bench_train_needs_enough_rows(env, acts) -> None:
+    from app import cli_bench  # noqa: F401
+
+    result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,
+                    "--batch", 512, "--tokens", 10**6)
+    _one_line_error(result, "--tokens")

@@ -226,3 +226,33 @@ def test_shuffled_batches_are_full_when_shards_lie_in_the_holdout(acts_dir) -> N
     assert len(rows) == 2048
     head = torch.cat(list(store.iter_sequential(2048)))[:2048]
     assert torch.equal(rows.sort(0).values, head.sort(0).values)
+
+
+def test_saelens_relu_and_shared_jumprelu_folders_load(tmp_path) -> None:
+    """SAELens ``standard`` (ReLU) loads as threshold-0 BatchTopK inference; per-latent
+    JumpReLU thresholds are refused with a message."""
+    from safetensors.torch import save_file
+
+    from training.saelens import saelens_cfg_fields
+
+    torch.manual_seed(0)
+    tensors = {"W_enc": torch.randn(D, 32), "b_enc": torch.randn(32),
+               "W_dec": torch.randn(32, D), "b_dec": torch.randn(D)}
+    cfg = saelens_cfg_fields("topk", D, 32, 4, None, "m", 1, "blocks.1.hook_resid_post", 64)
+    cfg.pop("k")
+    cfg["architecture"] = "standard"
+    (tmp_path / "relu").mkdir()
+    (tmp_path / "relu" / "cfg.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(tmp_path / "relu" / "sae_weights.safetensors"))
+    sae, _ = load_sae(tmp_path / "relu")
+    x = torch.randn(8, D)
+    expected = torch.relu((x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"])
+    torch.testing.assert_close(sae.dense_latents(x), expected, rtol=1e-5, atol=1e-5)
+
+    cfg["architecture"] = "jumprelu"
+    (tmp_path / "jump").mkdir()
+    (tmp_path / "jump" / "cfg.json").write_text(json.dumps(cfg))
+    save_file({**tensors, "threshold": torch.rand(32)},
+              str(tmp_path / "jump" / "sae_weights.safetensors"))
+    with pytest.raises(SaeLoadError, match="per-latent"):
+        load_sae(tmp_path / "jump")

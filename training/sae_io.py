@@ -104,11 +104,23 @@ def load_sae(directory: Path, device: torch.device | str = "cpu"
             cfg, tensors = read_saelens_folder(directory)
     except (ValueError, SafetensorError, OSError) as exc:
         raise SaeLoadError(f"cannot read the SAE in {directory}: {exc}") from exc
+    if cfg["architecture"] == "jumprelu":
+        _shared_threshold_as_batchtopk(cfg, tensors)
     if cfg["architecture"] not in ("topk", "batchtopk"):
         raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE with per-latent "
                            "thresholds; saelab runs TopK and BatchTopK SAEs")
     sae = _from_tensors(cfg, tensors, directory)
     return sae.to(device).eval(), cfg
+
+
+def _shared_threshold_as_batchtopk(cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """A JumpReLU (or ReLU: threshold 0) SAE whose latents share one threshold θ computes
+    ReLU(pre)·[pre > θ], which is exactly BatchTopK's inference rule: load it as that."""
+    threshold = tensors.pop("threshold")
+    if bool(torch.all(threshold == threshold[0])):
+        cfg["architecture"], cfg["threshold"] = "batchtopk", float(threshold[0])
+    else:
+        tensors["threshold"] = threshold
 
 
 def _from_tensors(cfg: dict, tensors: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:

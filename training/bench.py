@@ -32,8 +32,8 @@ from training.activations import ActivationStore
 from training.corpus import iter_texts, pack_contexts
 from training.hooks import block_output
 from training.models import LoadedModel
-from training.sae import SaeConfig, SparseAutoencoder, fvu_loss, variance_sum
-from training.train_run import train
+from training.sae import SaeConfig, SparseAutoencoder
+from training.train_run import heldout_stats, train
 from training.trainer import TrainConfig
 
 
@@ -105,25 +105,6 @@ def matmul_flops(d: int, n: int, batch: int, device: torch.device, repeats: int 
     torch.nn.functional.linear(x, w)
     times = [_timed(lambda: torch.nn.functional.linear(x, w))[0] for _ in range(repeats)]
     return 2 * batch * d * n / statistics.median(times)
-
-
-@torch.no_grad()
-def heldout_stats(sae: SparseAutoencoder, rows: Tensor, input_scale: float = 1.0,
-                  batch: int = 4096) -> dict[str, float]:
-    """FVU, mean L0 and the fraction of latents that never fire, on raw rows [N, d]."""
-    sae.eval()
-    x = rows.float().to(sae.b_dec.device) * input_scale
-    err, l0 = 0.0, 0.0
-    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
-    for part in x.split(batch):
-        enc = sae.encode(part)
-        x_hat = sae.decode(enc.values, enc.indices)
-        err += float(fvu_loss(part, x_hat, torch.tensor(1.0)))
-        active = enc.values > 0
-        l0 += float(active.sum())
-        fired[enc.indices[active]] = True
-    return {"heldout_fvu": err / float(variance_sum(x)), "heldout_l0": l0 / len(x),
-            "dead_fraction": 1 - float(fired.float().mean())}
 
 
 def bench_train(acts: Path, work: Path, *, n_latents: int = 8192, k: int = 32,

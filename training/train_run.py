@@ -128,19 +128,23 @@ def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
 
 
 @torch.no_grad()
-def heldout_fvu(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float,
-                batch: int = 4096) -> tuple[float, float]:
-    """(FVU, mean L0) of ``sae`` in inference mode on raw rows [N, d]."""
+def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float = 1.0,
+                  batch: int = 4096) -> dict[str, float]:
+    """Inference-mode FVU, mean L0 and fraction of latents that never fire on raw rows [N, d]."""
     was_training = sae.training
     sae.eval()
     x = rows.float().to(sae.b_dec.device) * input_scale
     err, l0 = 0.0, 0.0
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
     for part in x.split(batch):
         enc = sae.encode(part)
         err += float(fvu_loss(part, sae.decode(enc.values, enc.indices), torch.tensor(1.0)))
-        l0 += float((enc.values > 0).sum())
+        active = enc.values > 0
+        l0 += float(active.sum())
+        fired[enc.indices[active]] = True
     sae.train(was_training)
-    return err / float(variance_sum(x)), l0 / max(1, len(x))
+    return {"heldout_fvu": err / float(variance_sum(x)), "heldout_l0": l0 / max(1, len(x)),
+            "heldout_dead_fraction": 1 - float(fired.float().mean())}
 
 
 def _final_metrics(trainer: Trainer, store: ActivationStore, holdout: int,
@@ -151,8 +155,8 @@ def _final_metrics(trainer: Trainer, store: ActivationStore, holdout: int,
                "dead_fraction": last.get("dead_fraction"),
                "tokens_per_s": tokens_per_s, "input_scale": trainer.input_scale}
     if holdout:
-        fvu, l0 = heldout_fvu(trainer.sae, store.tail(holdout), trainer.input_scale)
-        metrics.update(heldout_fvu=fvu, heldout_explained_variance=1 - fvu, heldout_l0=l0,
+        stats = heldout_stats(trainer.sae, store.tail(holdout), trainer.input_scale)
+        metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
                        heldout_rows=holdout)
     return metrics
 

@@ -256,3 +256,17 @@ def test_saelens_relu_and_shared_jumprelu_folders_load(tmp_path) -> None:
               str(tmp_path / "jump" / "sae_weights.safetensors"))
     with pytest.raises(SaeLoadError, match="per-latent"):
         load_sae(tmp_path / "jump")
+
+
+def test_disk_full_while_saving_leaves_nothing(acts_dir, tmp_path, monkeypatch) -> None:
+    import errno
+
+    from training import sae_io
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sae_io, "save_file", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(tokens=256 * 4), progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -66,15 +66,15 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
         history = _start(trainer, store, work, train_rows, resume, dist)
         started, first_step = time.perf_counter(), trainer.steps_done
         _loop(trainer, store, train_rows, work, history, dist, progress, on_step)
+        seconds = time.perf_counter() - started
+        metrics = _final_metrics(trainer, store, holdout, history, (
+            trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))
+        if dist.is_main:
+            _finish(trainer, store, out, work, metrics, history)
     except BaseException:
         if dist.is_main and not (work / CHECKPOINT).is_file():
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing
         raise
-    seconds = time.perf_counter() - started
-    metrics = _final_metrics(trainer, store, holdout, history,
-                             (trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))
-    if dist.is_main:
-        _finish(trainer, store, out, work, metrics, history)
     dist.barrier()
     return metrics
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,8 @@ def train(
 
 
 def _validate_train_spec(spec: dict, nproc: int) -> None:
+    import torch
+
     from training.sae import SaeConfig
     from training.trainer import TrainConfig
 
@@ -119,6 +122,8 @@ def _validate_train_spec(spec: dict, nproc: int) -> None:
     TrainConfig.from_dict(spec["train"])
     if nproc < 1:
         raise ValueError("--nproc must be at least 1")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} exceeds the {torch.cuda.device_count()} GPUs here")
     if spec["train"]["batch"] % nproc:
         raise ValueError(f"--batch {spec['train']['batch']} is not divisible by --nproc {nproc}")
 
@@ -135,9 +140,23 @@ def _run_train(spec: dict, nproc: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", "-m", "training.launch", str(spec_path),
                    str(result_path)]
-        if subprocess.run(command, check=False).returncode != 0 or not result_path.exists():
-            raise ValueError(f"distributed training with --nproc {nproc} failed (see above)")
-        return json.loads(result_path.read_text())
+        failed = subprocess.run(command, check=False).returncode != 0
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if "error" in result:
+        raise ValueError(result["error"])
+    if failed or not result:
+        _drop_unresumable(Path(spec["out"]))
+        raise ValueError(f"distributed training with --nproc {nproc} failed (see above)")
+    return result
+
+
+def _drop_unresumable(out: Path) -> None:
+    """A rank killed by torchrun runs no cleanup: remove a partial run with no checkpoint."""
+    from training.train_run import CHECKPOINT, partial_dir
+
+    work = partial_dir(out)
+    if work.exists() and not (work / CHECKPOINT).is_file():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @app.command("eval")
@@ -164,20 +183,23 @@ def evaluate(
         metrics = evaluate_sae_on_dataset(
             lm, sae_module.to(lm.device), layer if layer is not None else int(cfg["hook_layer"]),
             dataset=dataset, tokens=tokens, context=context, batch=batch,
-            skip_contexts=_trained_contexts(cfg, dataset) if skip_contexts is None
+            skip_contexts=_trained_contexts(cfg, dataset, context) if skip_contexts is None
             else skip_contexts)
     typer.echo(json.dumps(metrics.to_dict()))
 
 
-def _trained_contexts(cfg: dict, dataset: str) -> int:
-    """Contexts the SAE's capture used, so evaluation runs on text it has not seen."""
+def _trained_contexts(cfg: dict, dataset: str, context: int) -> int:
+    """Contexts of length ``context`` covering the tokens the SAE's capture used, so
+    evaluation runs on text the SAE has not seen."""
     from training.activations import Manifest
 
     try:
         manifest = Manifest.load(Path(cfg["activations"]))
     except (KeyError, ValueError):
         return 0
-    return manifest.contexts if manifest.dataset == dataset else 0
+    if manifest.dataset != dataset:
+        return 0
+    return -(-manifest.contexts * manifest.context // context)
 
 
 @app.command()
@@ -200,7 +222,7 @@ def demo(
 
     settings = get_settings()
     root = settings.data_dir / "demo"
-    acts, sae_dir = root / f"acts-L{layer}", root / f"sae-L{layer}"
+    acts, sae_dir = root / f"acts-L{layer}-{tokens}", root / f"sae-L{layer}"
     with cli_errors():
         lm = _load(None, device)
         manifest = run_capture(lm, CaptureConfig(layer=layer, tokens=tokens), acts)

@@ -66,6 +66,8 @@ def bench_train(
     with cli_errors():
         if tokens < batch:
             raise ValueError(f"--tokens {tokens} must be at least one --batch ({batch})")
+        if holdout < 1:
+            raise ValueError(f"--holdout must be positive (got {holdout})")
         acts = acts or _bench_capture(model, layer, max(tokens + holdout, 10 * holdout),
                                       device)
         with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:

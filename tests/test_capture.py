@@ -138,3 +138,12 @@ def test_corrupt_shard_is_named(tiny_model, text_file, tmp_path):
         read_shard(shard, 64)
     with pytest.raises(ActivationError, match="not an activation directory"):
         ActivationStore(tmp_path)
+
+
+def test_dataset_that_runs_out_is_marked_and_reused(tiny_model, text_file, tmp_path):
+    out = tmp_path / "acts"
+    cfg = _cfg(text_file, tokens=10**6)
+    first = capture(tiny_model, cfg, out, progress=False)
+    assert first.exhausted and 0 < first.rows < 10**6
+    again = capture(tiny_model, cfg, out, progress=False)
+    assert again.rows == first.rows

@@ -186,3 +186,24 @@ def test_bench_train_needs_enough_rows(env, acts) -> None:
     result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,
                     "--batch", 512, "--tokens", 10**6)
     _one_line_error(result, "--tokens")
+
+
+def test_distributed_bad_input_is_one_line(env, acts, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "train", "--acts", str(acts), "--latents", "128",
+         "--k", "8", "--batch", "512", "--nproc", "2", "--resume", "--out",
+         str(tmp_path / "sae")], env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: nothing to resume")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--context", "1"], "--context"), (["--batch", "0"], "--batch"),
+    (["--skip-contexts", "-1"], "--skip-contexts"), (["--tokens", "0"], "--tokens")])
+def test_bad_eval_flags(env, acts, tmp_path, flags, fragment) -> None:
+    result = invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8, "--batch", 512,
+                    "--tokens", 1024, "--out", tmp_path / "sae")
+    assert result.exit_code == 0, result.output
+    _one_line_error(invoke(env, "eval", "--sae", tmp_path / "sae", *flags), fragment)

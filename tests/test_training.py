@@ -270,3 +270,25 @@ def test_disk_full_while_saving_leaves_nothing(acts_dir, tmp_path, monkeypatch) 
     with pytest.raises(OSError, match="No space left"):
         train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(tokens=256 * 4), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_other_settings_names_the_flags(acts_dir, tmp_path) -> None:
+    def stop_at_12(stats) -> None:
+        if stats.step == 12:
+            raise KeyboardInterrupt
+
+    cfg = _train_cfg(checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        train(acts_dir, tmp_path / "sae", _sae_cfg(), cfg, progress=False, on_step=stop_at_12)
+    with pytest.raises(TrainError, match="--latents 64 .now 128.*--seed 0 .now 1"):
+        train(acts_dir, tmp_path / "sae", _sae_cfg(n_latents=128), _train_cfg(
+            checkpoint_every=10, seed=1), progress=False, resume=True)
+    assert (partial_dir(tmp_path / "sae") / "checkpoint.pt").is_file()  # still resumable
+
+
+def test_out_must_not_overwrite_other_data(acts_dir, tmp_path) -> None:
+    with pytest.raises(TrainError, match="--out .* would overwrite the activations"):
+        train(acts_dir, acts_dir, _sae_cfg(), _train_cfg(), progress=False)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(TrainError, match="is not an SAE folder"):
+        train(acts_dir, tmp_path / "notes", _sae_cfg(), _train_cfg(), progress=False)

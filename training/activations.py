@@ -54,6 +54,8 @@ class Manifest:
     shards: list[int] = field(default_factory=list)
     """Rows in each shard, in order."""
     hook_point: str = "resid_post"
+    exhausted: bool = False
+    """The dataset ran out before the requested token count: this is all of it."""
     format_version: int = FORMAT_VERSION
 
     @property

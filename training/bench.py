@@ -145,7 +145,7 @@ def bench_train(acts: Path, work: Path, *, n_latents: int = 8192, k: int = 32,
         result["saelens"] = {"skipped": "sae_lens is not installed: pip install "
                              "'saelab[bench]' (or bash scripts/setup.sh --bench) to compare"}
         return result
-    theirs = _saelens_run(store, train_rows, sae_cfg, batch, tokens, rate, seed)
+    theirs = _saelens_run(store, train_rows, sae_cfg, batch, tokens, rate, seed, device)
     theirs.update(heldout_stats(theirs.pop("sae").to(device), heldout))
     theirs["flops_fraction"] = theirs["tokens_per_s"] / limit
     result["saelens"] = theirs
@@ -155,13 +155,14 @@ def bench_train(acts: Path, work: Path, *, n_latents: int = 8192, k: int = 32,
 
 
 def _saelens_run(store: ActivationStore, train_rows: int, sae_cfg: SaeConfig, batch: int,
-                 tokens: int, lr: float, seed: int) -> dict[str, Any]:
+                 tokens: int, lr: float, seed: int, device: torch.device) -> dict[str, Any]:
     """SAELens' trainer on the batches saelab's trainer saw, in the same order."""
     from training.bench_saelens import saelens_topk_throughput
 
     stream = store.iter_shuffled(batch, seed=seed, limit_rows=train_rows)
     acts = torch.cat(list(itertools.islice(stream, tokens // batch)))
-    run = saelens_topk_throughput(acts, sae_cfg.n_latents, sae_cfg.k, batch, lr, seed)
+    run = saelens_topk_throughput(acts, sae_cfg.n_latents, sae_cfg.k, batch, lr, seed,
+                                  device=str(device))
     state = run.pop("sae_state")
     sae = SparseAutoencoder(sae_cfg)
     sae.load_state_dict({"w_enc": state["W_enc"].t(), "b_enc": state["b_enc"],

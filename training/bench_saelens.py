@@ -15,7 +15,7 @@ import torch
 
 
 def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, lr: float,
-                            seed: int) -> dict[str, Any]:
+                            seed: int, device: str = "cpu") -> dict[str, Any]:
     """Train SAELens' TopK SAE for one pass over ``acts`` [N, d]; time it.
 
     What runs is SAELens' own training stack, as ``LanguageModelSAERunner`` drives it
@@ -34,7 +34,7 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
       autocast, no wandb, no checkpoints, no input normalisation.
 
     ``acts`` is consumed in order, ``batch`` rows at a time (a trailing partial batch is
-    dropped); ``seed`` seeds the SAE initialisation. Everything is float32 on the CPU.
+    dropped); ``seed`` seeds the SAE initialisation. Everything is float32 on ``device``.
 
     Returns ``tokens_per_s`` (tokens trained / wall time of ``fit()``), ``seconds``,
     ``tokens``, ``steps``, ``threads``, ``sae_lens_version`` and ``sae_state``: float32
@@ -51,7 +51,7 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
 
     if acts.dim() != 2:
         raise ValueError(f"acts must be [N, d], got shape {tuple(acts.shape)}")
-    acts = acts.detach().to("cpu", torch.float32).contiguous()
+    acts = acts.detach().to(device, torch.float32).contiguous()
     n_tokens, d_in = acts.shape
     steps = n_tokens // batch
     if steps < 1:
@@ -61,13 +61,13 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
 
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k,
-                                                dtype="float32", device="cpu"))
+                                                dtype="float32", device=device))
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch,
         train_batch_size_samples=batch,
         lr=lr,
         lr_end=lr / 10,  # what LanguageModelSAERunnerConfig sets (unused when constant)
-        device="cpu",
+        device=device,
         autocast=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
@@ -89,7 +89,7 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
     with torch.no_grad():
         state = {name: value.detach().clone() for name, value in sae.state_dict().items()}
         sae.process_state_dict_for_saving_inference(state)
-    sae_state = {name: state[name].to(torch.float32).contiguous()
+    sae_state = {name: state[name].to("cpu", torch.float32).contiguous()
                  for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     tokens = steps * batch
     return {

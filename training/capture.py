@@ -124,8 +124,11 @@ def _existing(out: Path, lm: LoadedModel, cfg: CaptureConfig) -> Manifest | None
         manifest = Manifest.load(out)
     except ValueError as exc:
         raise CaptureError(f"--out {out} exists and is not a capture: {exc}") from exc
-    if not _matches(manifest, lm, cfg) or manifest.rows < cfg.tokens:
+    if not _matches(manifest, lm, cfg):
         raise CaptureError(f"--out {out} already holds a different capture; choose a new --out")
+    if manifest.rows < cfg.tokens and not manifest.exhausted:
+        raise CaptureError(f"--out {out} holds only {manifest.rows} rows of this capture "
+                           f"(--tokens {cfg.tokens}); choose a new --out")
     log.info("%s already holds this capture (%d rows); nothing to do", out, manifest.rows)
     return manifest
 
@@ -178,6 +181,11 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest
     if manifest.contexts == 0:
         raise CaptureError(f"dataset {cfg.dataset!r} yielded no complete context of "
                            f"{cfg.context} tokens")
+    if manifest.rows < cfg.tokens:
+        manifest.exhausted = True
+        manifest.save(partial)
+        log.warning("dataset %r ran out after %d of the %d tokens asked for", cfg.dataset,
+                    manifest.rows, cfg.tokens)
 
 
 def _contexts(lm: LoadedModel, cfg: CaptureConfig) -> Iterator[list[int]]:

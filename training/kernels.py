@@ -27,7 +27,7 @@ def _csr(indices: Tensor, values: Tensor, n: int) -> Tensor:
     """The [B, n] matrix with ``values[b, i]`` at column ``indices[b, i]`` as sparse CSR.
 
     Every row has the same number m of stored entries, so the row pointer is arange·m.
-    Column indices within a row must be distinct (TopK guarantees it).
+    Column indices within a row must be distinct and ascending (``sae.top_columns``).
     """
     batch, width = indices.shape
     crow = torch.arange(0, batch * width + 1, width, device=indices.device)

@@ -32,10 +32,14 @@ def main(argv: list[str]) -> int:
     dist = DistContext.from_environment()
     try:
         metrics = run_spec(json.loads(spec_path.read_text()), dist)
+    except (ValueError, OSError) as exc:  # bad input: one message for the CLI, no traceback
         if dist.is_main:
-            result_path.write_text(json.dumps(metrics))
+            result_path.write_text(json.dumps({"error": str(exc)}))
+        return 2
     finally:
         dist.close()
+    if dist.is_main:
+        result_path.write_text(json.dumps(metrics))
     return 0
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from training.corpus import iter_texts, pack_contexts
 from training.hooks import edit_block_output
 from training.models import LoadedModel
-from training.sae import SparseAutoencoder
+from training.sae import SparseAutoencoder, top_columns
 
 
 @dataclass
@@ -131,9 +131,8 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
 
 def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
     """Dense codes z [B, n] as (values, indices) [B, m] for the sparse decoder."""
-    width = max(1, int((z > 0).sum(1).max()))
-    top = z.topk(width, dim=1, sorted=False)
-    return top.values, top.indices
+    indices, _ = top_columns(z, max(1, int((z > 0).sum(1).max())))
+    return z.gather(1, indices), indices
 
 
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
@@ -168,6 +167,12 @@ def evaluate_sae_on_dataset(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
                             skip_contexts: int = 0, progress: bool = True) -> EvalMetrics:
     if tokens < 1:
         raise ValueError("--tokens must be positive")
+    if context < 2:
+        raise ValueError(f"--context must be at least 2 (got {context})")
+    if batch < 1:
+        raise ValueError(f"--batch must be positive (got {batch})")
+    if skip_contexts < 0:
+        raise ValueError(f"--skip-contexts must not be negative (got {skip_contexts})")
     batches = dataset_batches(lm, dataset, tokens=tokens, context=context, batch=batch,
                               skip_contexts=skip_contexts)
     return evaluate(lm, sae, layer, batches, total_tokens=tokens, progress=progress)

@@ -138,6 +138,15 @@ def batch_threshold(pre: Tensor, count: int, gather: GatherFn = _identity) -> Te
     return gather(local).topk(count, sorted=False).values.min()
 
 
+def top_columns(scores: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The ``width`` largest entries of each row of scores [B, n]: their column indices
+    [B, width], ascending (sparse CSR wants sorted columns), and a 0/1 mask [B, width] of
+    the positive ones."""
+    top = scores.topk(width, dim=1, sorted=False)
+    indices, order = top.indices.sort(dim=1)
+    return indices, (top.values.gather(1, order) > 0).to(scores.dtype)
+
+
 class SparseAutoencoder(nn.Module):
     """A TopK / BatchTopK SAE; see the module docstring for the maths."""
 
@@ -165,21 +174,15 @@ class SparseAutoencoder(nn.Module):
         """Choose the active latents: indices [B, m] and a 0/1 mask [B, m]."""
         k = self.cfg.k
         if self.cfg.architecture == "topk":
-            top = pre.topk(k, dim=1, sorted=False)
-            return top.indices, (top.values > 0).to(pre.dtype)
+            return top_columns(pre, k)
         if training:
-            theta = batch_threshold(pre, k * pre.shape[0] * self._world(gather), gather)
+            world = int(gather(pre.new_ones(1)).numel())
+            theta = batch_threshold(pre, k * pre.shape[0] * world, gather)
             self._update_threshold(theta)
             keep = (pre >= theta) & (pre > 0)
         else:
             keep = pre > self.threshold
-        width = max(1, int(keep.sum(1).max()))
-        top = (pre * keep).topk(width, dim=1, sorted=False)
-        return top.indices, (top.values > 0).to(pre.dtype)
-
-    @staticmethod
-    def _world(gather: GatherFn) -> int:
-        return int(gather(torch.ones(1)).numel())
+        return top_columns(pre * keep, max(1, int(keep.sum(1).max())))
 
     def _update_threshold(self, theta: Tensor, decay: float = 0.9) -> None:
         """EMA of the per-batch threshold. A short memory (0.9): each batch's θ is a quantile
@@ -229,10 +232,9 @@ class SparseAutoencoder(nn.Module):
         """FVU of the residual e = x − x̂ [B, d] reconstructed (without b_dec) by each
         token's top-k_aux dead latents; gives dead latents a gradient towards useful work."""
         k_aux = min(int(self.cfg.k_aux or 1), int(dead_mask.sum()))
-        top = (pre * dead_mask).topk(k_aux, dim=1, sorted=False)
-        mask = (top.values > 0).to(pre.dtype)
-        values = sparse_encode(x - self.b_dec, self.w_enc, self.b_enc, pre, top.indices, mask)
-        e_hat = sparse_decode(values, top.indices, self.w_dec)
+        indices, mask = top_columns(pre * dead_mask, k_aux)
+        values = sparse_encode(x - self.b_dec, self.w_enc, self.b_enc, pre, indices, mask)
+        e_hat = sparse_decode(values, indices, self.w_dec)
         return fvu_loss(residual, e_hat, variance_sum(residual, reduce_sum))
 
     # -- constraints ------------------------------------------------------------------

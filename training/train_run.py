@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
         raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
                          f"SAE d_in={sae_cfg.d_in}")
     out = Path(out)
+    _check_out(out, Path(acts_dir))
     work = partial_dir(out)
     holdout = min(cfg.holdout_rows, len(store) // 10)
     train_rows = len(store) - holdout
@@ -79,13 +81,41 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
     return metrics
 
 
+def _check_out(out: Path, acts_dir: Path) -> None:
+    """Refuse an --out that would overwrite something other than an earlier SAE."""
+    if out.resolve() == acts_dir.resolve() or acts_dir.resolve().is_relative_to(out.resolve()):
+        raise TrainError(f"--out {out} would overwrite the activations in --acts {acts_dir}")
+    if out.exists() and not (out / "cfg.json").is_file():
+        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
+
+
+_FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
+          "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
+          "lr": "--lr", "seed": "--seed"}
+
+
+def _check_resumable(saved: dict, trainer: Trainer) -> None:
+    """A resumed run must use the settings of the interrupted one (same model shape, same
+    batch stream and schedule); name every flag that differs."""
+    now = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
+    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in _FLAGS.items()
+              if key in saved and saved[key] != now[key]]
+    if differ:
+        raise TrainError("--resume needs the interrupted run's settings: it used "
+                         + ", ".join(differ))
+
+
 def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int,
            resume: bool, dist: DistContext) -> list[dict]:
     checkpoint = work / CHECKPOINT
     if resume:
         if not checkpoint.is_file():
             raise TrainError(f"nothing to resume: no checkpoint in {work}")
-        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+        _check_resumable(state.get("settings", {}), trainer)
         trainer.load_state_dict(state["trainer"])
         log.info("resumed at step %d", trainer.steps_done)
         return state["history"]
@@ -123,7 +153,8 @@ def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
 
 def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
     tmp = work / f".{CHECKPOINT}.tmp"
-    torch.save({"trainer": trainer.state_dict(), "history": history}, tmp)
+    settings = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
+    torch.save({"trainer": trainer.state_dict(), "history": history, "settings": settings}, tmp)
     os.replace(tmp, work / CHECKPOINT)
 
 

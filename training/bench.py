@@ -33,6 +33,7 @@ from training.corpus import iter_texts, pack_contexts
 from training.hooks import block_output
 from training.models import LoadedModel
 from training.sae import SaeConfig, SparseAutoencoder
+from training.sae_io import load_sae
 from training.train_run import heldout_stats, train
 from training.trainer import TrainConfig
 
@@ -134,8 +135,6 @@ def bench_train(acts: Path, work: Path, *, n_latents: int = 8192, k: int = 32,
     heldout = store.tail(holdout)
 
     metrics = train(acts, work / "saelab", sae_cfg, train_cfg, progress=False)
-    from training.sae_io import load_sae
-
     ours_sae, _ = load_sae(work / "saelab", device)
     ours = {"tokens_per_s": metrics["tokens_per_s"], **heldout_stats(ours_sae, heldout)}
     ours["flops_fraction"] = ours["tokens_per_s"] / limit

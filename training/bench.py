@@ -99,11 +99,13 @@ def saelens_available() -> bool:
     return importlib.util.find_spec("sae_lens") is not None
 
 
-def matmul_flops(d: int, n: int, batch: int, device: torch.device, repeats: int = 10) -> float:
-    """FLOP/s of a plain fp32 [batch, d] x [d, n] matmul (median of ``repeats``)."""
+def matmul_flops(d: int, n: int, batch: int, device: torch.device, repeats: int = 20) -> float:
+    """FLOP/s of a plain fp32 [batch, d] x [d, n] matmul (median of ``repeats``, after
+    three warm-up products)."""
     x = torch.randn(batch, d, device=device)
     w = torch.randn(n, d, device=device)
-    torch.nn.functional.linear(x, w)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
     times = [_timed(lambda: torch.nn.functional.linear(x, w))[0] for _ in range(repeats)]
     return 2 * batch * d * n / statistics.median(times)
 

@@ -228,7 +228,7 @@ def demo(
         manifest = run_capture(lm, CaptureConfig(layer=layer, tokens=tokens), acts)
         spec = {"acts": str(acts), "out": str(sae_dir), "resume": False,
                 "sae": {"d_in": lm.d_model, "n_latents": latents, "k": k},
-                "train": {"batch": 4096, "lr": None, "seed": 0}}
+                "train": {"batch": 4096, "lr": 1e-3, "seed": 0}}  # a short run: a larger lr
         _validate_train_spec(spec, 1)
         trained = _run_train(spec, 1)
         sae_module, _ = load_sae(sae_dir, lm.device)

@@ -242,7 +242,8 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from app import cli_bench  # noqa: F401  (registers the bench commands)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    from app import cli_bench, cli_db  # noqa: F401  (register their commands)
 
     app()
 

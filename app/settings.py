@@ -16,9 +16,13 @@ class Settings(BaseSettings):
     """Converted models, captures, SAEs and benchmark caches live here."""
     default_model: str = "smollm2-135m"
     """The model used when a command is not given --model."""
+    database_url: str = ""
+    """SQLAlchemy URL of the store; empty means the SQLite file ``<data_dir>/saelab.db``."""
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'saelab.db'}"
 
 
 def get_settings() -> Settings:

@@ -1,0 +1,1 @@
+"""The SQL store: SQLAlchemy models, engine/session setup and Alembic migrations."""

@@ -1,0 +1,166 @@
+"""SQLAlchemy 2 models of the feature store.
+
+One row per model, activation capture, SAE, latent, example, explanation and job. Bulky
+per-latent arrays (histogram, logit effects, neighbours, an example's tokens and
+activations) are JSON columns: they are always read whole with their row, never queried
+inside, and JSON keeps the schema identical on SQLite and PostgreSQL. Everything that is
+sorted or filtered on (density, max activation, index) is a real, indexed column.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Model(Base):
+    """A language model that activations were captured from."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    d_model: Mapped[int]
+    n_layers: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    saes: Mapped[list[Sae]] = relationship(back_populates="model")
+
+
+class Capture(Base):
+    """An activation capture directory on disk."""
+
+    __tablename__ = "captures"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    layer: Mapped[int]
+    dataset: Mapped[str] = mapped_column(Text)
+    context: Mapped[int]
+    tokens: Mapped[int]
+    dtype: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Sae(Base):
+    """A trained SAE: its folder on disk, config and training/eval metrics."""
+
+    __tablename__ = "saes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
+                                          index=True)
+    capture_id: Mapped[int | None] = mapped_column(
+        ForeignKey("captures.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(300))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    architecture: Mapped[str] = mapped_column(String(32))
+    layer: Mapped[int]
+    d_in: Mapped[int]
+    n_latents: Mapped[int]
+    k: Mapped[int | None]
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    analysed_tokens: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    model: Mapped[Model] = relationship(back_populates="saes")
+    latents: Mapped[list[Latent]] = relationship(back_populates="sae",
+                                                 cascade="all, delete-orphan",
+                                                 passive_deletes=True)
+
+
+class Latent(Base):
+    """One SAE latent and its analysis."""
+
+    __tablename__ = "latents"
+    __table_args__ = (
+        Index("ix_latents_sae_index", "sae_id", "index", unique=True),
+        Index("ix_latents_sae_density", "sae_id", "density"),
+        Index("ix_latents_sae_max", "sae_id", "max_activation"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    density: Mapped[float] = mapped_column(Float)
+    """Fraction of analysed tokens on which the latent fires."""
+    mean_activation: Mapped[float] = mapped_column(Float)
+    """Mean over the tokens where it fires."""
+    max_activation: Mapped[float] = mapped_column(Float)
+    histogram: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """{"edges": [...], "counts": [...]} over log-spaced activation bins."""
+    top_logits: Mapped[list[Any]] = mapped_column(default=list)
+    """[[token, effect], ...]: the largest positive effects of W_dec[f] on the logits."""
+    bottom_logits: Mapped[list[Any]] = mapped_column(default=list)
+    neighbours: Mapped[list[Any]] = mapped_column(default=list)
+    """[[latent index, cosine], ...] of the nearest decoder directions."""
+    explanation: Mapped[str | None] = mapped_column(Text)
+    """The current best explanation (copied from ``explanations`` for listing/search)."""
+    sae: Mapped[Sae] = relationship(back_populates="latents")
+    examples: Mapped[list[Example]] = relationship(back_populates="latent",
+                                                   cascade="all, delete-orphan",
+                                                   passive_deletes=True,
+                                                   order_by="Example.id")
+
+
+class Example(Base):
+    """A context window around a token where a latent fired."""
+
+    __tablename__ = "examples"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    latent_id: Mapped[int] = mapped_column(ForeignKey("latents.id", ondelete="CASCADE"),
+                                           index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    """``top`` or ``quantile``."""
+    bucket: Mapped[int | None]
+    """Quantile bucket (0 = lowest) for ``quantile`` examples."""
+    rank: Mapped[int]
+    tokens: Mapped[list[Any]] = mapped_column(default=list)
+    """The window's token strings, in order."""
+    activations: Mapped[list[Any]] = mapped_column(default=list)
+    """The latent's activation on each token of the window."""
+    context_index: Mapped[int]
+    """Which context of the analysed stream the window comes from."""
+    position: Mapped[int]
+    """Position of the peak token within that context."""
+    latent: Mapped[Latent] = relationship(back_populates="examples")
+
+
+class Explanation(Base):
+    """A natural-language explanation of a latent and how well it scored."""
+
+    __tablename__ = "explanations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    latent_id: Mapped[int] = mapped_column(ForeignKey("latents.id", ondelete="CASCADE"),
+                                           index=True)
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(100))
+    """Who wrote it: the explainer model's name, ``human`` or ``import``."""
+    score: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A queued or finished background job (capture, train, analyse, explain)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    """queued, running, succeeded, failed or cancelled."""
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    series: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Metric time series, e.g. {"step": [...], "fvu": [...]}."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,147 @@
+"""The SQL store on SQLite and PostgreSQL: migrations from empty, a downgrade/upgrade round
+trip, data surviving an upgrade, full-text search over explanations, cascades."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select
+
+from app.store.db import (
+    StoreError,
+    current_revision,
+    downgrade,
+    make_engine,
+    session_factory,
+    upgrade,
+)
+from app.store.models import Example, Explanation, Job, Latent, Model, Sae
+from app.store.queries import search_explanations
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+TABLES = {"models", "captures", "saes", "latents", "examples", "explanations", "jobs"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database of each kind (a fresh PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import psycopg
+
+    name = f"saelab_test_{uuid.uuid4().hex[:12]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_SERVER}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _fill(engine) -> int:
+    """One model, SAE, three latents with examples and explanations, one job."""
+    with session_factory(engine).begin() as session:
+        model = Model(name="smollm2-135m", d_model=576, n_layers=30)
+        sae = Sae(model=model, name="L6", path="/saes/l6", architecture="topk", layer=6,
+                  d_in=576, n_latents=3, k=1, config={"k": 1}, metrics={"fvu": 0.2})
+        texts = ["Python keywords like def and class", "closing parentheses in code",
+                 None]
+        for index, text in enumerate(texts):
+            latent = Latent(sae=sae, index=index, density=0.01 * (index + 1),
+                            mean_activation=1.0, max_activation=2.0 + index,
+                            histogram={"edges": [0, 1], "counts": [3]},
+                            top_logits=[["def", 1.5]], bottom_logits=[["the", -0.3]],
+                            neighbours=[[1, 0.4]], explanation=text)
+            latent.examples = [Example(kind="top", rank=0, tokens=["a", "b"],
+                                       activations=[0.0, 2.0], context_index=4, position=9)]
+            session.add(latent)
+            if text:
+                session.flush()
+                session.add(Explanation(latent_id=latent.id, text=text, source="human"))
+        session.add(Job(kind="train", params={"k": 1}, series={"fvu": [0.5, 0.3]}))
+        session.flush()
+        return sae.id
+
+
+def test_upgrade_from_empty_and_round_trip(db_url) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    assert current_revision(engine) == "0002"
+    assert set(inspect(engine).get_table_names()) >= TABLES
+    downgrade(engine, "base")
+    assert current_revision(engine) is None
+    assert not TABLES & set(inspect(engine).get_table_names())
+    upgrade(engine)
+    assert current_revision(engine) == "0002"
+    engine.dispose()
+
+
+def test_data_survives_the_upgrade_and_is_searchable(db_url) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    sae_id = _fill(engine)
+    upgrade(engine)
+    Session = session_factory(engine)
+    with Session() as session:
+        latents = session.scalars(select(Latent).order_by(Latent.index)).all()
+        assert [lat.explanation for lat in latents][:2] == [
+            "Python keywords like def and class", "closing parentheses in code"]
+        assert latents[0].examples[0].activations == [0.0, 2.0]
+        assert session.scalars(select(Job)).one().series == {"fvu": [0.5, 0.3]}
+        found = search_explanations(session, sae_id, "keywords")
+        assert [lat.index for lat in found] == [0]  # rows written before 0002 are indexed
+    with Session.begin() as session:
+        latent = session.scalars(select(Latent).where(Latent.index == 2)).one()
+        latent.explanation = "keywords of the standard library"
+    with Session() as session:
+        assert sorted(lat.index for lat in search_explanations(session, sae_id,
+                                                               "keywords")) == [0, 2]
+        assert search_explanations(session, sae_id, "parentheses code")[0].index == 1
+        assert search_explanations(session, sae_id + 1, "keywords") == []
+    with Session.begin() as session:
+        session.delete(session.get(Sae, sae_id))
+    with Session() as session:
+        assert session.scalars(select(Latent)).all() == []
+        assert session.scalars(select(Example)).all() == []
+        assert session.scalars(select(Explanation)).all() == []
+        assert search_explanations(session, sae_id, "keywords") == []
+    engine.dispose()
+
+
+def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
+    env = {**os.environ, "SAELAB_DATABASE_URL": db_url}
+    proc = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    engine = make_engine(db_url)
+    assert current_revision(engine) == "0002"
+    engine.dispose()
+
+
+def test_unreachable_database_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="cannot reach the database .*5999"):
+        make_engine("postgresql+psycopg://postgres@127.0.0.1:5999/none")
+    with pytest.raises(StoreError, match="not a database URL"):
+        make_engine("no such url")
+
+
+def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
+    from typer.testing import CliRunner
+
+    from app import cli_db  # noqa: F401  (registers the db commands)
+    from app.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
+    assert result.exit_code == 0 and "revision 0002" in result.stdout, result.output
+    result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
+    assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
+    result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])
+    assert result.exit_code == 2 and result.output.count("error:") == 1

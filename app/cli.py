@@ -242,8 +242,8 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    from app import cli_bench, cli_db  # noqa: F401  (register their commands)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from app import cli_bench, cli_db, cli_store  # noqa: F401  (register their commands)
 
     app()
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from app.store.models import Latent
+from app.store.models import Latent, Model, Sae
 
 _SQLITE_SEARCH = text(
     "SELECT latents.* FROM latents JOIN latents_fts ON latents_fts.rowid = latents.id "
@@ -35,3 +35,41 @@ def search_explanations(session: Session, sae_id: int, query: str, limit: int = 
     else:
         raise ValueError(f"full-text search is not supported on {dialect}")
     return list(session.scalars(stmt, {**params, "sae_id": sae_id, "limit": limit}))
+
+
+SORTS = {"index": Latent.index, "density": Latent.density.desc(),
+         "max_activation": Latent.max_activation.desc(),
+         "mean_activation": Latent.mean_activation.desc()}
+
+
+def list_saes(session: Session, model: str | None = None) -> list[Sae]:
+    """SAEs, newest first; only those of ``model`` when given."""
+    stmt = select(Sae).join(Model).order_by(Sae.id.desc())
+    if model:
+        stmt = stmt.where(Model.name == model)
+    return list(session.scalars(stmt))
+
+
+def list_latents(session: Session, sae_id: int, *, search: str | None = None,
+                 sort: str = "index", limit: int = 50, offset: int = 0) -> list[Latent]:
+    """One page of an SAE's latents, sorted by ``sort``, or the explanation matches of
+    ``search`` (best first)."""
+    if sort not in SORTS:
+        raise ValueError(f"--sort {sort!r} is unknown: choose one of {', '.join(SORTS)}")
+    if search:
+        return search_explanations(session, sae_id, search, limit)
+    stmt = (select(Latent).where(Latent.sae_id == sae_id).order_by(SORTS[sort], Latent.index)
+            .limit(limit).offset(offset))
+    return list(session.scalars(stmt))
+
+
+def latents_by_index(session: Session, sae_id: int, indices: list[int]) -> list[Latent]:
+    stmt = select(Latent).where(Latent.sae_id == sae_id, Latent.index.in_(indices))
+    return sorted(session.scalars(stmt), key=lambda lat: indices.index(lat.index))
+
+
+def get_latent(session: Session, sae_id: int, index: int) -> Latent | None:
+    """A latent with its examples loaded (top first, then quantile buckets)."""
+    stmt = (select(Latent).where(Latent.sae_id == sae_id, Latent.index == index)
+            .options(selectinload(Latent.examples)))
+    return session.scalars(stmt).one_or_none()

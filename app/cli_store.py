@@ -1,0 +1,189 @@
+"""``saelab analyze`` (SAE -> store) and the headless views ``saes``, ``features``,
+``feature`` (what the explorer shows, as text or JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli import DeviceOpt, ModelOpt, _load, app, cli_errors
+from app.cli_db import DbOpt
+from app.settings import get_settings
+
+
+def _sessions(db: str | None):
+    from app.store.db import make_engine, session_factory, upgrade
+
+    engine = make_engine(db or get_settings().database_url)
+    upgrade(engine)
+    return session_factory(engine)
+
+
+@app.command()
+def analyze(
+    sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],
+    acts: Annotated[Path | None, typer.Option(
+        "--acts", help="capture to analyse [default: the SAE's own, or --dataset]")] = None,
+    model: ModelOpt = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="capture this dataset first instead of using --acts")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to analyse")] = 131_072,
+    db: DbOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Analyse every latent of an SAE and store the result (replacing an earlier one)."""
+    from app.store.persist import save_analysis
+    from training.activations import ActivationStore
+    from training.analysis import analyse_capture
+    from training.sae_io import load_sae
+
+    with cli_errors():
+        sae_module, cfg = load_sae(sae)
+        sessions = _sessions(db)  # fail on a bad --db before the long part
+        lm = _load(model or cfg.get("model_name"), device)
+        if lm.d_model != sae_module.cfg.d_in:
+            raise ValueError(f"--sae {sae} has d_in={sae_module.cfg.d_in} but {lm.name} has "
+                             f"d={lm.d_model}: the SAE was not trained on this model")
+        source = _source(lm, cfg, sae, acts, dataset, tokens)
+        store = ActivationStore(source)
+        store.verify()
+        if store.d_model != sae_module.cfg.d_in:
+            raise ValueError(f"--acts {source} has d={store.d_model}, the SAE "
+                             f"d_in={sae_module.cfg.d_in}")
+        result = analyse_capture(sae_module.to(lm.device), store,
+                                 lm.model.get_output_embeddings().weight, max_tokens=tokens)
+        sae_id = save_analysis(sessions, sae_dir=sae, sae_cfg=cfg, model_name=lm.name,
+                               d_model=lm.d_model, n_layers=lm.n_layers, result=result,
+                               token_text=_token_text(lm.tokenizer, result))
+    typer.echo(json.dumps({"sae_id": sae_id, "latents": len(result.density),
+                           "tokens": result.tokens}))
+
+
+def _source(lm, cfg: dict, sae: Path, acts: Path | None, dataset: str | None,
+            tokens: int) -> Path:
+    """The capture to analyse: --acts, a fresh capture of --dataset, or the SAE's own."""
+    if acts is not None:
+        return acts
+    if dataset is not None:
+        return _capture_for(lm, cfg, dataset, tokens)
+    if cfg.get("activations"):
+        return Path(cfg["activations"])
+    raise ValueError(f"--sae {sae} does not name the capture it was trained on: "
+                     "give --acts or --dataset")
+
+
+def _capture_for(lm, cfg: dict, dataset: str, tokens: int) -> Path:
+    from training.capture import CaptureConfig, capture
+
+    layer = int(cfg["hook_layer"])
+    name = f"{lm.name.replace('/', '--')}-L{layer}-{Path(dataset).name}-{tokens}"
+    out = get_settings().data_dir / "analysis" / name
+    capture(lm, CaptureConfig(layer=layer, tokens=tokens, dataset=dataset), out)
+    return out
+
+
+def _token_text(tokenizer, result) -> dict[int, str]:
+    """Text of every token id the analysis refers to."""
+    ids = set(result.top_logit_ids.unique().tolist()) | set(
+        result.bottom_logit_ids.unique().tolist())
+    for examples in result.examples:
+        for ex in examples:
+            ids.update(ex.tokens)
+    return {i: tokenizer.decode([i]) for i in ids}
+
+
+@app.command()
+def saes(model: ModelOpt = None, db: DbOpt = None,
+         as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the SAEs in the store."""
+    from app.store.queries import list_saes
+
+    with cli_errors(), _sessions(db)() as session:
+        rows = [{"id": s.id, "name": s.name, "model": s.model.name, "layer": s.layer,
+                 "n_latents": s.n_latents, "k": s.k, "architecture": s.architecture,
+                 "analysed_tokens": s.analysed_tokens, "path": s.path}
+                for s in list_saes(session, model)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        typer.echo(f"{r['id']:>4}  {r['model']}  L{r['layer']}  n={r['n_latents']} "
+                   f"k={r['k']} {r['architecture']}  {r['path']}")
+
+
+@app.command()
+def features(
+    sae_id: Annotated[int, typer.Argument(help="SAE id (see `saelab saes`)")],
+    search: Annotated[str | None, typer.Option("--search", help="words of the "
+                                               "explanation")] = None,
+    sort: Annotated[str, typer.Option("--sort", help="index, density, max_activation or "
+                                      "mean_activation")] = "index",
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List an SAE's latents."""
+    from app.store.queries import list_latents
+
+    with cli_errors(), _sessions(db)() as session:
+        _check_sae(session, sae_id)
+        rows = [_latent_row(lat) for lat in list_latents(session, sae_id, search=search,
+                                                         sort=sort, limit=limit)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        top = " ".join(repr(t) for t, _ in r["top_logits"][:5])
+        typer.echo(f"{r['index']:>6}  density {r['density']:.2e}  max {r['max_activation']:.2f}"
+                   f"  {r['explanation'] or ''}  [{top}]")
+
+
+@app.command()
+def feature(
+    sae_id: Annotated[int, typer.Argument(help="SAE id")],
+    index: Annotated[int, typer.Argument(help="latent index")],
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One latent: statistics, logit effects, neighbours and examples."""
+    from app.store.queries import get_latent
+
+    with cli_errors(), _sessions(db)() as session:
+        _check_sae(session, sae_id)
+        latent = get_latent(session, sae_id, index)
+        if latent is None:
+            raise ValueError(f"SAE {sae_id} has no latent {index}")
+        row = _latent_row(latent)
+        row["examples"] = [{"kind": e.kind, "bucket": e.bucket, "rank": e.rank,
+                            "tokens": e.tokens, "activations": e.activations,
+                            "context_index": e.context_index, "position": e.position}
+                           for e in latent.examples]
+    if as_json:
+        typer.echo(json.dumps(row))
+        return
+    typer.echo(f"latent {index}: density {row['density']:.3e}, mean {row['mean_activation']:.3f}"
+               f", max {row['max_activation']:.3f}")
+    typer.echo("promotes: " + " ".join(repr(t) for t, _ in row["top_logits"]))
+    typer.echo("suppresses: " + " ".join(repr(t) for t, _ in row["bottom_logits"]))
+    for ex in row["examples"]:
+        text = "".join(f"[{t}]" if a > 0 else t for t, a in zip(ex["tokens"],
+                                                                ex["activations"], strict=True))
+        label = "top" if ex["kind"] == "top" else f"q{ex['bucket']}"
+        typer.echo(f"{label:>4} {max(ex['activations']):6.2f}  {text!r}")
+
+
+def _check_sae(session, sae_id: int) -> None:
+    from app.store.models import Sae
+
+    if session.get(Sae, sae_id) is None:
+        raise ValueError(f"no SAE with id {sae_id} in the store (see `saelab saes`)")
+
+
+def _latent_row(lat) -> dict:
+    return {"index": lat.index, "density": lat.density, "mean_activation": lat.mean_activation,
+            "max_activation": lat.max_activation, "explanation": lat.explanation,
+            "histogram": lat.histogram, "top_logits": lat.top_logits,
+            "bottom_logits": lat.bottom_logits, "neighbours": lat.neighbours}

@@ -1,0 +1,114 @@
+"""Writing an SAE and its analysis into the store, in bulk and in one transaction.
+
+A re-run replaces the SAE's latents (and with them, by cascade, their examples and
+explanations) inside the same transaction that inserts the new ones, so readers see either
+the old analysis or the new one, and a crash half-way leaves the old one intact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.store.models import Example, Latent, Model, Sae
+
+EXAMPLE_BATCH = 5000
+
+
+def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: dict,
+                  model_name: str, d_model: int, n_layers: int, result: Any,
+                  token_text: dict[int, str]) -> int:
+    """Persist ``result`` (a ``training.analysis.AnalysisResult``) for the SAE folder
+    ``sae_dir``; returns the SAE's id. ``token_text`` maps every token id in the
+    examples and logit lists to its text."""
+    with sessions.begin() as session:
+        model = _model(session, model_name, d_model, n_layers)
+        sae = _sae(session, model, Path(sae_dir), sae_cfg, result.tokens)
+        session.execute(delete(Latent).where(Latent.sae_id == sae.id))
+        ids = _insert_latents(session, sae.id, result, token_text)
+        _insert_examples(session, ids, result, token_text)
+        return sae.id
+
+
+def _model(session: Session, name: str, d_model: int, n_layers: int) -> Model:
+    model = session.scalars(select(Model).where(Model.name == name)).one_or_none()
+    if model is None:
+        model = Model(name=name, d_model=d_model, n_layers=n_layers)
+        session.add(model)
+        session.flush()
+    return model
+
+
+def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, tokens: int) -> Sae:
+    path = str(sae_dir.resolve())
+    sae = session.scalars(select(Sae).where(Sae.path == path)).one_or_none()
+    if sae is None:
+        sae = Sae(path=path, model=model)
+        session.add(sae)
+    metrics_file = sae_dir / "metrics.json"
+    sae.name = sae_dir.name
+    sae.architecture = str(cfg["architecture"])
+    sae.layer = int(cfg["hook_layer"])
+    sae.d_in = int(cfg["d_in"])
+    sae.n_latents = int(cfg["d_sae"])
+    sae.k = int(cfg["k"]) if cfg.get("k") else None
+    sae.config = {key: value for key, value in cfg.items() if _jsonable(value)}
+    sae.metrics = _read_json(metrics_file)
+    sae.analysed_tokens = tokens
+    session.flush()
+    return sae
+
+
+def _insert_latents(session: Session, sae_id: int, result: Any,
+                    token_text: dict[int, str]) -> list[int]:
+    def pairs(ids, values) -> list[list]:
+        return [[token_text.get(int(i), ""), round(float(v), 5)] for i, v in zip(
+            ids.tolist(), values.tolist(), strict=True)]
+
+    edges = [round(float(e), 6) for e in result.histogram_edges]
+    rows = [{
+        "sae_id": sae_id, "index": f, "density": float(result.density[f]),
+        "mean_activation": float(result.mean_activation[f]),
+        "max_activation": float(result.max_activation[f]),
+        "histogram": {"edges": edges, "counts": result.histogram_counts[f].tolist()},
+        "top_logits": pairs(result.top_logit_ids[f], result.top_logits[f]),
+        "bottom_logits": pairs(result.bottom_logit_ids[f], result.bottom_logits[f]),
+        "neighbours": [[int(i), round(float(c), 4)] for i, c in zip(
+            result.neighbour_ids[f].tolist(), result.neighbour_cosines[f].tolist(),
+            strict=True)],
+    } for f in range(len(result.density))]
+    returned = session.execute(insert(Latent).returning(Latent.id, Latent.index,
+                                                        sort_by_parameter_order=True), rows)
+    return [row.id for row in returned]
+
+
+def _insert_examples(session: Session, latent_ids: list[int], result: Any,
+                     token_text: dict[int, str]) -> None:
+    batch: list[dict] = []
+    for f, examples in enumerate(result.examples):
+        for ex in examples:
+            batch.append({"latent_id": latent_ids[f], "kind": ex.kind, "bucket": ex.bucket,
+                          "rank": ex.rank, "tokens": [token_text.get(t, "") for t in ex.tokens],
+                          "activations": [round(a, 4) for a in ex.activations],
+                          "context_index": ex.context_index, "position": ex.position})
+            if len(batch) >= EXAMPLE_BATCH:
+                session.execute(insert(Example), batch)
+                batch = []
+    if batch:
+        session.execute(insert(Example), batch)
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool | list | dict | type(None))
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,75 @@
+"""Per-latent analysis checked against brute force on a small synthetic capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.synthetic import sparse_rows, write_capture
+from training.activations import ActivationStore
+from training.analysis import AnalysisConfig, analyse_capture
+from training.sae import SaeConfig, SparseAutoencoder
+
+D, N, CONTEXT = 16, 32, 17
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("analysis") / "acts"
+    write_capture(directory, sparse_rows(16 * 120, D, seed=4), context=CONTEXT,
+                  shard_contexts=25)
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(SaeConfig(d_in=D, n_latents=N, k=4)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # some latents fire rarely, some never
+    return ActivationStore(directory), sae
+
+
+def _dense(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:
+    rows = torch.cat(list(store.iter_sequential(10_000)))
+    return sae.dense_latents(rows.float()).reshape(-1, CONTEXT - 1, N)
+
+
+def test_statistics_match_brute_force(setup) -> None:
+    store, sae = setup
+    cfg = AnalysisConfig(top_examples=5, quantile_buckets=4, per_bucket=2, window=3,
+                         chunk_contexts=7, histogram_bins=8, reservoir=20)
+    result = analyse_capture(sae, store, torch.randn(50, D), cfg, progress=False)
+    z = _dense(store, sae)
+    flat = z.reshape(-1, N)
+    assert result.tokens == flat.shape[0]
+    fired = (flat > 0).sum(0)
+    torch.testing.assert_close(result.density, fired.double() / flat.shape[0])
+    torch.testing.assert_close(result.max_activation, flat.max(0).values)
+    mean = flat.sum(0) / fired.clamp_min(1)
+    torch.testing.assert_close(result.mean_activation, mean, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.histogram_counts.sum(1), fired)
+
+    peaks = z.max(dim=1).values  # [contexts, n]
+    for f in range(N):
+        tops = [e for e in result.examples[f] if e.kind == "top"]
+        expected = peaks[:, f][peaks[:, f] > 0].sort(descending=True).values[:5]
+        got = torch.tensor([max(e.activations) for e in tops])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for e in result.examples[f]:
+            peak = z[e.context_index, e.position - 1, f]
+            assert max(e.activations) == pytest.approx(float(peak), rel=1e-5)
+            assert len(e.tokens) == len(e.activations) <= 7
+            if e.kind == "quantile":
+                share = float(peak) / float(result.max_activation[f])
+                assert e.bucket == min(3, int(share * 4)) and e.rank < 2
+
+
+def test_logits_and_neighbours(setup) -> None:
+    store, sae = setup
+    unembed = torch.randn(50, D)
+    result = analyse_capture(sae, store, unembed, AnalysisConfig(logit_tokens=3, neighbours=4),
+                             max_tokens=160, progress=False)
+    assert result.tokens == 160
+    effects = sae.w_dec.detach() @ unembed.t()
+    assert torch.equal(result.top_logit_ids[:, 0], effects.argmax(1))
+    assert torch.equal(result.bottom_logit_ids[:, 0], effects.argmin(1))
+    w = torch.nn.functional.normalize(sae.w_dec.detach(), dim=1)
+    cos = (w @ w.t()).fill_diagonal_(-2)
+    assert torch.equal(result.neighbour_ids[:, 0], cos.argmax(1))
+    assert (result.neighbour_ids != torch.arange(N)[:, None]).all()

@@ -1,0 +1,89 @@
+"""The embedded SAE analysed into SQLite and PostgreSQL through ``saelab analyze``, then
+read back with ``saelab features`` / ``feature``; re-runs replace, crashes keep the old."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from app import cli_store  # noqa: F401  (registers the commands)
+from app.cli import app
+from app.store import persist
+from app.store.db import make_engine, session_factory
+from app.store.models import Example, Latent
+from tests.test_store import db_url  # noqa: F401  (the SQLite/PostgreSQL fixture)
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def _run(data_dir, *args):
+    return runner.invoke(app, [str(a) for a in args], env={"SAELAB_DATA_DIR": str(data_dir)})
+
+
+def _counts(url: str) -> tuple[int, int]:
+    engine = make_engine(url)
+    with session_factory(engine)() as session:
+        counts = (session.scalar(select(func.count()).select_from(Latent)),
+                  session.scalar(select(func.count()).select_from(Example)))
+    engine.dispose()
+    return counts
+
+
+def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url,  # noqa: F811
+                                              monkeypatch) -> None:
+    sae = embedded_sae["sae"]
+    result = _run(data_dir, "analyze", "--sae", sae, "--tokens", 4096, "--db", db_url)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["latents"] == 1024 and summary["tokens"] >= 4096
+    latents, examples = _counts(db_url)
+    assert latents == 1024 and examples > 1024
+
+    listing = _run(data_dir, "features", summary["sae_id"], "--sort", "density", "--limit", 5,
+                   "--json", "--db", db_url)
+    rows = json.loads(listing.stdout)
+    assert len(rows) == 5 and rows[0]["density"] >= rows[-1]["density"] > 0
+    one = _run(data_dir, "feature", summary["sae_id"], rows[0]["index"], "--json",
+               "--db", db_url)
+    latent = json.loads(one.stdout)
+    tops = [e for e in latent["examples"] if e["kind"] == "top"]
+    assert len(tops) == 20
+    assert max(tops[0]["activations"]) == pytest.approx(latent["max_activation"], rel=1e-3)
+    assert all(isinstance(t, str) for t in tops[0]["tokens"])
+    assert len(latent["top_logits"]) == 10 and len(latent["neighbours"]) == 10
+
+    # A crash while writing the new analysis leaves the previous one in place.
+    def crash(*_args, **_kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(persist, "_insert_examples", crash)
+    failed = _run(data_dir, "analyze", "--sae", sae, "--tokens", 2048, "--db", db_url)
+    assert failed.exit_code == 2 and "disk gone" in failed.output
+    assert _counts(db_url) == (latents, examples)
+    monkeypatch.undo()
+
+    again = _run(data_dir, "analyze", "--sae", sae, "--tokens", 2048, "--db", db_url)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["sae_id"] == summary["sae_id"]
+    assert _counts(db_url)[0] == 1024  # replaced, not appended
+    saes = json.loads(_run(data_dir, "saes", "--json", "--db", db_url).stdout)
+    assert len(saes) == 1 and saes[0]["analysed_tokens"] >= 2048
+
+
+def test_bad_analyze_input(embedded_sae, data_dir, tmp_path, tiny_llama_dir) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    missing = _run(data_dir, "analyze", "--sae", tmp_path / "nope", "--db", url)
+    assert missing.exit_code == 2 and "not an SAE folder" in missing.output
+    mismatch = _run(data_dir, "analyze", "--sae", embedded_sae["sae"], "--model",
+                    tiny_llama_dir, "--db", url)
+    assert mismatch.exit_code == 2 and "was not trained on this model" in mismatch.output
+    unreachable = _run(data_dir, "analyze", "--sae", embedded_sae["sae"], "--db",
+                       "postgresql+psycopg://postgres@127.0.0.1:5999/x")
+    assert unreachable.exit_code == 2 and "cannot reach the database" in unreachable.output
+    assert _counts(url) == (0, 0)
+    unknown = _run(data_dir, "feature", 7, 0, "--db", url)
+    assert unknown.exit_code == 2 and "no SAE with id 7" in unknown.output

@@ -95,3 +95,39 @@ def _bench_capture(model: str | None, layer: int, rows: int, device: str | None)
     lm = _load(model, device)
     capture(lm, CaptureConfig(layer=layer, tokens=rows, dtype="fp32"), out)
     return out
+
+
+@bench_app.command("analysis")
+def bench_analysis(
+    sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],
+    acts: Annotated[Path | None, typer.Option("--acts", help="[default: the SAE's "
+                                              "capture]")] = None,
+    tokens: Annotated[int, typer.Option("--tokens")] = 65_536,
+    device: DeviceOpt = None,
+) -> None:
+    """Per-latent analysis tokens/s vs plain SAE encoding of the same tokens."""
+    from training.activations import ActivationStore
+    from training.bench import bench_analysis as run
+    from training.sae_io import load_sae
+
+    with cli_errors():
+        sae_module, cfg = load_sae(sae)
+        lm = _load(cfg.get("model_name"), device)
+        store = ActivationStore(acts or Path(cfg.get("activations", "")))
+        result = run(sae_module.to(lm.device), store, lm.model.get_output_embeddings().weight,
+                     tokens=tokens)
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("store")
+def bench_store(
+    db: Annotated[str, typer.Option("--db", help="URL of an EMPTY database to fill")],
+    latents: Annotated[int, typer.Option("--latents")] = 16_384,
+    examples: Annotated[int, typer.Option("--examples", help="per latent")] = 70,
+) -> None:
+    """Persist time of a synthetic analysis and the explorer's query latencies (ms)."""
+    from app.bench_store import bench_store as run
+
+    with cli_errors():
+        result = run(db, n=latents, examples=examples)
+    typer.echo(json.dumps(result))

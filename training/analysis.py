@@ -235,33 +235,48 @@ def _examples(sae: SparseAutoencoder, store: ActivationStore, state: _State
             (f, "quantile", int(bucket[r, f]), int(rank[r, f]), int(state.res_pos[r, f])))
     out: list[list[LatentExample]] = [[] for _ in range(n)]
     tokens = store.tokens()
-    for context, z in _encoded_contexts(sae, store, sorted(wanted)):
+    for context, z in _encoded_contexts(sae, store, sorted(wanted), cfg.chunk_contexts):
         ids = tokens[context, 1:].tolist()
-        for f, kind, bkt, rnk, pos in wanted[context]:
+        picks = wanted[context]
+        windows = _windows(z, [p[0] for p in picks], [p[4] for p in picks], cfg.window)
+        for (f, kind, bkt, rnk, pos), acts in zip(picks, windows, strict=True):
             lo, hi = max(0, pos - cfg.window), min(len(ids), pos + cfg.window + 1)
+            start = lo - (pos - cfg.window)
             out[f].append(LatentExample(kind, bkt, rnk, context, pos + 1, ids[lo:hi],
-                                        z[lo:hi, f].tolist()))
+                                        acts[start:start + hi - lo]))
     for examples in out:
         examples.sort(key=lambda e: (e.kind != "top", e.bucket or 0, e.rank))
     return out
 
 
-def _encoded_contexts(sae: SparseAutoencoder, store: ActivationStore, contexts: list[int]):
-    """(context, codes [T−1, n]) for the sorted ``contexts``, reading each shard once."""
+def _windows(z: Tensor, latents: list[int], peaks: list[int], width: int) -> list[list[float]]:
+    """Activations of each (latent, peak) over peak ± width in codes z [P, n], zero-padded
+    at the context's ends: [m][2·width+1] (only these leave the tensor, not whole columns)."""
+    padded = torch.nn.functional.pad(z[:, latents], (0, 0, width, width))  # [P+2w, m]
+    offsets = torch.arange(2 * width + 1)[:, None] + torch.tensor(peaks)[None, :]
+    return padded.gather(0, offsets).t().tolist()
+
+
+def _encoded_contexts(sae: SparseAutoencoder, store: ActivationStore, contexts: list[int],
+                      batch: int):
+    """(context, codes [T−1, n]) for the sorted ``contexts``: each shard is read once and
+    its wanted contexts are encoded ``batch`` at a time."""
     per_context = store.manifest.rows_per_context
     offsets = store.shard_offsets()
-    wanted = iter(contexts)
-    context = next(wanted, None)
+    position = 0
     for shard in range(len(store.manifest.shards)):
         first, last = offsets[shard] // per_context, offsets[shard + 1] // per_context
-        if context is None:
-            return
-        if context >= last:
+        here = []
+        while position < len(contexts) and contexts[position] < last:
+            here.append(contexts[position])
+            position += 1
+        if not here:
             continue
         acts = store.shard(shard).reshape(-1, per_context, store.d_model)
-        while context is not None and context < last:
-            yield context, _encode(sae, acts[context - first][None])[0]
-            context = next(wanted, None)
+        for start in range(0, len(here), batch):
+            group = here[start:start + batch]
+            codes = _encode(sae, acts[[c - first for c in group]])
+            yield from zip(group, codes, strict=True)
 
 
 @torch.no_grad()

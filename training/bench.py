@@ -171,3 +171,26 @@ def _saelens_run(store: ActivationStore, train_rows: int, sae_cfg: SaeConfig, ba
                          "threshold": torch.tensor(0.0)})
     return {"tokens_per_s": run["tokens_per_s"], "version": run["sae_lens_version"],
             "sae": sae}
+
+
+# -- analysis ---------------------------------------------------------------------------
+def bench_analysis(sae: SparseAutoencoder, store: ActivationStore, unembed: Tensor, *,
+                   tokens: int) -> dict[str, Any]:
+    """Whole-analysis tokens/s (both passes, logit effects, neighbours) vs plain SAE
+    encoding of the same chunks of the same capture."""
+    from training.analysis import AnalysisConfig, _chunks, _encode, analyse_capture
+
+    cfg = AnalysisConfig()
+    per_context = store.manifest.rows_per_context
+    contexts = min(store.manifest.contexts, -(-tokens // per_context))
+    start = time.perf_counter()
+    for _, acts in _chunks(store, cfg.chunk_contexts, contexts):
+        _encode(sae, acts)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = analyse_capture(sae, store, unembed, cfg, max_tokens=tokens, progress=False)
+    analysis_s = time.perf_counter() - start
+    encode_tps, analysis_tps = result.tokens / encode_s, result.tokens / analysis_s
+    return {"bench": "analysis", "n": sae.cfg.n_latents, "tokens": result.tokens,
+            "threads": torch.get_num_threads(), "encode_tokens_per_s": encode_tps,
+            "analysis_tokens_per_s": analysis_tps, "ratio": analysis_tps / encode_tps}

@@ -80,9 +80,10 @@ def _insert_latents(session: Session, sae_id: int, result: Any,
             result.neighbour_ids[f].tolist(), result.neighbour_cosines[f].tolist(),
             strict=True)],
     } for f in range(len(result.density))]
-    returned = session.execute(insert(Latent).returning(Latent.id, Latent.index,
-                                                        sort_by_parameter_order=True), rows)
-    return [row.id for row in returned]
+    session.execute(insert(Latent.__table__), rows)  # Core executemany: no per-row ORM work
+    found = session.execute(select(Latent.index, Latent.id).where(Latent.sae_id == sae_id))
+    ids = {index: latent_id for index, latent_id in found.all()}
+    return [ids[f] for f in range(len(rows))]
 
 
 def _insert_examples(session: Session, latent_ids: list[int], result: Any,
@@ -95,10 +96,10 @@ def _insert_examples(session: Session, latent_ids: list[int], result: Any,
                           "activations": [round(a, 4) for a in ex.activations],
                           "context_index": ex.context_index, "position": ex.position})
             if len(batch) >= EXAMPLE_BATCH:
-                session.execute(insert(Example), batch)
+                session.execute(insert(Example.__table__), batch)
                 batch = []
     if batch:
-        session.execute(insert(Example), batch)
+        session.execute(insert(Example.__table__), batch)
 
 
 def _jsonable(value: Any) -> bool:

@@ -10,14 +10,14 @@ from typing import Annotated
 import typer
 
 from app.cli import DeviceOpt, ModelOpt, _load, app, cli_errors
-from app.cli_db import DbOpt
+from app.cli_db import DbOpt, _engine
 from app.settings import get_settings
 
 
 def _sessions(db: str | None):
-    from app.store.db import make_engine, session_factory, upgrade
+    from app.store.db import session_factory, upgrade
 
-    engine = make_engine(db or get_settings().database_url)
+    engine = _engine(db)
     upgrade(engine)
     return session_factory(engine)
 

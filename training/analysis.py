@@ -80,37 +80,22 @@ class AnalysisResult:
     examples: list[list[LatentExample]] = field(default_factory=list)
 
 
-@dataclass
 class _State:
-    n: int
-    cfg: AnalysisConfig
-    edges: Tensor
-    fired: Tensor = None  # type: ignore[assignment]
-    total: Tensor = None  # type: ignore[assignment]
-    peak: Tensor = None  # type: ignore[assignment]
-    hist: Tensor = None  # type: ignore[assignment]
-    top_val: Tensor = None  # type: ignore[assignment]
-    top_ctx: Tensor = None  # type: ignore[assignment]
-    top_pos: Tensor = None  # type: ignore[assignment]
-    res_key: Tensor = None  # type: ignore[assignment]
-    res_ctx: Tensor = None  # type: ignore[assignment]
-    res_pos: Tensor = None  # type: ignore[assignment]
-    res_val: Tensor = None  # type: ignore[assignment]
-    tokens: int = 0
+    """The running per-latent state of pass 1: fixed size, whatever the token count."""
 
-    def __post_init__(self) -> None:
-        n, c = self.n, self.cfg
+    def __init__(self, n: int, cfg: AnalysisConfig, edges: Tensor) -> None:
+        self.n, self.cfg, self.edges, self.tokens = n, cfg, edges, 0
         self.fired = torch.zeros(n, dtype=torch.long)
         self.total = torch.zeros(n, dtype=torch.float64)
         self.peak = torch.zeros(n)
-        self.hist = torch.zeros(n * c.histogram_bins, dtype=torch.long)
-        self.top_val = torch.zeros(c.top_examples, n)
-        self.top_ctx = torch.full((c.top_examples, n), -1, dtype=torch.long)
-        self.top_pos = torch.zeros(c.top_examples, n, dtype=torch.long)
-        self.res_key = torch.full((c.reservoir, n), -1.0)
-        self.res_ctx = torch.full((c.reservoir, n), -1, dtype=torch.long)
-        self.res_pos = torch.zeros(c.reservoir, n, dtype=torch.long)
-        self.res_val = torch.zeros(c.reservoir, n)
+        self.hist = torch.zeros(n * cfg.histogram_bins, dtype=torch.long)
+        self.top_val = torch.zeros(cfg.top_examples, n)
+        self.top_ctx = torch.full((cfg.top_examples, n), -1, dtype=torch.long)
+        self.top_pos = torch.zeros(cfg.top_examples, n, dtype=torch.long)
+        self.res_key = torch.full((cfg.reservoir, n), -1.0)
+        self.res_ctx = torch.full((cfg.reservoir, n), -1, dtype=torch.long)
+        self.res_pos = torch.zeros(cfg.reservoir, n, dtype=torch.long)
+        self.res_val = torch.zeros(cfg.reservoir, n)
 
 
 def _running_top(keys: Tensor, extras: list[Tensor], new_keys: Tensor,
@@ -156,7 +141,8 @@ def _update(state: _State, z: Tensor, first_context: int, gen: torch.Generator) 
 
 def _quantile_picks(state: _State) -> tuple[Tensor, Tensor, Tensor]:
     """From the reservoir [R, n], up to ``per_bucket`` contexts per activation decile of
-    each latent's max: returns bucket [R, n] (−1 = not picked), and the rank in it."""
+    each latent's max: bucket [R, n] (−1 = not picked), rank within the bucket [R, n]
+    and the picked mask [R, n]."""
     cfg = state.cfg
     valid = state.res_key >= 0
     rel = state.res_val / state.peak.clamp_min(1e-12)

@@ -7,6 +7,7 @@ the old analysis or the new one, and a crash half-way leaves the old one intact.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,6 @@ def _jsonable(value: Any) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -18,7 +18,7 @@ import torch
 from app.store.db import make_engine, session_factory, upgrade
 from app.store.persist import save_analysis
 from app.store.queries import get_latent, latents_by_index, list_latents, list_saes
-from training.analysis import LatentExample
+from training.analysis import ExampleSet
 
 WORDS = ["python", "keyword", "closing", "bracket", "number", "string", "function", "class",
          "import", "comment", "plural", "verb", "name", "date", "list", "loop"]
@@ -28,12 +28,12 @@ def synthetic_analysis(n: int, examples: int, seed: int = 0) -> tuple[Any, dict[
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 5000, (n, 10), generator=g)
     vals = torch.rand(n, 10, generator=g)
-    per_latent = []
-    for f in range(n):
-        per_latent.append([LatentExample("top" if r < 20 else "quantile",
-                                         None if r < 20 else (r - 20) // 5, r % 20, f * 7 + r,
-                                         16, list(range(r, r + 33)), [0.5] * 33)
-                           for r in range(examples)])
+    rank = torch.arange(examples).repeat(n)
+    per_latent = ExampleSet(
+        latent=torch.arange(n).repeat_interleave(examples),
+        bucket=torch.where(rank < 20, -1, (rank - 20) // 5), rank=rank % 20,
+        context=torch.arange(n * examples), position=torch.full((n * examples,), 16),
+        tokens=rank[:, None] + torch.arange(33), activations=torch.full((n * examples, 33), 0.5))
     result = SimpleNamespace(
         tokens=1_000_000, density=torch.rand(n, generator=g).double() * 0.01,
         mean_activation=torch.rand(n, generator=g), max_activation=torch.rand(n, generator=g),

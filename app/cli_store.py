@@ -88,10 +88,7 @@ def _capture_for(lm, cfg: dict, dataset: str, tokens: int) -> Path:
 def _token_text(tokenizer, result) -> dict[int, str]:
     """Text of every token id the analysis refers to."""
     ids = set(result.top_logit_ids.unique().tolist()) | set(
-        result.bottom_logit_ids.unique().tolist())
-    for examples in result.examples:
-        for ex in examples:
-            ids.update(ex.tokens)
+        result.bottom_logit_ids.unique().tolist()) | result.examples.token_ids()
     return {i: tokenizer.decode([i]) for i in ids}
 
 
@@ -187,3 +184,43 @@ def _latent_row(lat) -> dict:
             "max_activation": lat.max_activation, "explanation": lat.explanation,
             "histogram": lat.histogram, "top_logits": lat.top_logits,
             "bottom_logits": lat.bottom_logits, "neighbours": lat.neighbours}
+
+
+@app.command("export")
+def export(
+    sae_id: Annotated[int, typer.Argument(help="SAE id (see `saelab saes`)")],
+    out: Annotated[Path, typer.Option("--out", help="JSON file to write")],
+    db: DbOpt = None,
+) -> None:
+    """Write an SAE's features as Neuronpedia-style JSON."""
+    from app.store.exchange import export_sae
+
+    with cli_errors():
+        if out.exists():
+            raise ValueError(f"--out {out} exists; choose another file")
+        with _sessions(db)() as session:
+            data = export_sae(session, sae_id)
+        partial = out.with_name(f".{out.name}.partial")
+        try:
+            partial.write_text(json.dumps(data))
+            partial.replace(out)
+        finally:
+            partial.unlink(missing_ok=True)
+    typer.echo(json.dumps({"sae_id": sae_id, "features": len(data["features"]),
+                           "out": str(out)}))
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="a file written by `saelab export`")],
+    path: Annotated[str | None, typer.Option(
+        "--path", help="the SAE path to file it under [default: the exported one]")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Load a Neuronpedia-style feature export into the store (replacing the same SAE's)."""
+    from app.store.exchange import import_sae, read_export
+
+    with cli_errors():
+        data = read_export(file)
+        sae_id = import_sae(_sessions(db), data, path=path)
+    typer.echo(json.dumps({"sae_id": sae_id, "features": len(data["features"])}))

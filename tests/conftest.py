@@ -3,12 +3,14 @@ loaded once per session (slow end-to-end tests)."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 TINY_VOCAB = 512
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +76,20 @@ def embedded_sae(embedded_model, tmp_path_factory) -> dict[str, Path]:
           TrainConfig(batch=1024, lr=2e-3, warmup_steps=10, holdout_rows=2048,
                       checkpoint_every=0), progress=False)
     return {"acts": root / "acts", "sae": root / "sae"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database of each kind (a fresh PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import psycopg
+
+    name = f"saelab_test_{uuid.uuid4().hex[:12]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_SERVER}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.synthetic import sparse_rows, write_capture
+from training import analysis
 from training.activations import ActivationStore
 from training.analysis import AnalysisConfig, analyse_capture
 from training.sae import SaeConfig, SparseAutoencoder
@@ -30,7 +31,10 @@ def _dense(store: ActivationStore, sae: SparseAutoencoder) -> torch.Tensor:
     return sae.dense_latents(rows.float()).reshape(-1, CONTEXT - 1, N)
 
 
-def test_statistics_match_brute_force(setup) -> None:
+@pytest.mark.parametrize("prune_floor", [1 << 16, 4])
+def test_statistics_match_brute_force(setup, prune_floor, monkeypatch) -> None:
+    """Also with the window table pruned after nearly every chunk."""
+    monkeypatch.setattr(analysis, "PRUNE_FLOOR", prune_floor)
     store, sae = setup
     cfg = AnalysisConfig(top_examples=5, quantile_buckets=4, per_bucket=2, window=3,
                          chunk_contexts=7, histogram_bins=8, reservoir=20)
@@ -46,15 +50,20 @@ def test_statistics_match_brute_force(setup) -> None:
     assert torch.equal(result.histogram_counts.sum(1), fired)
 
     peaks = z.max(dim=1).values  # [contexts, n]
+    tokens = store.tokens()
     for f in range(N):
-        tops = [e for e in result.examples[f] if e.kind == "top"]
+        tops = [e for e in result.examples.of(f) if e.kind == "top"]
         expected = peaks[:, f][peaks[:, f] > 0].sort(descending=True).values[:5]
         got = torch.tensor([max(e.activations) for e in tops])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        for e in result.examples[f]:
+        for e in result.examples.of(f):
             peak = z[e.context_index, e.position - 1, f]
             assert max(e.activations) == pytest.approx(float(peak), rel=1e-5)
             assert len(e.tokens) == len(e.activations) <= 7
+            lo = max(0, e.position - 1 - 3)
+            window = z[e.context_index, lo:lo + len(e.activations), f]
+            torch.testing.assert_close(torch.tensor(e.activations), window)
+            assert e.tokens == tokens[e.context_index, 1 + lo:1 + lo + len(e.tokens)].tolist()
             if e.kind == "quantile":
                 share = float(peak) / float(result.max_activation[f])
                 assert e.bucket == min(3, int(share * 4)) and e.rank < 2

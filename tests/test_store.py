@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,26 +22,8 @@ from app.store.db import (
 from app.store.models import Example, Explanation, Job, Latent, Model, Sae
 from app.store.queries import search_explanations
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TABLES = {"models", "captures", "saes", "latents", "examples", "explanations", "jobs"}
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """An empty database of each kind (a fresh PostgreSQL database per test)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    import psycopg
-
-    name = f"saelab_test_{uuid.uuid4().hex[:12]}"
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_SERVER}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def _fill(engine) -> int:

@@ -14,7 +14,6 @@ from app.cli import app
 from app.store import persist
 from app.store.db import make_engine, session_factory
 from app.store.models import Example, Latent
-from tests.test_store import db_url  # noqa: F401  (the SQLite/PostgreSQL fixture)
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -33,7 +32,7 @@ def _counts(url: str) -> tuple[int, int]:
     return counts
 
 
-def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url,  # noqa: F811
+def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url, tmp_path,
                                               monkeypatch) -> None:
     sae = embedded_sae["sae"]
     result = _run(data_dir, "analyze", "--sae", sae, "--tokens", 4096, "--db", db_url)
@@ -72,6 +71,20 @@ def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url,  #
     assert _counts(db_url)[0] == 1024  # replaced, not appended
     saes = json.loads(_run(data_dir, "saes", "--json", "--db", db_url).stdout)
     assert len(saes) == 1 and saes[0]["analysed_tokens"] >= 2048
+
+    # Export, import under another path, export again: the same features.
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert _run(data_dir, "export", summary["sae_id"], "--out", first, "--db", db_url
+                ).exit_code == 0
+    imported = _run(data_dir, "import", first, "--path", "copy-of-l3", "--db", db_url)
+    assert imported.exit_code == 0, imported.output
+    copy_id = json.loads(imported.stdout)["sae_id"]
+    assert copy_id != summary["sae_id"]
+    assert _run(data_dir, "export", copy_id, "--out", second, "--db", db_url).exit_code == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a["features"] == b["features"] and len(a["features"]) == 1024
+    assert a["features"][0]["activations"][0]["values"]
+    assert _run(data_dir, "export", copy_id, "--out", second, "--db", db_url).exit_code == 2
 
 
 def test_bad_analyze_input(embedded_sae, data_dir, tmp_path, tiny_llama_dir) -> None:

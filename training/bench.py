@@ -176,16 +176,18 @@ def _saelens_run(store: ActivationStore, train_rows: int, sae_cfg: SaeConfig, ba
 # -- analysis ---------------------------------------------------------------------------
 def bench_analysis(sae: SparseAutoencoder, store: ActivationStore, unembed: Tensor, *,
                    tokens: int) -> dict[str, Any]:
-    """Whole-analysis tokens/s (both passes, logit effects, neighbours) vs plain SAE
-    encoding of the same chunks of the same capture."""
-    from training.analysis import AnalysisConfig, _chunks, _encode, analyse_capture
+    """Whole-analysis tokens/s (the pass over the capture, examples, logit effects,
+    neighbours) vs plain sparse SAE encoding (``sae.encode``) of the same chunks."""
+    from training.analysis import AnalysisConfig, _chunks, analyse_capture, chunk_size
 
     cfg = AnalysisConfig()
     per_context = store.manifest.rows_per_context
     contexts = min(store.manifest.contexts, -(-tokens // per_context))
     start = time.perf_counter()
-    for _, acts in _chunks(store, cfg.chunk_contexts, contexts):
-        _encode(sae, acts)
+    with torch.no_grad():
+        for _, acts in _chunks(store, chunk_size(cfg, per_context, sae.cfg.n_latents),
+                                  contexts):
+            sae.encode(acts.reshape(-1, acts.shape[-1]).float().to(sae.b_dec.device))
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     result = analyse_capture(sae, store, unembed, cfg, max_tokens=tokens, progress=False)
@@ -193,4 +195,5 @@ def bench_analysis(sae: SparseAutoencoder, store: ActivationStore, unembed: Tens
     encode_tps, analysis_tps = result.tokens / encode_s, result.tokens / analysis_s
     return {"bench": "analysis", "n": sae.cfg.n_latents, "tokens": result.tokens,
             "threads": torch.get_num_threads(), "encode_tokens_per_s": encode_tps,
-            "analysis_tokens_per_s": analysis_tps, "ratio": analysis_tps / encode_tps}
+            "analysis_tokens_per_s": analysis_tps, "seconds": result.seconds,
+            "pass_ratio": encode_s / result.seconds["pass"], "ratio": analysis_tps / encode_tps}

@@ -90,15 +90,14 @@ def _insert_latents(session: Session, sae_id: int, result: Any,
 def _insert_examples(session: Session, latent_ids: list[int], result: Any,
                      token_text: dict[int, str]) -> None:
     batch: list[dict] = []
-    for f, examples in enumerate(result.examples):
-        for ex in examples:
-            batch.append({"latent_id": latent_ids[f], "kind": ex.kind, "bucket": ex.bucket,
-                          "rank": ex.rank, "tokens": [token_text.get(t, "") for t in ex.tokens],
-                          "activations": [round(a, 4) for a in ex.activations],
-                          "context_index": ex.context_index, "position": ex.position})
-            if len(batch) >= EXAMPLE_BATCH:
-                session.execute(insert(Example.__table__), batch)
-                batch = []
+    for f, ex in result.examples.records():
+        batch.append({"latent_id": latent_ids[f], "kind": ex.kind, "bucket": ex.bucket,
+                      "rank": ex.rank, "tokens": [token_text.get(t, "") for t in ex.tokens],
+                      "activations": [round(a, 4) for a in ex.activations],
+                      "context_index": ex.context_index, "position": ex.position})
+        if len(batch) >= EXAMPLE_BATCH:
+            session.execute(insert(Example.__table__), batch)
+            batch = []
     if batch:
         session.execute(insert(Example.__table__), batch)
 

@@ -243,7 +243,7 @@ def demo(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    from app import cli_bench, cli_db, cli_store  # noqa: F401  (register their commands)
+    from app import cli_bench, cli_db, cli_jobs, cli_store  # noqa: F401  (register commands)
 
     app()
 

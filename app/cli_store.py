@@ -35,7 +35,7 @@ def analyze(
     device: DeviceOpt = None,
 ) -> None:
     """Analyse every latent of an SAE and store the result (replacing an earlier one)."""
-    from app.store.persist import save_analysis
+    from app.store.persist import save_analysis, token_texts
     from training.activations import ActivationStore
     from training.analysis import analyse_capture
     from training.sae_io import load_sae
@@ -57,7 +57,7 @@ def analyze(
                                  lm.model.get_output_embeddings().weight, max_tokens=tokens)
         sae_id = save_analysis(sessions, sae_dir=sae, sae_cfg=cfg, model_name=lm.name,
                                d_model=lm.d_model, n_layers=lm.n_layers, result=result,
-                               token_text=_token_text(lm.tokenizer, result))
+                               token_text=token_texts(lm.tokenizer, result))
     typer.echo(json.dumps({"sae_id": sae_id, "latents": len(result.density),
                            "tokens": result.tokens}))
 
@@ -83,13 +83,6 @@ def _capture_for(lm, cfg: dict, dataset: str, tokens: int) -> Path:
     out = get_settings().data_dir / "analysis" / name
     capture(lm, CaptureConfig(layer=layer, tokens=tokens, dataset=dataset), out)
     return out
-
-
-def _token_text(tokenizer, result) -> dict[int, str]:
-    """Text of every token id the analysis refers to."""
-    ids = set(result.top_logit_ids.unique().tolist()) | set(
-        result.bottom_logit_ids.unique().tolist()) | result.examples.token_ids()
-    return {i: tokenizer.decode([i]) for i in ids}
 
 
 @app.command()

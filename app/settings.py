@@ -18,11 +18,27 @@ class Settings(BaseSettings):
     """The model used when a command is not given --model."""
     database_url: str = ""
     """SQLAlchemy URL of the store; empty means the SQLite file ``<data_dir>/saelab.db``."""
+    broker_url: str = ""
+    """Celery broker, e.g. ``redis://host:6379/0``; empty means the serverless embedded one
+    (kombu's SQLAlchemy transport on ``<data_dir>/broker.db``)."""
+    heartbeat_s: float = 2.0
+    """How often a running job's worker refreshes its heartbeat and checks for cancel."""
+    stale_after_s: float = 60.0
+    """A running job whose heartbeat is older than this lost its worker."""
+    max_attempts: int = 3
+    """Runs of a job (the first and resumptions after lost workers) before it fails."""
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'saelab.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where each job writes its artifacts, ``<jobs_dir>/<id>/``."""
+        return self.data_dir / "jobs"
 
 
 def get_settings() -> Settings:

@@ -4,6 +4,8 @@ loaded once per session (slow end-to-end tests)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,10 +80,10 @@ def embedded_sae(embedded_model, tmp_path_factory) -> dict[str, Path]:
     return {"acts": root / "acts", "sae": root / "sae"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """An empty database of each kind (a fresh PostgreSQL database per test)."""
-    if request.param == "sqlite":
+@contextmanager
+def empty_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty SQLite file or a fresh PostgreSQL database (dropped after)."""
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
     import psycopg
@@ -90,6 +92,15 @@ def db_url(request, tmp_path):
     admin = "postgresql://postgres@127.0.0.1:5432/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_SERVER}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database of each kind (a fresh PostgreSQL database per test)."""
+    with empty_database(request.param, tmp_path) as url:
+        yield url

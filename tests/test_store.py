@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, select
+from sqlalchemy import text as sql
 
 from app.store.db import (
     StoreError,
@@ -46,7 +47,10 @@ def _fill(engine) -> int:
             if text:
                 session.flush()
                 session.add(Explanation(latent_id=latent.id, text=text, source="human"))
-        session.add(Job(kind="train", params={"k": 1}, series={"fvu": [0.5, 0.3]}))
+        # the jobs table as revision 0001 made it (later revisions add columns)
+        session.execute(sql("INSERT INTO jobs (kind, params, state, progress, series, "
+                             "created_at) VALUES ('train', '{\"k\": 1}', 'queued', 0, "
+                             "'{\"fvu\": [0.5, 0.3]}', CURRENT_TIMESTAMP)"))
         session.flush()
         return sae.id
 
@@ -54,13 +58,13 @@ def _fill(engine) -> int:
 def test_upgrade_from_empty_and_round_trip(db_url) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     assert set(inspect(engine).get_table_names()) >= TABLES
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert not TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     engine.dispose()
 
 
@@ -75,7 +79,9 @@ def test_data_survives_the_upgrade_and_is_searchable(db_url) -> None:
         assert [lat.explanation for lat in latents][:2] == [
             "Python keywords like def and class", "closing parentheses in code"]
         assert latents[0].examples[0].activations == [0.0, 2.0]
-        assert session.scalars(select(Job)).one().series == {"fvu": [0.5, 0.3]}
+        job = session.scalars(select(Job)).one()
+        assert job.series == {"fvu": [0.5, 0.3]}
+        assert (job.stats, job.result, job.attempts, job.cancel_requested) == ({}, {}, 0, False)
         found = search_explanations(session, sae_id, "keywords")
         assert [lat.index for lat in found] == [0]  # rows written before 0002 are indexed
     with Session.begin() as session:
@@ -102,7 +108,7 @@ def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     engine.dispose()
 
 
@@ -121,7 +127,7 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
-    assert result.exit_code == 0 and "revision 0002" in result.stdout, result.output
+    assert result.exit_code == 0 and "revision 0003" in result.stdout, result.output
     result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])

@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +76,12 @@ class CaptureConfig:
         return max(1, self.shard_rows // (self.context - 1))
 
 
-def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = True
-            ) -> Manifest:
-    """Capture ``cfg.tokens`` activations of block ``cfg.layer`` into ``out``."""
+def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = True,
+            on_tokens: Callable[[int, int], None] | None = None) -> Manifest:
+    """Capture ``cfg.tokens`` activations of block ``cfg.layer`` into ``out``.
+
+    ``on_tokens(rows captured, rows asked for)`` is called after every forward batch; an
+    exception raised there stops the capture (and removes its partial directory)."""
     out = Path(out)
     lm.check_layer(cfg.layer)
     _check_context(lm, cfg.context)
@@ -88,7 +91,7 @@ def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = 
     partial = out.parent / f".{out.name}.partial"
     manifest = _resume_or_start(partial, lm, cfg)
     try:
-        _fill(lm, cfg, partial, manifest, progress)
+        _fill(lm, cfg, partial, manifest, progress, on_tokens)
     except KeyboardInterrupt:
         log.warning("capture interrupted; run the same command again to resume from %s", partial)
         raise
@@ -159,7 +162,7 @@ def _drop_stray_files(partial: Path, complete: int) -> None:
 
 
 def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest,
-          progress: bool) -> None:
+          progress: bool, on_tokens: Callable[[int, int], None] | None) -> None:
     """Run the model over the remaining contexts, writing one shard per ``contexts_per_shard``."""
     done = manifest.contexts
     remaining = cfg.contexts_needed - done
@@ -169,10 +172,17 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest
     bar = tqdm(total=remaining * (cfg.context - 1), unit="tok", desc=f"capture L{cfg.layer}",
                disable=not progress)
     dtype = parse_dtype(cfg.dtype)
+    rows_before = manifest.rows  # bar.n counts this run's rows only
+
+    def advance(rows: int) -> None:
+        bar.update(rows)
+        if on_tokens is not None:
+            on_tokens(min(rows_before + bar.n, cfg.tokens), cfg.tokens)
+
     with bar:
         for group in _batched(contexts, cfg.contexts_per_shard):
             ids = torch.tensor(group, dtype=torch.long)
-            acts = _activations(lm, cfg, ids, bar).to(dtype)
+            acts = _activations(lm, cfg, ids, advance).to(dtype)
             _write_shard(partial, len(manifest.shards), acts, ids)
             manifest.shards.append(acts.shape[0])
             manifest.contexts += len(group)
@@ -198,13 +208,15 @@ def _batched(items: Iterator[list[int]], size: int) -> Iterator[list[list[int]]]
         yield group
 
 
-def _activations(lm: LoadedModel, cfg: CaptureConfig, ids: Tensor, bar: tqdm) -> Tensor:
-    """Non-BOS activations of contexts ids [C, T] -> [C·(T−1), d], on the CPU."""
+def _activations(lm: LoadedModel, cfg: CaptureConfig, ids: Tensor,
+                 advance: Callable[[int], None]) -> Tensor:
+    """Non-BOS activations of contexts ids [C, T] -> [C·(T−1), d], on the CPU;
+    ``advance(rows)`` after each forward batch."""
     chunks = []
     for batch in ids.split(cfg.batch_contexts):
         hidden = block_output(lm.model, lm.blocks, cfg.layer, batch.to(lm.device))
         chunks.append(hidden[:, 1:].reshape(-1, hidden.shape[-1]).float().cpu())
-        bar.update(batch.numel() - batch.shape[0])
+        advance(batch.numel() - batch.shape[0])
     return torch.cat(chunks)
 
 

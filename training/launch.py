@@ -10,20 +10,34 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from training.distributed import DistContext
 from training.sae import SaeConfig
-from training.train_run import train
+from training.train_run import StepCallback, train
 from training.trainer import TrainConfig
 
 
-def run_spec(spec: dict, dist: DistContext | None = None, progress: bool = True) -> dict:
+def run_spec(spec: dict, dist: DistContext | None = None, progress: bool = True,
+             on_step: StepCallback | None = None) -> dict:
     """Train as ``spec`` says: {acts, out, resume, sae: SaeConfig fields, train: TrainConfig
-    fields}; returns the metrics."""
+    fields, progress_file (optional)}; returns the metrics. With ``progress_file``, rank 0
+    appends one JSON line of step figures per step (how a worker follows a torchrun job)."""
+    if on_step is None and spec.get("progress_file") and (dist is None or dist.is_main):
+        on_step = _step_writer(Path(spec["progress_file"]))
     return train(Path(spec["acts"]), Path(spec["out"]), SaeConfig.from_dict(spec["sae"]),
                  TrainConfig.from_dict(spec["train"]), resume=bool(spec.get("resume")),
-                 dist=dist, progress=progress)
+                 dist=dist, progress=progress, on_step=on_step)
+
+
+def _step_writer(path: Path) -> StepCallback:
+    handle = path.open("a", buffering=1)
+
+    def write(stats) -> None:
+        handle.write(json.dumps(asdict(stats)) + "\n")
+
+    return write
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -161,6 +161,20 @@ class Job(Base):
     message: Mapped[str | None] = mapped_column(Text)
     series: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """Metric time series, e.g. {"step": [...], "fvu": [...]}."""
+    stage: Mapped[str | None] = mapped_column(String(32))
+    """The running stage (capture, train, analyze) of the job."""
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Live figures of the stage: tokens_per_s, loss, eta_s."""
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """What the job made: {"acts": path, "sae": path, "sae_id": id}, filled stage by stage."""
+    log: Mapped[str] = mapped_column(Text, default="")
+    """The last lines the job logged."""
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Refreshed every few seconds while a worker runs the job; a stale one means the
+    worker died and the reaper takes over."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -102,6 +102,13 @@ def _insert_examples(session: Session, latent_ids: list[int], result: Any,
         session.execute(insert(Example.__table__), batch)
 
 
+def token_texts(tokenizer: Any, result: Any) -> dict[int, str]:
+    """Text of every token id the analysis ``result`` refers to."""
+    ids = set(result.top_logit_ids.unique().tolist()) | set(
+        result.bottom_logit_ids.unique().tolist()) | result.examples.token_ids()
+    return {i: tokenizer.decode([i]) for i in ids}
+
+
 def _jsonable(value: Any) -> bool:
     return isinstance(value, str | int | float | bool | list | dict | type(None))
 

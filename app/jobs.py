@@ -1,0 +1,192 @@
+"""Jobs in the store: validated submission, listing, cancellation and the reaper.
+
+A job is a row (kind, params, state, progress, ...) plus a Celery message naming its id.
+State moves queued → running → succeeded | failed | cancelled. Workers claim a job with one
+conditional UPDATE (only a ``queued`` job can be claimed), so a redelivered or duplicated
+message runs nothing twice. A running job's worker refreshes ``heartbeat_at`` every few
+seconds; the reaper turns a job with a stale heartbeat back to ``queued`` (its stages
+resume from what is on disk: a finished capture is reused, training continues from its
+last checkpoint) or, after ``max_attempts``, fails it with a message.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.settings import Settings
+from app.store.models import Job
+
+KINDS = ("capture", "train", "analyze", "pipeline")
+ACTIVE = ("queued", "running")
+
+
+class JobError(ValueError):
+    """A job that cannot be submitted or changed; the message names the field or id."""
+
+
+class JobParams(BaseModel):
+    """What a job runs on; defaults finish in minutes on the embedded model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="model [default: settings]")
+    layer: int | None = Field(None, ge=0, description="decoder block")
+    dataset: str = "embedded"
+    tokens: int = Field(65_536, ge=1, description="activations to capture")
+    context: int = Field(128, ge=2)
+    latents: int = Field(2048, ge=2, description="SAE latents n")
+    k: int = Field(32, ge=1)
+    arch: Literal["topk", "batchtopk"] = "topk"
+    nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
+    batch: int = Field(4096, ge=1)
+    lr: float | None = Field(None, gt=0)
+    train_tokens: int | None = Field(None, ge=1, description="[default: one pass]")
+    checkpoint_every: int = Field(50, ge=0)
+    analyze_tokens: int = Field(65_536, ge=1)
+    acts: str | None = Field(None, description="capture directory (train, analyze)")
+    sae: str | None = Field(None, description="SAE directory (analyze)")
+    queue: str | None = None
+
+
+REQUIRED = {"capture": ("layer",), "train": ("acts",), "analyze": ("sae",),
+            "pipeline": ("layer",)}
+
+
+def validate(kind: str, params: dict[str, Any]) -> JobParams:
+    """Parse ``params`` for a ``kind`` job; errors name each bad field."""
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}: one of {', '.join(KINDS)}")
+    try:
+        parsed = JobParams(**params)
+    except ValidationError as exc:
+        raise JobError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}"
+                                 for e in exc.errors())) from None
+    missing = [name for name in REQUIRED[kind] if getattr(parsed, name) is None]
+    if missing:
+        raise JobError(f"a {kind} job needs {', '.join(missing)}")
+    if parsed.k >= parsed.latents:
+        raise JobError(f"k: {parsed.k} must be below latents ({parsed.latents})")
+    if parsed.batch % parsed.nproc:
+        raise JobError(f"batch: {parsed.batch} is not divisible by nproc {parsed.nproc}")
+    return parsed
+
+
+def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any]
+           ) -> Job:
+    """Validate, store and queue a job; returns its row."""
+    from worker.celery_app import send_job
+
+    parsed = validate(kind, params)
+    with sessions.begin() as session:
+        job = Job(kind=kind, params=parsed.model_dump(exclude_none=True), state="queued",
+                  progress=0.0, message="queued")
+        session.add(job)
+    try:
+        send_job(celery, kind, job.id, parsed.queue)
+    except Exception as exc:  # broker down: the job must not wait "queued" forever
+        with sessions.begin() as session:
+            failed = session.get(Job, job.id)
+            failed.state, failed.finished_at = "failed", _now()
+            failed.message = f"could not queue the job: {exc}"
+        raise JobError(f"could not queue job {job.id} on the broker: {exc}") from exc
+    return job
+
+
+def get(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobError(f"no job with id {job_id} (see `saelab jobs list`)")
+    return job
+
+
+def recent(session: Session, limit: int = 50, state: str | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state:
+        query = query.where(Job.state == state)
+    return list(session.scalars(query))
+
+
+def cancel(sessions: sessionmaker[Session], job_id: int, settings: Settings) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop (its worker sees
+    the flag within a heartbeat, stops and removes the job's partial artifacts)."""
+    with sessions.begin() as session:
+        job = get(session, job_id)
+        if job.state not in ACTIVE:
+            raise JobError(f"job {job_id} is already {job.state}")
+        if job.state == "queued":
+            job.state, job.message, job.finished_at = "cancelled", "cancelled", _now()
+            remove_artifacts(settings, job_id)
+        else:
+            job.cancel_requested, job.message = True, "cancelling"
+    return job
+
+
+def reap(sessions: sessionmaker[Session], celery, settings: Settings) -> list[int]:
+    """Recover running jobs whose worker stopped sending heartbeats; returns their ids."""
+    from worker.celery_app import send_job
+
+    cutoff = _now() - timedelta(seconds=settings.stale_after_s)
+    requeued, reaped = [], []
+    with sessions.begin() as session:
+        stale = session.scalars(select(Job).where(
+            Job.state == "running", Job.heartbeat_at < cutoff).with_for_update()).all()
+        for job in stale:
+            since = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "?"
+            lost = f"worker {job.worker} lost (last heartbeat {since})"
+            if job.cancel_requested or job.attempts >= settings.max_attempts:
+                why = "cancelled" if job.cancel_requested else (
+                    f"gave up after {job.attempts} attempts")
+                job.state = "cancelled" if job.cancel_requested else "failed"
+                job.message, job.finished_at = f"{lost}; {why}", _now()
+                reaped.append(job.id)
+            else:
+                job.state, job.message = "queued", f"{lost}; resuming"
+                requeued.append((job.id, job.kind, job.params.get("queue")))
+    for job_id in reaped:
+        remove_artifacts(settings, job_id, keep_finished=True)
+    for job_id, kind, queue in requeued:
+        send_job(celery, kind, job_id, queue)
+    return reaped + [job_id for job_id, _, _ in requeued]
+
+
+def claim(sessions: sessionmaker[Session], job_id: int, worker: str) -> bool:
+    """Atomically move a queued job to running for ``worker``; False if it was not queued
+    (already claimed, finished or cancelled: the message is a duplicate)."""
+    now = _now()
+    with sessions.begin() as session:
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == "queued")
+            .values(state="running", worker=worker, heartbeat_at=now, message="running",
+                    attempts=Job.attempts + 1)).rowcount == 1
+        if claimed:
+            session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None))
+                            .values(started_at=now))
+    return claimed
+
+
+def job_dir(settings: Settings, job_id: int) -> Path:
+    return settings.jobs_dir / str(job_id)
+
+
+def remove_artifacts(settings: Settings, job_id: int, *, keep_finished: bool = False) -> None:
+    """Delete what a job wrote: everything, or (``keep_finished``) only the partial
+    directories of unfinished stages (``.<name>.partial``)."""
+    directory = job_dir(settings, job_id)
+    if not directory.exists():
+        return
+    if not keep_finished:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for partial in directory.glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,195 @@
+"""Jobs through real worker processes: the embedded broker (kombu's SQLAlchemy transport on
+SQLite) with the SQLite store, and Redis with PostgreSQL. Pipelines run to success, cancel
+stops a running job, a worker SIGKILLed mid-training is replaced and the job resumes from
+its checkpoint, bad ids and params end cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app import cli_jobs  # noqa: F401  (registers the commands)
+from app.cli import app
+from app.store.db import make_engine, session_factory, upgrade
+from app.store.models import Job, Latent
+from tests.conftest import empty_database
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def stack(request, tmp_path):
+    """Settings for one test: its own data dir, store and broker (SQLite + the embedded
+    broker, or PostgreSQL + Redis), a unique queue and short heartbeat/stale periods."""
+    embedded = request.param == "embedded"
+    with empty_database("sqlite" if embedded else "postgresql", tmp_path) as db_url:
+        for stack in _stack(tmp_path, db_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+                            if embedded else "redis://127.0.0.1:6379/0"):
+            stack.kind = request.param
+            yield stack
+
+
+def _stack(tmp_path, db_url, broker):
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DATABASE_URL": db_url,
+           "SAELAB_BROKER_URL": broker, "SAELAB_HEARTBEAT_S": "0.5",
+           "SAELAB_STALE_AFTER_S": "4"}
+    engine = make_engine(db_url)
+    upgrade(engine)
+    workers: list[subprocess.Popen] = []
+    stack = Stack(env, f"test-{uuid.uuid4().hex[:8]}", session_factory(engine), workers,
+                  tmp_path)
+    yield stack
+    for proc in workers:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    engine.dispose()
+
+
+class Stack:
+    def __init__(self, env, queue, sessions, workers, tmp_path) -> None:
+        self.env, self.queue, self.sessions = env, queue, sessions
+        self.workers, self.tmp_path = workers, tmp_path
+
+    def start_worker(self) -> subprocess.Popen:
+        log = (self.tmp_path / f"worker-{len(self.workers)}.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from app.cli import main; main()", "worker", "--queues",
+             self.queue], cwd=REPO,
+            env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def cli(self, *args):
+        return runner.invoke(app, [str(a) for a in args], env=self.env)
+
+    def submit(self, kind: str, *args) -> int:
+        result = self.cli("jobs", "submit", kind, "--queue", self.queue, "--json", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["id"]
+
+    def job(self, job_id: int) -> Job:
+        with self.sessions() as session:
+            return session.get(Job, job_id)
+
+    def wait(self, job_id: int, ready, timeout: float = 120) -> Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if ready(job):
+                return job
+            time.sleep(0.2)
+        logs = "\n".join(p.read_text()[-3000:] for p in self.tmp_path.glob("worker-*.log"))
+        raise AssertionError(f"job {job_id} stuck in {job.state} ({job.message})\n{logs}")
+
+
+def _tiny(tiny_llama_dir, **extra) -> list:
+    args = {"--model": tiny_llama_dir, "--layer": 1, "--tokens": 2048, "--latents": 64,
+            "--k": 4, "--batch": 256, "--analyze-tokens": 2048, **extra}
+    return [str(x) for pair in args.items() for x in pair]
+
+
+def _ended(job: Job) -> bool:
+    return job.state in ("succeeded", "failed", "cancelled")
+
+
+def test_pipeline_runs_to_success(stack, tiny_llama_dir) -> None:
+    """On the embedded broker the training stage runs as 2 torchrun (gloo) processes."""
+    stack.start_worker()
+    nproc = 2 if stack.kind == "embedded" else 1
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{"--nproc": nproc}))
+    job = stack.wait(job_id, _ended)
+    assert job.state == "succeeded", job.message
+    assert job.progress == 1.0 and job.attempts == 1 and job.finished_at
+    assert set(job.result) == {"acts", "sae", "sae_id"}
+    assert len(job.series["fvu"]) == len(job.series["step"]) > 1
+    assert "stage analyze" in job.log
+    steps_file = Path(job.result["sae"]).parent / "train-steps.jsonl"  # torchrun's rank 0
+    assert steps_file.exists() == (nproc > 1)
+    with stack.sessions() as session:
+        assert session.query(Latent).filter_by(sae_id=job.result["sae_id"]).count() == 64
+    shown = json.loads(stack.cli("jobs", "show", job_id, "--json").stdout)
+    assert shown["state"] == "succeeded" and shown["result"]["sae_id"] == job.result["sae_id"]
+    listed = json.loads(stack.cli("jobs", "list", "--json").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+
+
+def test_cancel_stops_a_running_job(stack, tiny_llama_dir) -> None:
+    stack.start_worker()
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{"--train-tokens": 10**9}))
+    stack.wait(job_id, lambda j: j.stage == "train" and "loss" in j.stats)
+    asked = time.monotonic()
+    assert stack.cli("jobs", "cancel", job_id).exit_code == 0
+    job = stack.wait(job_id, _ended, timeout=30)
+    assert job.state == "cancelled" and time.monotonic() - asked < 10
+    assert not (Path(stack.env["SAELAB_DATA_DIR"]) / "jobs" / str(job_id)).exists()
+    again = stack.cli("jobs", "cancel", job_id)
+    assert again.exit_code == 2 and "already cancelled" in again.output
+    # a queued job (no worker listening on its queue) is cancelled at once
+    other = stack.cli("jobs", "submit", "capture", "--layer", 1, "--queue", "nobody", "--json")
+    queued = json.loads(other.stdout)["id"]
+    assert stack.cli("jobs", "cancel", queued).exit_code == 0
+    assert stack.job(queued).state == "cancelled"
+
+
+def test_killed_worker_job_resumes_from_checkpoint(stack, tiny_llama_dir) -> None:
+    first = stack.start_worker()
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{
+        "--train-tokens": 256 * 1500, "--checkpoint-every": 25}))
+    checkpoint = (Path(stack.env["SAELAB_DATA_DIR"]) / "jobs" / str(job_id) / ".sae.partial"
+                  / "checkpoint.pt")
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), stack.job(job_id).message
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert stack.job(job_id).state == "running"  # nobody has noticed yet
+    stack.start_worker()
+    job = stack.wait(job_id, _ended)
+    assert job.state == "succeeded", job.message
+    assert job.attempts == 2
+    assert "resumed at step" in job.log
+
+
+def test_bad_ids_and_params(stack, tiny_llama_dir) -> None:
+    from app.settings import Settings
+    from worker.celery_app import make_celery, send_job
+
+    bad = stack.cli("jobs", "submit", "train", "--latents", 8, "--k", 8, "--acts", "x")
+    assert bad.exit_code == 2 and "k: 8 must be below latents" in bad.output
+    unknown = stack.cli("jobs", "submit", "dance")
+    assert unknown.exit_code == 2 and "unknown job kind" in unknown.output
+    missing = stack.cli("jobs", "submit", "capture")
+    assert missing.exit_code == 2 and "needs layer" in missing.output
+    assert stack.cli("jobs", "show", 12345).exit_code == 2
+    with stack.sessions() as session:
+        assert session.query(Job).count() == 0
+
+    stack.start_worker()
+    celery = make_celery(Settings(**{k.removeprefix("SAELAB_").lower(): v
+                                     for k, v in stack.env.items()}))
+    send_job(celery, "train", 987654, stack.queue)  # no such job: skipped, nothing written
+    with stack.sessions.begin() as session:  # bad params that bypassed validation
+        job = Job(kind="capture", params={"layer": 1, "tokens": -5, "model": "nope"})
+        session.add(job)
+    send_job(celery, "capture", job.id, stack.queue)
+    failed = stack.wait(job.id, _ended)
+    assert failed.state == "failed" and "tokens" in failed.message
+    missing_model = stack.submit("capture", "--model", stack.tmp_path / "no-model",
+                                 "--layer", 1, "--tokens", 64)
+    failed = stack.wait(missing_model, _ended)
+    assert failed.state == "failed" and "no-model" in failed.message
+    with stack.sessions() as session:
+        assert session.get(Job, 987654) is None

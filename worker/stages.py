@@ -1,0 +1,167 @@
+"""The stages of a job, each one call into the engine plus reporting and persisting.
+
+Every stage is idempotent, so a job that lost its worker can simply run again: a finished
+capture (or SAE) in the job's directory is reused, an interrupted capture resumes from its
+last shard and an interrupted training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.jobs import JobParams
+from app.settings import Settings
+from worker.runtime import SERIES_POINTS, JobCancelled, JobRun
+
+
+def load_model(params: JobParams, settings: Settings):
+    from training.models import load_model as load
+
+    return load(params.model or settings.default_model, data_dir=settings.data_dir)
+
+
+def capture_stage(run: JobRun, params: JobParams, settings: Settings, directory: Path
+                  ) -> str:
+    """Capture ``params.tokens`` activations of ``params.layer``; returns the directory."""
+    from training.capture import CaptureConfig, capture
+
+    lm = load_model(params, settings)
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        run.progress(done, total, tokens_per_s=done / max(time.monotonic() - started, 1e-9))
+
+    out = directory / "acts"
+    capture(lm, CaptureConfig(layer=params.layer, tokens=params.tokens,
+                              dataset=params.dataset, context=params.context),
+            out, progress=False, on_tokens=report)
+    return str(out)
+
+
+def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
+    from training.activations import Manifest
+
+    return {"acts": acts, "out": str(out), "resume": resume,
+            "sae": {"d_in": Manifest.load(Path(acts)).d_model, "n_latents": params.latents,
+                    "k": params.k, "architecture": params.arch},
+            "train": {"batch": params.batch, "tokens": params.train_tokens, "lr": params.lr,
+                      "checkpoint_every": params.checkpoint_every}}
+
+
+def train_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> str:
+    """Train an SAE on ``acts`` into ``<directory>/sae``, resuming a checkpoint if one is
+    there; returns the SAE directory."""
+    from training.train_run import CHECKPOINT, partial_dir
+
+    out = directory / "sae"
+    if (out / "cfg.json").is_file():
+        return str(out)
+    resume = (partial_dir(out) / CHECKPOINT).is_file()
+    spec = train_spec(params, acts, out, resume)
+    total = _total_steps(spec)
+    every = max(1, total // SERIES_POINTS)
+    started, first = time.monotonic(), [None]
+
+    def on_step(stats) -> None:
+        first[0] = stats.step if first[0] is None else first[0]
+        rate = (stats.step - first[0] + 1) * params.batch / max(time.monotonic() - started,
+                                                                1e-9)
+        run.point(every, step=stats.step, tokens=stats.tokens, fvu=stats.fvu,
+                  auxk=stats.auxk, l0=stats.l0, dead_fraction=stats.dead_fraction)
+        run.progress(stats.step, total, tokens_per_s=rate, loss=stats.fvu, l0=stats.l0)
+
+    if params.nproc == 1:
+        from training.launch import run_spec
+
+        run_spec(spec, progress=False, on_step=on_step)
+    else:
+        _train_distributed(run, spec, params.nproc, directory, on_step)
+    return str(out)
+
+
+def _total_steps(spec: dict) -> int:
+    from training.activations import ActivationStore
+    from training.trainer import TrainConfig
+
+    cfg = TrainConfig.from_dict(spec["train"])
+    rows = len(ActivationStore(Path(spec["acts"])))
+    return max(1, (cfg.tokens or rows - min(cfg.holdout_rows, rows // 10)) // cfg.batch)
+
+
+def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
+                       on_step) -> None:
+    """torchrun with ``nproc`` processes; follows rank 0's step file, stops it on cancel."""
+    from training.trainer import StepStats
+
+    spec_path, result_path = directory / "train-spec.json", directory / "train-result.json"
+    steps_path = directory / "train-steps.jsonl"
+    steps_path.unlink(missing_ok=True)
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps({**spec, "progress_file": str(steps_path)}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "training.launch", str(spec_path),
+               str(result_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen = 0
+    try:
+        while proc.poll() is None or seen < _line_count(steps_path):
+            lines = steps_path.read_text().splitlines() if steps_path.exists() else []
+            for line in lines[seen:]:
+                on_step(StepStats(**json.loads(line)))
+            seen = len(lines)
+            time.sleep(0.2)
+    except JobCancelled:
+        proc.terminate()
+        proc.wait(timeout=60)
+        raise
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if "error" in result:
+        raise ValueError(result["error"])
+    if proc.returncode != 0 or not result:
+        tail = (proc.stderr.read() if proc.stderr else "")[-2000:]
+        raise RuntimeError(f"distributed training (nproc {nproc}) failed: {tail.strip()}")
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,
+                  acts: str | None) -> int:
+    """Analyse every latent of the SAE and persist it; returns the SAE's store id."""
+    from app.store.db import make_engine, session_factory
+    from app.store.persist import save_analysis, token_texts
+    from training.activations import ActivationStore
+    from training.analysis import analyse_capture
+    from training.sae_io import load_sae
+
+    sae, cfg = load_sae(Path(sae_dir))
+    lm = load_model(JobParams(**{**params.model_dump(), "model": params.model or cfg.get(
+        "model_name")}), settings)
+    if lm.d_model != sae.cfg.d_in:
+        raise ValueError(f"sae: {sae_dir} has d_in={sae.cfg.d_in} but {lm.name} has "
+                         f"d={lm.d_model}")
+    source = acts or cfg.get("activations")
+    if not source:
+        raise ValueError(f"sae: {sae_dir} does not name its capture; give acts")
+    store = ActivationStore(Path(source))
+    store.verify()
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        run.progress(done, total, tokens_per_s=done / max(time.monotonic() - started, 1e-9))
+
+    result = analyse_capture(sae.to(lm.device), store, lm.model.get_output_embeddings().weight,
+                             max_tokens=params.analyze_tokens, progress=False, on_chunk=report)
+    engine = make_engine(settings.database_url)
+    try:
+        return save_analysis(session_factory(engine), sae_dir=Path(sae_dir), sae_cfg=cfg,
+                             model_name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,
+                             result=result, token_text=token_texts(lm.tokenizer, result))
+    finally:
+        engine.dispose()

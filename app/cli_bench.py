@@ -131,3 +131,18 @@ def bench_store(
     with cli_errors():
         result = run(db, n=latents, examples=examples)
     typer.echo(json.dumps(result))
+
+
+@bench_app.command("jobs")
+def bench_jobs(
+    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    latents: Annotated[int, typer.Option("--latents")] = 4096,
+    k: Annotated[int, typer.Option("--k")] = 32,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens")] = 262_144,
+) -> None:
+    """Wall time of a training run as a job through a worker vs the same run directly."""
+    from app.bench_jobs import bench_jobs as run
+
+    with cli_errors():
+        result = run(acts, latents, k, tokens)
+    typer.echo(json.dumps(result))

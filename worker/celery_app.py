@@ -18,8 +18,18 @@ DEFAULT_QUEUE = {"capture": "gpu", "train": "gpu", "analyze": "gpu", "pipeline":
 """Queue per kind: work that runs the model or trains goes to the accelerator queue."""
 
 
+EMBEDDED_POLL_S = 0.1
+"""How often a worker on the embedded broker polls its table (kombu's default is 1 s)."""
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    if settings.broker_url.startswith("sqla+"):
+        # kombu hands every transport option of this transport to create_engine, so the
+        # polling interval can only be set on the transport class itself
+        from kombu.transport.sqlalchemy import Transport
+
+        Transport.polling_interval = EMBEDDED_POLL_S
     app = Celery("saelab", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_acks_late=True,  # a task killed mid-way is redelivered, not lost

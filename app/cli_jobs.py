@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from app.cli import app, cli_errors
-from app.cli_db import DbOpt, _engine
+from app.cli_db import DbOpt
+from app.cli_store import _sessions
 from app.settings import get_settings
 
 jobs_app = typer.Typer(help="Background jobs: capture, train, analyze, pipeline.",
@@ -17,14 +18,6 @@ jobs_app = typer.Typer(help="Background jobs: capture, train, analyze, pipeline.
 app.add_typer(jobs_app, name="jobs")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-
-
-def _sessions(db: str | None):
-    from app.store.db import session_factory, upgrade
-
-    engine = _engine(db)
-    upgrade(engine)
-    return session_factory(engine)
 
 
 def _celery():

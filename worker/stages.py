@@ -105,26 +105,27 @@ def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "training.launch", str(spec_path),
                str(result_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    seen = 0
-    try:
-        while proc.poll() is None or seen < _line_count(steps_path):
-            lines = steps_path.read_text().splitlines() if steps_path.exists() else []
-            for line in lines[seen:]:
-                on_step(StepStats(**json.loads(line)))
-            seen = len(lines)
-            time.sleep(0.2)
-    except JobCancelled:
-        proc.terminate()
-        proc.wait(timeout=60)
-        raise
+    stderr_path = directory / "train-stderr.log"  # a file, not a pipe: a full pipe blocks
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        seen = 0
+        try:
+            while proc.poll() is None or seen < _line_count(steps_path):
+                lines = steps_path.read_text().splitlines() if steps_path.exists() else []
+                for line in lines[seen:]:
+                    on_step(StepStats(**json.loads(line)))
+                seen = len(lines)
+                time.sleep(0.2)
+        except JobCancelled:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     if "error" in result:
         raise ValueError(result["error"])
     if proc.returncode != 0 or not result:
-        tail = (proc.stderr.read() if proc.stderr else "")[-2000:]
-        raise RuntimeError(f"distributed training (nproc {nproc}) failed: {tail.strip()}")
+        tail = stderr_path.read_text()[-2000:].strip()
+        raise RuntimeError(f"distributed training (nproc {nproc}) failed: {tail}")
 
 
 def _line_count(path: Path) -> int:

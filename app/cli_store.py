@@ -10,16 +10,14 @@ from typing import Annotated
 import typer
 
 from app.cli import DeviceOpt, ModelOpt, _load, app, cli_errors
-from app.cli_db import DbOpt, _engine
+from app.cli_db import DbOpt
 from app.settings import get_settings
 
 
 def _sessions(db: str | None):
-    from app.store.db import session_factory, upgrade
+    from app.store.db import open_store
 
-    engine = _engine(db)
-    upgrade(engine)
-    return session_factory(engine)
+    return open_store(db or get_settings().database_url)
 
 
 @app.command()

@@ -135,7 +135,6 @@ def _line_count(path: Path) -> int:
 def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,
                   acts: str | None) -> int:
     """Analyse every latent of the SAE and persist it; returns the SAE's store id."""
-    from app.store.db import make_engine, session_factory
     from app.store.persist import save_analysis, token_texts
     from training.activations import ActivationStore
     from training.analysis import analyse_capture
@@ -159,10 +158,6 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
 
     result = analyse_capture(sae.to(lm.device), store, lm.model.get_output_embeddings().weight,
                              max_tokens=params.analyze_tokens, progress=False, on_chunk=report)
-    engine = make_engine(settings.database_url)
-    try:
-        return save_analysis(session_factory(engine), sae_dir=Path(sae_dir), sae_cfg=cfg,
-                             model_name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,
-                             result=result, token_text=token_texts(lm.tokenizer, result))
-    finally:
-        engine.dispose()
+    return save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg, model_name=lm.name,
+                         d_model=lm.d_model, n_layers=lm.n_layers, result=result,
+                         token_text=token_texts(lm.tokenizer, result))

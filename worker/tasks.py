@@ -19,7 +19,7 @@ from celery.signals import worker_ready
 
 from app.jobs import JobParams, claim, job_dir, reap, remove_artifacts, validate
 from app.settings import Settings, get_settings
-from app.store.db import make_engine, session_factory
+from app.store.db import open_store
 from app.store.models import Job
 from worker import stages
 from worker.celery_app import TASKS, make_celery
@@ -46,11 +46,7 @@ def _sessions():
 
 @cache
 def _make_sessions():
-    from app.store.db import upgrade
-
-    engine = make_engine(get_settings().database_url)
-    upgrade(engine)
-    return session_factory(engine)
+    return open_store(get_settings().database_url)
 
 
 def worker_name() -> str:

@@ -57,6 +57,13 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def open_store(url: str) -> sessionmaker[Session]:
+    """Sessions on the store at ``url``, migrated to the newest revision first."""
+    engine = make_engine(url)
+    upgrade(engine)
+    return session_factory(engine)
+
+
 def alembic_config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

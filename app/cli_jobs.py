@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -12,6 +12,7 @@ from app.cli import app, cli_errors
 from app.cli_db import DbOpt
 from app.cli_store import _sessions
 from app.settings import get_settings
+from app.store.records import job_record
 
 jobs_app = typer.Typer(help="Background jobs: capture, train, analyze, pipeline.",
                        no_args_is_help=True)
@@ -24,19 +25,6 @@ def _celery():
     from worker.celery_app import make_celery
 
     return make_celery()
-
-
-def job_dict(job) -> dict[str, Any]:
-    """A job row as JSON (what ``jobs show --json`` and the API print)."""
-    def when(value):
-        return value.isoformat() if value else None
-
-    return {"id": job.id, "kind": job.kind, "state": job.state, "stage": job.stage,
-            "progress": job.progress, "message": job.message, "params": job.params,
-            "stats": job.stats, "result": job.result, "series": job.series,
-            "attempts": job.attempts, "worker": job.worker, "log": job.log,
-            "created_at": when(job.created_at), "started_at": when(job.started_at),
-            "finished_at": when(job.finished_at), "heartbeat_at": when(job.heartbeat_at)}
 
 
 @jobs_app.command("submit")
@@ -108,7 +96,7 @@ def _progress_line(job) -> str:
 
 def _print(job, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(job_dict(job)))
+        typer.echo(json.dumps(job_record(job)))
     else:
         typer.echo(f"{job.id:>5}  {job.kind:<9} {job.state:<10} {_progress_line(job)}  "
                    f"{job.message or ''}")
@@ -124,7 +112,7 @@ def list_jobs(state: Annotated[str | None, typer.Option("--state")] = None,
     with cli_errors(), _sessions(db)() as session:
         rows = jobs.recent(session, limit, state)
         if as_json:
-            typer.echo(json.dumps([job_dict(j) for j in rows]))
+            typer.echo(json.dumps([job_record(j) for j in rows]))
             return
         for job in rows:
             _print(job, False)
@@ -139,7 +127,7 @@ def show(job_id: Annotated[int, typer.Argument()], db: DbOpt = None,
     with cli_errors(), _sessions(db)() as session:
         job = jobs.get(session, job_id)
         if as_json:
-            typer.echo(json.dumps(job_dict(job)))
+            typer.echo(json.dumps(job_record(job)))
             return
         _print(job, False)
         typer.echo(json.dumps({"params": job.params, "result": job.result}))

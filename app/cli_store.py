@@ -12,6 +12,7 @@ import typer
 from app.cli import DeviceOpt, ModelOpt, _load, app, cli_errors
 from app.cli_db import DbOpt
 from app.settings import get_settings
+from app.store.records import example_record, latent_record, sae_record
 
 
 def _sessions(db: str | None):
@@ -90,10 +91,7 @@ def saes(model: ModelOpt = None, db: DbOpt = None,
     from app.store.queries import list_saes
 
     with cli_errors(), _sessions(db)() as session:
-        rows = [{"id": s.id, "name": s.name, "model": s.model.name, "layer": s.layer,
-                 "n_latents": s.n_latents, "k": s.k, "architecture": s.architecture,
-                 "analysed_tokens": s.analysed_tokens, "path": s.path}
-                for s in list_saes(session, model)]
+        rows = [sae_record(s) for s in list_saes(session, model)]
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -118,7 +116,7 @@ def features(
 
     with cli_errors(), _sessions(db)() as session:
         _check_sae(session, sae_id)
-        rows = [_latent_row(lat) for lat in list_latents(session, sae_id, search=search,
+        rows = [latent_record(lat) for lat in list_latents(session, sae_id, search=search,
                                                          sort=sort, limit=limit)]
     if as_json:
         typer.echo(json.dumps(rows))
@@ -144,11 +142,8 @@ def feature(
         latent = get_latent(session, sae_id, index)
         if latent is None:
             raise ValueError(f"SAE {sae_id} has no latent {index}")
-        row = _latent_row(latent)
-        row["examples"] = [{"kind": e.kind, "bucket": e.bucket, "rank": e.rank,
-                            "tokens": e.tokens, "activations": e.activations,
-                            "context_index": e.context_index, "position": e.position}
-                           for e in latent.examples]
+        row = latent_record(latent)
+        row["examples"] = [example_record(e) for e in latent.examples]
     if as_json:
         typer.echo(json.dumps(row))
         return
@@ -168,13 +163,6 @@ def _check_sae(session, sae_id: int) -> None:
 
     if session.get(Sae, sae_id) is None:
         raise ValueError(f"no SAE with id {sae_id} in the store (see `saelab saes`)")
-
-
-def _latent_row(lat) -> dict:
-    return {"index": lat.index, "density": lat.density, "mean_activation": lat.mean_activation,
-            "max_activation": lat.max_activation, "explanation": lat.explanation,
-            "histogram": lat.histogram, "top_logits": lat.top_logits,
-            "bottom_logits": lat.bottom_logits, "neighbours": lat.neighbours}
 
 
 @app.command("export")

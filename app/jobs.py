@@ -28,7 +28,26 @@ ACTIVE = ("queued", "running")
 
 
 class JobError(ValueError):
-    """A job that cannot be submitted or changed; the message names the field or id."""
+    """A job that cannot be submitted or changed; the message names the field or id.
+
+    ``fields`` maps each bad parameter to its problem (what a form shows inline).
+    """
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
+
+    @classmethod
+    def of_fields(cls, fields: dict[str, str]) -> JobError:
+        return cls("; ".join(f"{name}: {problem}" for name, problem in fields.items()), fields)
+
+
+class JobNotFound(JobError):
+    """No job has the id."""
+
+
+class BrokerUnavailable(JobError):
+    """The job was stored but could not be queued (it is marked failed)."""
 
 
 class JobParams(BaseModel):
@@ -66,15 +85,16 @@ def validate(kind: str, params: dict[str, Any]) -> JobParams:
     try:
         parsed = JobParams(**params)
     except ValidationError as exc:
-        raise JobError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}"
-                                 for e in exc.errors())) from None
-    missing = [name for name in REQUIRED[kind] if getattr(parsed, name) is None]
-    if missing:
-        raise JobError(f"a {kind} job needs {', '.join(missing)}")
+        raise JobError.of_fields({".".join(map(str, e["loc"])) or "params": e["msg"]
+                                  for e in exc.errors()}) from None
+    fields = {name: f"required for a {kind} job" for name in REQUIRED[kind]
+              if getattr(parsed, name) is None}
     if parsed.k >= parsed.latents:
-        raise JobError(f"k: {parsed.k} must be below latents ({parsed.latents})")
+        fields["k"] = f"{parsed.k} must be below latents ({parsed.latents})"
     if parsed.batch % parsed.nproc:
-        raise JobError(f"batch: {parsed.batch} is not divisible by nproc {parsed.nproc}")
+        fields["batch"] = f"{parsed.batch} is not divisible by nproc {parsed.nproc}"
+    if fields:
+        raise JobError.of_fields(fields)
     return parsed
 
 
@@ -95,14 +115,14 @@ def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str,
             failed = session.get(Job, job.id)
             failed.state, failed.finished_at = "failed", _now()
             failed.message = f"could not queue the job: {exc}"
-        raise JobError(f"could not queue job {job.id} on the broker: {exc}") from exc
+        raise BrokerUnavailable(f"could not queue job {job.id} on the broker: {exc}") from exc
     return job
 
 
 def get(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:
-        raise JobError(f"no job with id {job_id} (see `saelab jobs list`)")
+        raise JobNotFound(f"no job with id {job_id} (see `saelab jobs list`)")
     return job
 
 

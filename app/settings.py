@@ -27,6 +27,16 @@ class Settings(BaseSettings):
     """A running job whose heartbeat is older than this lost its worker."""
     max_attempts: int = 3
     """Runs of a job (the first and resumptions after lost workers) before it fails."""
+    admin_token: str = ""
+    """When set, submitting and cancelling jobs (web and API) needs it: an
+    ``Authorization: Bearer <token>`` header, or the cookie set by the explorer's sign-in."""
+    host: str = "127.0.0.1"
+    """Where ``saelab serve`` listens."""
+    port: int = 8000
+    inference_models: int = 1
+    """Language models kept loaded for probing and steering (least recently used goes)."""
+    inference_saes: int = 4
+    """SAEs kept loaded for probing and steering."""
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()

@@ -104,3 +104,42 @@ def db_url(request, tmp_path):
     """An empty database of each kind (a fresh PostgreSQL database per test)."""
     with empty_database(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def explorer_data(embedded_model, embedded_sae, tmp_path_factory) -> dict:
+    """The embedded SAE analysed (8k tokens) into a SQLite store, with a few explanations,
+    for the explorer's route and browser tests: {"data_dir", "db_url", "sae_id",
+    "explained": {index: text}}."""
+    from sqlalchemy import select
+
+    from app.store.db import open_store
+    from app.store.models import Explanation, Latent
+    from app.store.persist import save_analysis, token_texts
+    from training.activations import ActivationStore
+    from training.analysis import analyse_capture
+    from training.sae_io import load_sae
+
+    root = tmp_path_factory.mktemp("explorer")
+    db_url = f"sqlite:///{root / 'store.db'}"
+    sessions = open_store(db_url)
+    sae, cfg = load_sae(embedded_sae["sae"])
+    result = analyse_capture(sae, ActivationStore(embedded_sae["acts"]),
+                             embedded_model.model.get_output_embeddings().weight,
+                             max_tokens=8192, progress=False)
+    sae_id = save_analysis(sessions, sae_dir=embedded_sae["sae"], sae_cfg=cfg,
+                           model_name=embedded_model.name, d_model=embedded_model.d_model,
+                           n_layers=embedded_model.n_layers, result=result,
+                           token_text=token_texts(embedded_model.tokenizer, result))
+    explained = {}
+    with sessions.begin() as session:
+        busiest = session.scalars(select(Latent).where(Latent.sae_id == sae_id)
+                                  .order_by(Latent.density.desc()).limit(3)).all()
+        for latent, text in zip(busiest, ["python keywords in code", "<script>alert(1)</script>",
+                                          "punctuation marks"], strict=True):
+            latent.explanation = text
+            session.add(Explanation(latent_id=latent.id, text=text, source="human", score=0.8))
+            explained[latent.index] = text
+    sessions.kw["bind"].dispose()
+    return {"data_dir": root / "data", "db_url": db_url, "sae_id": sae_id,
+            "explained": explained}

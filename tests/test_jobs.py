@@ -172,7 +172,7 @@ def test_bad_ids_and_params(stack, tiny_llama_dir) -> None:
     unknown = stack.cli("jobs", "submit", "dance")
     assert unknown.exit_code == 2 and "unknown job kind" in unknown.output
     missing = stack.cli("jobs", "submit", "capture")
-    assert missing.exit_code == 2 and "needs layer" in missing.output
+    assert missing.exit_code == 2 and "layer: required for a" in missing.output
     assert stack.cli("jobs", "show", 12345).exit_code == 2
     with stack.sessions() as session:
         assert session.query(Job).count() == 0

@@ -1,0 +1,160 @@
+"""The JSON API under ``/api/v1``: the same data as the pages (OpenAPI docs at /docs)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from app import jobs
+from app.store.queries import SORTS, list_latents, list_saes
+from app.store.records import example_record, job_record, latent_record, sae_record
+from app.web import views
+from app.web.deps import EngineDep, SessionDep, celery_app
+from app.web.security import require_admin
+
+router = APIRouter(prefix="/api/v1", tags=["api"])
+
+
+class ProbeRequest(BaseModel):
+    sae_id: int
+    text: str = Field(min_length=1, max_length=20_000)
+    feature: int | None = Field(None, ge=0, description="latent whose activations to return")
+
+
+class SteerFeature(BaseModel):
+    index: int = Field(ge=0)
+    mode: Literal["clamp", "add"] = "clamp"
+    value: float = Field(ge=-1000, le=1000, description="in units of the latent's max "
+                         "activation: the clamp target, or the added strength")
+
+
+class SteerRequest(BaseModel):
+    sae_id: int
+    prompt: str = Field(min_length=1, max_length=8_000)
+    features: list[SteerFeature] = Field(default_factory=list, max_length=32)
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(128, ge=1, le=512)
+    seed: int = 0
+
+
+class JobRequest(BaseModel):
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.get("/saes")
+def saes(session: SessionDep, model: str | None = None) -> list[dict]:
+    return [{**sae_record(s), "headline": views.headline(s)} for s in list_saes(session, model)]
+
+
+@router.get("/saes/{sae_id}")
+def sae(sae_id: int, session: SessionDep) -> dict:
+    row = views.sae_or_404(session, sae_id)
+    return {**sae_record(row), "headline": views.headline(row)}
+
+
+@router.get("/saes/{sae_id}/features")
+def features(sae_id: int, session: SessionDep,
+             sort: Literal[tuple(SORTS)] = "index",  # type: ignore[valid-type]
+             search: str | None = Query(None, max_length=200),
+             limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)
+             ) -> list[dict]:
+    views.sae_or_404(session, sae_id)
+    rows = list_latents(session, sae_id, search=search, sort=sort, limit=limit, offset=offset)
+    return [latent_record(lat) for lat in rows]
+
+
+@router.get("/saes/{sae_id}/features/{index}")
+def feature(sae_id: int, index: int, session: SessionDep) -> dict:
+    latent = views.latent_or_404(session, views.sae_or_404(session, sae_id), index)
+    best = views.best_explanation(session, latent)
+    return {**latent_record(latent),
+            "explanation_score": best.score if best else None,
+            "explanation_source": best.source if best else None,
+            "examples": [example_record(e) for e in latent.examples]}
+
+
+@router.post("/probe")
+async def probe(body: ProbeRequest, session: SessionDep, engine: EngineDep) -> dict:
+    row = views.sae_or_404(session, body.sae_id)
+    if body.feature is not None and body.feature >= row.n_latents:
+        raise HTTPException(422, f"feature: SAE {row.id} has latents 0 to {row.n_latents - 1}")
+    result = await engine.probe(views.handle(row), body.text)
+    return probe_record(result, body.feature)
+
+
+def probe_record(result, feature: int | None) -> dict:
+    return {"tokens": result.tokens, "ids": result.ids,
+            "activations": result.activations_of(feature) if feature is not None else None,
+            "top_features": [{"index": f, "max": m, "count": c}
+                             for f, m, c in result.top_features(20)],
+            "token_features": [[{"index": f, "value": v} for f, v in
+                                result.token_features(t, 10)] for t in range(len(result.ids))]}
+
+
+@router.post("/steer", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def steer(body: SteerRequest, session: SessionDep, engine: EngineDep
+                ) -> StreamingResponse:
+    """Baseline and steered replies as server-sent events: ``token`` events with
+    ``{"side": "baseline"|"steered", "text": ...}``, then ``done`` (or ``error``)."""
+    from training.steering import Sampling, Steer
+
+    row = views.sae_or_404(session, body.sae_id)
+    maxima = views.latent_maxima(session, row.id, [f.index for f in body.features])
+    steers = [Steer(feature=f.index, mode=f.mode, value=f.value) for f in body.features]
+    sampling = Sampling(temperature=body.temperature, max_tokens=body.max_tokens,
+                        seed=body.seed)
+    engine.check_capacity()
+    pieces = engine.steer(views.handle(row), body.prompt, steers, maxima, sampling)
+    return StreamingResponse(_events(pieces), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(pieces: AsyncIterator[tuple[int, str]]) -> AsyncIterator[str]:
+    try:
+        async for row, text in pieces:
+            side = "steered" if row else "baseline"
+            yield f"event: token\ndata: {json.dumps({'side': side, 'text': text})}\n\n"
+    except Exception as exc:  # the stream has started: report in-band
+        yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n"
+        return
+    yield "event: done\ndata: {}\n\n"
+
+
+@router.get("/jobs")
+def list_jobs(session: SessionDep, limit: int = Query(50, ge=1, le=500),
+              state: str | None = None) -> list[dict]:
+    return [job_record(j) for j in jobs.recent(session, limit, state)]
+
+
+@router.post("/jobs", status_code=201, dependencies=[Depends(require_admin)])
+def submit_job(body: JobRequest, request: Request) -> dict:
+    try:
+        job = jobs.submit(request.app.state.sessions, celery_app(request), body.kind,
+                          body.params)
+    except jobs.JobError as exc:
+        status = 503 if isinstance(exc, jobs.BrokerUnavailable) else 422
+        raise HTTPException(status, str(exc)) from None
+    return job_record(job)
+
+
+@router.get("/jobs/{job_id}")
+def job(job_id: int, session: SessionDep) -> dict:
+    return job_record(views.job_or_404(session, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_admin)])
+def cancel_job(job_id: int, request: Request) -> dict:
+    settings = request.app.state.settings
+    try:
+        job = jobs.cancel(request.app.state.sessions, job_id, settings)
+    except jobs.JobError as exc:
+        status = 404 if isinstance(exc, jobs.JobNotFound) else 409
+        raise HTTPException(status, str(exc)) from None
+    return job_record(job)

@@ -1,0 +1,151 @@
+"""The in-process inference engine behind probing and live steering.
+
+Language models and SAEs load lazily, once per process, and are kept in small LRU caches
+(``SAELAB_INFERENCE_MODELS`` / ``_SAES``). All tensor work runs on one dedicated thread:
+requests queue for it instead of competing for the CPU/GPU (or its memory), and the event
+loop stays free to serve pages meanwhile. Past ``MAX_WAITING`` queued requests the engine
+answers "busy" (HTTP 503) rather than letting latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.settings import Settings
+
+T = TypeVar("T")
+MAX_WAITING = 64
+
+
+class EngineBusy(RuntimeError):
+    """Too many probe/steer requests are already waiting."""
+
+
+@dataclass(frozen=True)
+class SaeHandle:
+    """What the engine needs of an SAE row (read from the store by the route)."""
+
+    id: int
+    path: str
+    model: str
+    layer: int
+    n_latents: int
+
+
+class _Lru(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = max(1, size)
+
+    def get_or_load(self, key: Any, load: Callable[[], Any]) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = load()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class InferenceEngine:
+    """Models and SAEs for the web, with a one-thread work queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models = _Lru(settings.inference_models)
+        self._saes = _Lru(settings.inference_saes)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._waiting = 0
+
+    def preload_model(self, name: str, lm: Any) -> None:
+        """Register an already loaded model under ``name`` (tests, benchmarks)."""
+        self._models.get_or_load(name, lambda: lm)
+
+    # -- loading (on the engine thread) -----------------------------------------------
+    def model(self, name: str):
+        from training.models import load_model
+
+        return self._models.get_or_load(name, lambda: load_model(
+            name, data_dir=self.settings.data_dir))
+
+    def sae(self, handle: SaeHandle):
+        """(lm, sae module, layer) for an SAE row, on the model's device."""
+        from training.sae_io import load_sae
+
+        lm = self.model(handle.model)
+        sae = self._saes.get_or_load(handle.path, lambda: load_sae(Path(handle.path),
+                                                                   lm.device)[0].eval())
+        return lm, sae
+
+    # -- running ---------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise EngineBusy when ``MAX_WAITING`` requests already wait for the engine."""
+        if self._waiting >= MAX_WAITING:
+            raise EngineBusy(f"the inference engine has {self._waiting} requests waiting: "
+                             "try again in a moment")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread; raises EngineBusy when the queue is full."""
+        self.check_capacity()
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._waiting -= 1
+
+    async def probe(self, handle: SaeHandle, text: str):
+        from training.probe import probe_text
+
+        def work():
+            lm, sae = self.sae(handle)
+            return probe_text(lm, sae, handle.layer, text)
+
+        return await self.run(work)
+
+    async def steer(self, handle: SaeHandle, prompt: str, steers: list, maxima: dict[int, float],
+                    sampling) -> AsyncIterator[tuple[int, str]]:
+        """(row, text) pieces as the baseline (0) and steered (1) replies are decoded.
+
+        Callers check ``check_capacity()`` before they start streaming a response."""
+        from training.steering import chat_prompt_ids, generate_pair, steering_edit
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                lm, sae = self.sae(handle)
+                edit = steering_edit(sae, steers, maxima, rows=slice(1, 2))
+                for piece in generate_pair(lm, handle.layer, edit,
+                                           chat_prompt_ids(lm, prompt), sampling):
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as exc:  # delivered to the stream as an error event
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self.check_capacity()
+        task = asyncio.ensure_future(self.run(work))
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # the client went away or the stream ended: free the engine
+            await asyncio.shield(task)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

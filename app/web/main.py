@@ -1,0 +1,91 @@
+"""The explorer's app factory: ``create_app(settings)`` wires the store, the inference
+engine, the routers, CSRF and the error pages. Nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from app.settings import Settings, get_settings
+from app.web import api, pages, pages_jobs
+from app.web.engine import EngineBusy, InferenceEngine
+from app.web.render import STATIC, Renderer
+from app.web.security import csrf_token, is_admin, set_csrf_cookie, verify_csrf
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, engine: InferenceEngine | None = None
+               ) -> FastAPI:
+    """The ASGI app on ``settings``' store (migrated first); ``engine`` may be given to
+    share already loaded models (tests, benchmarks)."""
+    from app.store.db import open_store
+
+    settings = settings or get_settings()
+    app = FastAPI(title="saelab", version="0.1.0", dependencies=[Depends(verify_csrf)],
+                  description="Browse SAE features, probe text, steer chat, queue jobs.")
+    app.state.settings = settings
+    app.state.sessions = open_store(settings.database_url)
+    app.state.engine = engine or InferenceEngine(settings)
+    app.state.render = Renderer()
+    app.state.celery = None  # made on the first job submission
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.include_router(pages_jobs.router)
+    app.middleware("http")(_csrf_cookie)
+    _error_handlers(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return app
+
+
+async def _csrf_cookie(request: Request, call_next) -> Response:
+    request.state.csrf_token = csrf_token(request)
+    request.state.admin = is_admin(request)
+    response = await call_next(request)
+    set_csrf_cookie(request, response)
+    return response
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request, 422, validation_message(exc))
+
+    @app.exception_handler(EngineBusy)
+    async def busy(request: Request, exc: EngineBusy) -> Response:
+        return error_response(request, 503, str(exc))
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """'field: problem; ...' from FastAPI's validation errors."""
+    parts = []
+    for error in exc.errors():
+        where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+        parts.append(f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def error_response(request: Request, status: int, message: str) -> Response:
+    """JSON for the API, a fragment for HTMX, an error page otherwise."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"detail": message}, status_code=status)
+    if not hasattr(request.state, "csrf_token"):
+        request.state.csrf_token = csrf_token(request)
+    render: Renderer = request.app.state.render
+    block = "message" if request.headers.get("HX-Request") == "true" else None
+    return render(request, "error.html", {"status": status, "message": message},
+                  status=status, block=block)

@@ -1,0 +1,154 @@
+"""HTML pages: home, SAE, feature, probe, steer and sign-in. Each route loads by id, asks
+``views``/queries and renders; HTMX requests get the targeted block of the same template."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from app import jobs
+from app.store.queries import SORTS, latents_by_index, list_latents, list_saes
+from app.web import views
+from app.web.deps import EngineDep, RenderDep, SessionDep, SettingsDep
+from app.web.security import ADMIN_COOKIE, admin_cookie_value
+
+router = APIRouter(include_in_schema=False)
+PAGE = 50
+SortParam = Literal[tuple(SORTS)]  # type: ignore[valid-type]
+
+
+@router.get("/")
+def home(request: Request, session: SessionDep, render: RenderDep) -> Response:
+    saes = list_saes(session)
+    return render(request, "home.html", {
+        "models": views.models_overview(session),
+        "saes": [(s, views.headline(s)) for s in saes],
+        "jobs": jobs.recent(session, 10)})
+
+
+@router.get("/saes/{sae_id}")
+def sae_page(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
+             sort: SortParam = "index", q: Annotated[str, Query(max_length=200)] = "",
+             offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+    sae = views.sae_or_404(session, sae_id)
+    latents = list_latents(session, sae_id, search=q.strip() or None, sort=sort, limit=PAGE,
+                           offset=offset)
+    context = {"sae": sae, "headline": views.headline(sae), "latents": latents, "sort": sort,
+               "q": q, "offset": offset, "page": PAGE,
+               "more": not q.strip() and len(latents) == PAGE}
+    if request.headers.get("HX-Request") == "true" and offset:
+        return render(request, "sae.html", context, block="latent_rows")
+    context.update(curve=views.loss_curve(sae),
+                   density=views.density_histogram(session, sae_id))
+    return render(request, "sae.html", context)
+
+
+@router.get("/saes/{sae_id}/goto")
+def goto_latent(sae_id: int, session: SessionDep,
+                index: Annotated[int, Query(ge=0)]) -> Response:
+    sae = views.sae_or_404(session, sae_id)
+    if index >= sae.n_latents:
+        raise HTTPException(404, f"SAE {sae_id} has latents 0 to {sae.n_latents - 1}")
+    return RedirectResponse(f"/saes/{sae_id}/features/{index}", status_code=303)
+
+
+@router.get("/saes/{sae_id}/features/{index}")
+def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
+                 render: RenderDep) -> Response:
+    sae = views.sae_or_404(session, sae_id)
+    latent = views.latent_or_404(session, sae, index)
+    neighbours = {lat.index: lat for lat in latents_by_index(
+        session, sae_id, [int(i) for i, _ in latent.neighbours])}
+    return render(request, "feature.html", {
+        "sae": sae, "latent": latent, "best": views.best_explanation(session, latent),
+        "examples": views.example_groups(latent), "neighbours": neighbours})
+
+
+@router.get("/saes/{sae_id}/probe")
+def probe_page(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
+               feature: Annotated[int | None, Query(ge=0)] = None) -> Response:
+    sae = views.sae_or_404(session, sae_id)
+    return render(request, "probe.html", {"sae": sae, "feature": feature, "text": ""})
+
+
+@router.post("/saes/{sae_id}/probe")
+async def probe_run(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
+                    engine: EngineDep, text: Annotated[str, Form(max_length=20_000)] = "",
+                    feature: Annotated[str, Form()] = "") -> Response:
+    sae = views.sae_or_404(session, sae_id)
+    chosen = _feature_field(feature, sae.n_latents)
+    if not text.strip():
+        raise HTTPException(422, "text: paste some text to probe")
+    result = await engine.probe(views.handle(sae), text)
+    top = result.top_features(20)
+    explained = {lat.index: lat for lat in latents_by_index(session, sae_id,
+                                                            [f for f, _, _ in top])}
+    maximum = views.latent_maxima(session, sae_id, [chosen])[chosen] if chosen is not None \
+        else None
+    return render(request, "probe.html", {
+        "sae": sae, "feature": chosen, "text": text, "result": result, "top": top,
+        "explained": explained, "maximum": maximum,
+        "activations": result.activations_of(chosen) if chosen is not None else None},
+        block="result" if request.headers.get("HX-Request") == "true" else None)
+
+
+def _feature_field(raw: str, n_latents: int) -> int | None:
+    if not raw.strip():
+        return None
+    if not raw.strip().isdigit() or int(raw) >= n_latents:
+        raise HTTPException(422, f"feature: give a latent index from 0 to {n_latents - 1}")
+    return int(raw)
+
+
+@router.get("/steer")
+def steer_page(request: Request, session: SessionDep, render: RenderDep,
+               sae: Annotated[int | None, Query(ge=1)] = None,
+               feature: Annotated[int | None, Query(ge=0)] = None) -> Response:
+    saes = list_saes(session)
+    current = views.sae_or_404(session, sae) if sae is not None else (saes[0] if saes else None)
+    preset = []
+    if current is not None and feature is not None:
+        preset = latents_by_index(session, current.id, [feature])
+        if not preset:
+            raise HTTPException(404, f"SAE {current.id} has no latent {feature}")
+    return render(request, "steer.html", {"saes": saes, "current": current, "preset": preset})
+
+
+@router.get("/steer/search")
+def steer_search(request: Request, session: SessionDep, render: RenderDep,
+                 sae: Annotated[int, Query(ge=1)],
+                 q: Annotated[str, Query(max_length=200)] = "") -> Response:
+    """Latents to add to the steering set: by index, or by explanation words."""
+    row = views.sae_or_404(session, sae)
+    words = q.strip()
+    if words.isdigit():
+        found = latents_by_index(session, row.id, [int(words)])
+    elif words:
+        found = list_latents(session, row.id, search=words, limit=12)
+    else:
+        found = list_latents(session, row.id, sort="max_activation", limit=12)
+    return render(request, "steer.html", {"current": row, "found": found},
+                  block="search_results")
+
+
+@router.get("/signin")
+def signin_page(request: Request, render: RenderDep) -> Response:
+    return render(request, "signin.html", {"error": None})
+
+
+@router.post("/signin")
+def signin(request: Request, render: RenderDep, settings: SettingsDep,
+           token: Annotated[str, Form()] = "") -> Response:
+    import hmac
+
+    if not settings.admin_token:
+        return RedirectResponse("/", status_code=303)
+    if not hmac.compare_digest(token, settings.admin_token):
+        return render(request, "signin.html", {"error": "that is not the admin token"},
+                      status=401)
+    response = RedirectResponse("/jobs", status_code=303)
+    response.set_cookie(ADMIN_COOKIE, admin_cookie_value(token), httponly=True,
+                        samesite="strict")
+    return response

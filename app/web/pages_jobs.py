@@ -1,0 +1,75 @@
+"""Job pages: the queue form (field errors inline), the list, a job's live page, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse, Response
+
+from app import jobs
+from app.web import views
+from app.web.deps import RenderDep, SessionDep, SettingsDep, celery_app
+from app.web.security import require_admin
+
+router = APIRouter(include_in_schema=False)
+
+FORM_FIELDS = ("model", "layer", "dataset", "tokens", "latents", "k", "arch", "nproc",
+               "acts", "sae")
+
+
+def form_defaults(settings) -> dict[str, str]:
+    """What the form starts with: a pipeline that finishes in minutes on the embedded model."""
+    defaults = jobs.JobParams()
+    return {"kind": "pipeline", "model": settings.default_model, "layer": "6",
+            "dataset": defaults.dataset, "tokens": str(defaults.tokens),
+            "latents": str(defaults.latents), "k": str(defaults.k), "arch": defaults.arch,
+            "nproc": str(defaults.nproc), "acts": "", "sae": ""}
+
+
+@router.get("/jobs")
+def jobs_page(request: Request, session: SessionDep, render: RenderDep,
+              settings: SettingsDep) -> Response:
+    return render(request, "jobs.html", {"jobs": jobs.recent(session, 50),
+                                         "form": form_defaults(settings), "errors": {},
+                                         "kinds": jobs.KINDS})
+
+
+@router.post("/jobs", dependencies=[Depends(require_admin)])
+async def submit_job(request: Request, render: RenderDep, settings: SettingsDep,
+                     kind: Annotated[str, Form()] = "pipeline") -> Response:
+    raw = await request.form()
+    form = {name: str(raw.get(name, "")).strip() for name in FORM_FIELDS}
+    params = {name: value for name, value in form.items() if value}
+    try:
+        job = jobs.submit(request.app.state.sessions, celery_app(request), kind, params)
+    except jobs.JobError as exc:
+        status = 503 if isinstance(exc, jobs.BrokerUnavailable) else 422
+        errors = exc.fields or {"kind": str(exc)}
+        return render(request, "jobs.html", {"form": {**form, "kind": kind}, "errors": errors,
+                                             "kinds": jobs.KINDS}, status=status,
+                      block="job_form")
+    target = f"/jobs/{job.id}"
+    if request.headers.get("HX-Request") == "true":
+        return Response(status_code=204, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: int, session: SessionDep,
+             render: RenderDep) -> Response:
+    job = views.job_or_404(session, job_id)
+    return render(request, "job.html", {"job": job, "active": job.state in jobs.ACTIVE})
+
+
+@router.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_admin)])
+def cancel_job(request: Request, job_id: int, settings: SettingsDep) -> Response:
+    try:
+        jobs.cancel(request.app.state.sessions, job_id, settings)
+    except jobs.JobError as exc:
+        raise HTTPException(404 if isinstance(exc, jobs.JobNotFound) else 409,
+                            str(exc)) from None
+    target = f"/jobs/{job_id}"
+    if request.headers.get("HX-Request") == "true":
+        return Response(status_code=204, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)

@@ -1,0 +1,99 @@
+"""Jinja2 rendering of pages and HTMX fragments.
+
+A page lives in one template; an HTMX request whose target element id names one of the
+template's ``{% block %}``s gets just that block, so one route serves the full page and its
+live-updating parts. Autoescape is on for every template: text from the model or corpus
+(a token ``<script>``) always shows as text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "templates"
+STATIC = ROOT / "static"
+
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def visible(token: str) -> Markup:
+    """A token's text with newlines, tabs and all-space tokens shown as marks, escaped."""
+    if token and not token.strip(" "):
+        return Markup('<span class="ws">{}</span>').format("·" * len(token))
+    out = Markup()
+    for char in token:
+        mark = _VISIBLE.get(char)
+        out += Markup('<span class="ws">{}</span>').format(mark) if mark else escape(char)
+    return out
+
+
+def heat(value: float, top: float) -> str:
+    """Inline background for an activation: orange, opacity value/top (0 = none)."""
+    if value <= 0 or top <= 0:
+        return ""
+    return f"background-color: rgba(255, 122, 0, {min(1.0, value / top):.2f})"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """Compact numbers for tables: 3 significant digits, scientific when tiny."""
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    value = float(value)
+    if math.isnan(value):
+        return "–"
+    if value != 0 and abs(value) < 1e-2:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def percent(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.1f}%"
+
+
+def to_json(value: Any) -> Markup:
+    """JSON for a ``data-*`` attribute (escaped by the attribute's quoting)."""
+    return Markup(escape(json.dumps(value)))
+
+
+class Renderer:
+    """Renders templates with the request's CSRF token and sign-in state."""
+
+    def __init__(self) -> None:
+        self.env = Environment(loader=FileSystemLoader(TEMPLATES),
+                               autoescape=select_autoescape(["html"]), trim_blocks=True,
+                               lstrip_blocks=True)
+        self.env.filters.update(visible=visible, heat=heat, number=number, percent=percent,
+                                tojson_attr=to_json)
+
+    def __call__(self, request: Request, name: str, context: dict[str, Any] | None = None,
+                 status: int = 200, headers: dict[str, str] | None = None,
+                 block: str | None = None) -> HTMLResponse:
+        ctx = {"request": request, "csrf_token": getattr(request.state, "csrf_token", ""),
+               "needs_admin": bool(request.app.state.settings.admin_token),
+               "signed_in": getattr(request.state, "admin", False), **(context or {})}
+        template = self.env.get_template(name)
+        block = block or fragment_name(request)
+        if block and block in template.blocks:
+            html = "".join(template.blocks[block](template.new_context(ctx)))
+        else:
+            html = template.render(ctx)
+        return HTMLResponse(html, status_code=status, headers=headers)
+
+
+def fragment_name(request: Request) -> str | None:
+    """The block an HTMX request asks for: its target element's id ("-" read as "_")."""
+    if request.headers.get("HX-Request") != "true":
+        return None
+    target = request.headers.get("HX-Target")
+    return target.replace("-", "_") if target else None

@@ -1,0 +1,90 @@
+"""CSRF protection and the admin token.
+
+CSRF uses the double-submit pattern: every response sets an HttpOnly, SameSite=Strict
+cookie holding a random token, pages carry the same token (HTMX sends it as the
+``X-CSRF-Token`` header, plain forms as a ``csrf_token`` field), and a state-changing
+request must present both, equal. A cross-site page can make a browser send the cookie but
+cannot read it. JSON bodies are exempt: a browser cannot send ``application/json``
+cross-site without a CORS preflight, which this app never grants.
+
+Mutations (queueing and cancelling jobs) also need the admin token when the settings set
+one: ``Authorization: Bearer <token>``, or the cookie the sign-in page sets (a hash of the
+token, never the token itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from fastapi import HTTPException, Request, Response
+
+CSRF_COOKIE = "saelab_csrf"
+ADMIN_COOKIE = "saelab_admin"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def csrf_token(request: Request) -> str:
+    """The request's CSRF token: its cookie's, or a new one (set on the response)."""
+    token = request.cookies.get(CSRF_COOKIE, "")
+    return token if len(token) >= 32 else secrets.token_urlsafe(32)
+
+
+def set_csrf_cookie(request: Request, response: Response) -> None:
+    if request.cookies.get(CSRF_COOKIE) != request.state.csrf_token:
+        response.set_cookie(CSRF_COOKIE, request.state.csrf_token, httponly=True,
+                            samesite="strict", path="/")
+
+
+async def verify_csrf(request: Request) -> None:
+    """Dependency of every route: unsafe methods need a matching CSRF token."""
+    if request.method in SAFE_METHODS or _is_json(request) or is_admin_bearer(request):
+        return
+    sent = request.headers.get("X-CSRF-Token")
+    if sent is None and _is_form(request):
+        sent = (await request.form()).get("csrf_token")
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    if not sent or not cookie or not hmac.compare_digest(str(sent), cookie):
+        if request.url.path.startswith("/api/"):
+            raise HTTPException(403, "API requests that change state must send "
+                                     "'Content-Type: application/json' (a JSON body, {} if "
+                                     "none)")
+        raise HTTPException(403, "the form's CSRF token is missing or stale: reload the page "
+                                 "and try again")
+
+
+def admin_cookie_value(token: str) -> str:
+    return hashlib.sha256(f"saelab-admin:{token}".encode()).hexdigest()
+
+
+def is_admin_bearer(request: Request) -> bool:
+    token = request.app.state.settings.admin_token
+    header = request.headers.get("Authorization", "")
+    return bool(token) and hmac.compare_digest(header, f"Bearer {token}")
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request may mutate: no token configured, a bearer token, or the
+    sign-in cookie."""
+    token = request.app.state.settings.admin_token
+    if not token:
+        return True
+    cookie = request.cookies.get(ADMIN_COOKIE, "")
+    return is_admin_bearer(request) or hmac.compare_digest(cookie, admin_cookie_value(token))
+
+
+def require_admin(request: Request) -> None:
+    """Dependency of mutating routes."""
+    if not is_admin(request):
+        raise HTTPException(401, "this needs the admin token: sign in at /signin or send "
+                                 "'Authorization: Bearer <token>'")
+
+
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+def _is_form(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    return kind in ("application/x-www-form-urlencoded", "multipart/form-data")

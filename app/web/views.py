@@ -1,0 +1,124 @@
+"""What pages and the JSON API show, built from the store (shared so they agree)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.store.models import Explanation, Job, Latent, Model, Sae
+from app.web.engine import SaeHandle
+
+CURVE_POINTS = 500
+
+
+def sae_or_404(session: Session, sae_id: int) -> Sae:
+    sae = session.get(Sae, sae_id)
+    if sae is None:
+        raise HTTPException(404, f"there is no SAE {sae_id}")
+    return sae
+
+
+def latent_or_404(session: Session, sae: Sae, index: int) -> Latent:
+    from app.store.queries import get_latent
+
+    latent = get_latent(session, sae.id, index)
+    if latent is None:
+        raise HTTPException(404, f"SAE {sae.id} has no latent {index} (it has "
+                                 f"{sae.n_latents}: 0 to {sae.n_latents - 1})")
+    return latent
+
+
+def job_or_404(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"there is no job {job_id}")
+    return job
+
+
+def handle(sae: Sae) -> SaeHandle:
+    return SaeHandle(id=sae.id, path=sae.path, model=sae.model.name, layer=sae.layer,
+                     n_latents=sae.n_latents)
+
+
+def headline(sae: Sae) -> dict[str, float | None]:
+    """Explained variance, L0, dead fraction and CE loss recovered: from the evaluation
+    with the SAE spliced into the model when there is one, else from training."""
+    metrics = sae.metrics or {}
+    evaluated = metrics.get("eval") or {}
+    fvu = evaluated.get("fvu", metrics.get("heldout_fvu", metrics.get("fvu")))
+    return {"explained_variance": None if fvu is None else 1 - fvu,
+            "l0": evaluated.get("l0", metrics.get("l0")),
+            "dead_fraction": evaluated.get("dead_fraction", metrics.get("dead_fraction")),
+            "ce_loss_recovered": evaluated.get("ce_loss_recovered")}
+
+
+def models_overview(session: Session) -> list[dict[str, Any]]:
+    rows = session.execute(select(Model, func.count(Sae.id)).outerjoin(Sae)
+                           .group_by(Model.id).order_by(Model.name))
+    return [{"name": m.name, "d_model": m.d_model, "n_layers": m.n_layers, "saes": count}
+            for m, count in rows]
+
+
+def loss_curve(sae: Sae) -> dict[str, list[float]]:
+    """Training FVU by step from the SAE folder's ``loss_curve.csv`` (thinned to
+    ``CURVE_POINTS``); empty when the folder is not on this machine."""
+    path = Path(sae.path) / "loss_curve.csv"
+    if not path.is_file():
+        return {"step": [], "fvu": []}
+    with path.open(newline="") as handle_:
+        rows = list(csv.DictReader(handle_))
+    every = max(1, len(rows) // CURVE_POINTS)
+    rows = rows[::every]
+    return {"step": [int(r["step"]) for r in rows], "fvu": [float(r["fvu"]) for r in rows]}
+
+
+def density_histogram(session: Session, sae_id: int, bins: int = 40) -> dict[str, Any]:
+    """Counts of latents by log10 density (the dead ones, density 0, counted apart)."""
+    densities = session.scalars(select(Latent.density).where(Latent.sae_id == sae_id)).all()
+    logs = [math.log10(d) for d in densities if d > 0]
+    dead = len(densities) - len(logs)
+    if not logs:
+        return {"centers": [], "counts": [], "dead": dead}
+    low, high = min(logs), max(logs) + 1e-9
+    width = (high - low) / bins or 1.0
+    counts = [0] * bins
+    for value in logs:
+        counts[min(bins - 1, int((value - low) / width))] += 1
+    return {"centers": [low + (i + 0.5) * width for i in range(bins)], "counts": counts,
+            "dead": dead}
+
+
+def best_explanation(session: Session, latent: Latent) -> Explanation | None:
+    """The latent's highest-scoring explanation (newest when unscored)."""
+    stmt = (select(Explanation).where(Explanation.latent_id == latent.id)
+            .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc()).limit(1))
+    return session.scalars(stmt).first()
+
+
+def example_groups(latent: Latent) -> dict[str, Any]:
+    """Top examples and quantile samples (highest bucket first) of a loaded latent."""
+    top = [e for e in latent.examples if e.kind == "top"]
+    buckets: dict[int, list] = {}
+    for example in latent.examples:
+        if example.kind == "quantile":
+            buckets.setdefault(example.bucket or 0, []).append(example)
+    return {"top": sorted(top, key=lambda e: e.rank),
+            "quantiles": [(b, sorted(buckets[b], key=lambda e: e.rank))
+                          for b in sorted(buckets, reverse=True)]}
+
+
+def latent_maxima(session: Session, sae_id: int, indices: list[int]) -> dict[int, float]:
+    """Max activation of each latent (steering's unit); 404 names the unknown ones."""
+    rows = dict(session.execute(select(Latent.index, Latent.max_activation).where(
+        Latent.sae_id == sae_id, Latent.index.in_(indices))).all())
+    missing = sorted(set(indices) - set(rows))
+    if missing:
+        raise HTTPException(422, f"features: SAE {sae_id} has no latent "
+                                 f"{', '.join(map(str, missing))}")
+    return {index: float(value) or 1.0 for index, value in rows.items()}

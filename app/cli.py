@@ -202,48 +202,17 @@ def _trained_contexts(cfg: dict, dataset: str, context: int) -> int:
     return -(-manifest.contexts * manifest.context // context)
 
 
-@app.command()
-def demo(
-    layer: Annotated[int, typer.Option("--layer", help="decoder block to study")] = 6,
-    tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")] = 131_072,
-    latents: Annotated[int, typer.Option("--latents")] = 4096,
-    k: Annotated[int, typer.Option("--k")] = 32,
-    eval_tokens: Annotated[int, typer.Option("--eval-tokens")] = 2048,
-    device: DeviceOpt = None,
-) -> None:
-    """The whole loop on the embedded defaults: capture, train and evaluate an SAE.
-
-    Everything lands under the data dir (``demo/``); a second run reuses the capture.
-    """
-    from training.capture import CaptureConfig
-    from training.capture import capture as run_capture
-    from training.metrics import evaluate_sae_on_dataset
-    from training.sae_io import load_sae
-
-    settings = get_settings()
-    root = settings.data_dir / "demo"
-    acts, sae_dir = root / f"acts-L{layer}-{tokens}", root / f"sae-L{layer}"
-    with cli_errors():
-        lm = _load(None, device)
-        manifest = run_capture(lm, CaptureConfig(layer=layer, tokens=tokens), acts)
-        spec = {"acts": str(acts), "out": str(sae_dir), "resume": False,
-                "sae": {"d_in": lm.d_model, "n_latents": latents, "k": k},
-                "train": {"batch": 4096, "lr": 1e-3, "seed": 0}}  # a short run: a larger lr
-        _validate_train_spec(spec, 1)
-        trained = _run_train(spec, 1)
-        sae_module, _ = load_sae(sae_dir, lm.device)
-        metrics = evaluate_sae_on_dataset(lm, sae_module, layer, dataset="embedded",
-                                          tokens=eval_tokens, skip_contexts=manifest.contexts)
-    summary = {"model": lm.name, "layer": layer, "captured": manifest.rows, "sae": str(sae_dir),
-               "heldout_fvu": trained.get("heldout_fvu"), **metrics.to_dict()}
-    (sae_dir / "eval.json").write_text(json.dumps(metrics.to_dict(), indent=2))
-    typer.echo(json.dumps(summary))
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    from app import cli_bench, cli_db, cli_jobs, cli_store  # noqa: F401  (register commands)
+    from app import (  # noqa: F401  (register commands)
+        cli_bench,
+        cli_db,
+        cli_demo,
+        cli_jobs,
+        cli_store,
+        cli_web,
+    )
 
     app()
 

@@ -1,8 +1,9 @@
-"""``saelab bench capture`` and ``saelab bench train``: each prints one JSON line.
+"""``saelab bench ...`` commands: each prints one JSON line.
 
-The maths and the timing live in ``training.bench``; these commands choose sizes, find or
-capture the activations the train benchmark needs (cached under the data dir, so a second
-run starts at once) and print the result.
+The maths and the timing live in ``training.bench`` (and ``app.bench_*`` for the store,
+jobs and the explorer); these commands choose sizes, find or capture the activations the
+train benchmark needs (cached under the data dir, so a second run starts at once), read
+the SAE the steer and web benchmarks use from the store, and print the result.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import typer
 
 from app.cli import DatasetOpt, DeviceOpt, ModelOpt, _load, bench_app, cli_errors
 from app.settings import get_settings
+
+SaeIdOpt = Annotated[int | None, typer.Option("--sae-id", help="SAE in the store "
+                                              "[default: the newest]")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="store URL [default: settings]")]
+STEER_PROMPT = "Write a short story about a lighthouse keeper and a storm."
 
 
 @bench_app.command("capture")
@@ -145,4 +151,83 @@ def bench_jobs(
 
     with cli_errors():
         result = run(acts, latents, k, tokens)
+    typer.echo(json.dumps(result))
+
+
+
+def _store_settings(db: str | None):
+    from app.settings import Settings
+
+    return Settings(database_url=db) if db else get_settings()
+
+
+def _store_sae(settings, sae_id: int | None, densest: int = 0) -> dict:
+    """The SAE row ``sae_id`` (the newest when None) as a dict, with the max activation of
+    its ``densest`` most often firing latents."""
+    from app.store.db import open_store
+    from app.store.models import Sae
+    from app.store.queries import list_latents, list_saes
+
+    sessions = open_store(settings.database_url)
+    try:
+        with sessions() as session:
+            saes = [session.get(Sae, sae_id)] if sae_id is not None else list_saes(session)[:1]
+            if not saes or saes[0] is None:
+                raise ValueError(f"--sae-id: there is no SAE {sae_id} in the store"
+                                 if sae_id is not None else "the store holds no SAE yet")
+            sae = saes[0]
+            maxima = {lat.index: lat.max_activation
+                      for lat in list_latents(session, sae.id, sort="density", limit=densest)}
+            return {"id": sae.id, "path": sae.path, "model": sae.model.name,
+                    "layer": sae.layer, "n_latents": sae.n_latents, "maxima": maxima}
+    finally:
+        sessions.kw["bind"].dispose()
+
+
+@bench_app.command("steer")
+def bench_steer(
+    sae_id: SaeIdOpt = None,
+    db: DbOpt = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="new tokens per reply")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats")] = 5,
+    features: Annotated[int, typer.Option("--features", help="densest latents clamped at "
+                                          "4× their max activation")] = 3,
+    prompt: Annotated[str, typer.Option("--prompt")] = STEER_PROMPT,
+    device: DeviceOpt = None,
+) -> None:
+    """Decode tokens/s of a store SAE's model steered by clamped latents vs unsteered."""
+    from training.bench import bench_steering as run
+    from training.models import load_model
+    from training.sae_io import load_sae
+    from training.steering import Steer
+
+    with cli_errors():
+        if tokens < 1 or features < 1:
+            raise ValueError("--tokens and --features must be positive")
+        settings = _store_settings(db)
+        sae = _store_sae(settings, sae_id, densest=features)
+        lm = load_model(sae["model"], data_dir=settings.data_dir, device=device)
+        module, _ = load_sae(Path(sae["path"]), lm.device)
+        steers = [Steer(feature, "clamp", 4.0) for feature in sae["maxima"]]
+        result = run(lm, module, sae["layer"], steers, sae["maxima"], prompt=prompt,
+                     tokens=tokens, repeats=repeats)
+    typer.echo(json.dumps({"sae_id": sae["id"], "features": list(sae["maxima"]), **result}))
+
+
+@bench_app.command("web")
+def bench_web(
+    sae_id: SaeIdOpt = None,
+    db: DbOpt = None,
+    clients: Annotated[int, typer.Option("--clients", help="concurrent clients")] = 32,
+    requests: Annotated[int, typer.Option("--requests", help="timed GETs per route")] = 400,
+    seed: Annotated[int, typer.Option("--seed", help="of the random latent indices")] = 0,
+) -> None:
+    """Explorer latency under load: feature pages vs /healthz, served by uvicorn."""
+    from app.bench_web import bench_web as run
+
+    with cli_errors():
+        settings = _store_settings(db)
+        sae = _store_sae(settings, sae_id)
+        result = run(settings, sae["id"], sae["n_latents"], clients=clients,
+                     requests=requests, seed=seed)
     typer.echo(json.dumps(result))

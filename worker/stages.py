@@ -128,6 +128,19 @@ def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
         raise RuntimeError(f"distributed training (nproc {nproc}) failed: {tail}")
 
 
+def evaluate_stage(lm, sae, store, sae_dir: Path, tokens: int) -> None:
+    """CE loss recovered, KL, FVU ... with the SAE spliced in, on the text that follows its
+    capture (text the SAE was not trained on), saved as the folder's ``eval.json``."""
+    from app.store.persist import EVAL_FILE
+    from training.metrics import evaluate_sae_on_dataset
+
+    manifest = store.manifest
+    metrics = evaluate_sae_on_dataset(lm, sae, manifest.layer, dataset=manifest.dataset,
+                                      tokens=tokens, context=manifest.context,
+                                      skip_contexts=manifest.contexts, progress=False)
+    (sae_dir / EVAL_FILE).write_text(json.dumps(metrics.to_dict(), indent=2))
+
+
 def _line_count(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -158,6 +171,10 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
 
     result = analyse_capture(sae.to(lm.device), store, lm.model.get_output_embeddings().weight,
                              max_tokens=params.analyze_tokens, progress=False, on_chunk=report)
+    if params.eval_tokens:
+        run.update(force=True, message="evaluating the SAE spliced into the model")
+        evaluate_stage(lm, sae, store, Path(sae_dir), params.eval_tokens)
+    run.update(force=True, message=f"saving {sae.cfg.n_latents} latents to the store")
     return save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg, model_name=lm.name,
                          d_model=lm.d_model, n_layers=lm.n_layers, result=result,
                          token_text=token_texts(lm.tokenizer, result))

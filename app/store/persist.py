@@ -19,6 +19,11 @@ from app.store.models import Example, Latent, Model, Sae
 EXAMPLE_BATCH = 5000
 
 
+EVAL_FILE = "eval.json"
+"""Written into an SAE folder by ``saelab demo``/the analyze stage: its metrics spliced into
+the model (CE loss recovered, KL, ...)."""
+
+
 def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: dict,
                   model_name: str, d_model: int, n_layers: int, result: Any,
                   token_text: dict[int, str]) -> int:
@@ -58,6 +63,9 @@ def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, tokens: int) 
     sae.k = int(cfg["k"]) if cfg.get("k") else None
     sae.config = {key: value for key, value in cfg.items() if _jsonable(value)}
     sae.metrics = _read_json(metrics_file)
+    evaluated = _read_json(sae_dir / EVAL_FILE)  # spliced-in metrics, when evaluated
+    if evaluated:
+        sae.metrics["eval"] = evaluated
     sae.analysed_tokens = tokens
     session.flush()
     return sae

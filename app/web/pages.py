@@ -56,9 +56,18 @@ def goto_latent(sae_id: int, session: SessionDep,
 
 @router.get("/saes/{sae_id}/features/{index}")
 def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
-                 render: RenderDep) -> Response:
+                 render: RenderDep,
+                 bucket: Annotated[int | None, Query(ge=0)] = None) -> Response:
+    """The feature page; ``?bucket=B`` (HTMX) renders one quantile group's examples, which
+    the page loads when its section is opened."""
     sae = views.sae_or_404(session, sae_id)
     latent = views.latent_or_404(session, sae, index)
+    if bucket is not None:
+        items = [e for e in latent.examples if e.kind == "quantile" and e.bucket == bucket]
+        if not items:
+            raise HTTPException(404, f"latent {index} has no quantile group {bucket}")
+        return render(request, "feature.html", {"latent": latent, "bucket_items": sorted(
+            items, key=lambda e: e.rank)}, block="bucket")
     neighbours = {lat.index: lat for lat in latents_by_index(
         session, sae_id, [int(i) for i, _ in latent.neighbours])}
     return render(request, "feature.html", {

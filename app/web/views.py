@@ -96,21 +96,27 @@ def density_histogram(session: Session, sae_id: int, bins: int = 40) -> dict[str
 
 def best_explanation(session: Session, latent: Latent) -> Explanation | None:
     """The latent's highest-scoring explanation (newest when unscored)."""
+    if not latent.explanation:  # every explanation also sets the latent's copy
+        return None
     stmt = (select(Explanation).where(Explanation.latent_id == latent.id)
             .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc()).limit(1))
     return session.scalars(stmt).first()
 
 
 def example_groups(latent: Latent) -> dict[str, Any]:
-    """Top examples and quantile samples (highest bucket first) of a loaded latent."""
+    """Top examples and quantile groups (bucket, examples, lowest and highest peak;
+    highest bucket first) of a loaded latent."""
     top = [e for e in latent.examples if e.kind == "top"]
     buckets: dict[int, list] = {}
     for example in latent.examples:
         if example.kind == "quantile":
             buckets.setdefault(example.bucket or 0, []).append(example)
-    return {"top": sorted(top, key=lambda e: e.rank),
-            "quantiles": [(b, sorted(buckets[b], key=lambda e: e.rank))
-                          for b in sorted(buckets, reverse=True)]}
+    groups = []
+    for bucket in sorted(buckets, reverse=True):
+        items = sorted(buckets[bucket], key=lambda e: e.rank)
+        peaks = [max(e.activations) for e in items]
+        groups.append((bucket, items, min(peaks), max(peaks)))
+    return {"top": sorted(top, key=lambda e: e.rank), "quantiles": groups}
 
 
 def latent_maxima(session: Session, sae_id: int, indices: list[int]) -> dict[int, float]:

@@ -1,0 +1,187 @@
+"""End to end in a real browser (Debian's Chromium driven by Playwright) against a live
+explorer on the analysed embedded SAE, with a real worker process for the job form.
+Screenshots of every page land in ``test-artifacts/screenshots/``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO / "test-artifacts" / "screenshots"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (scripts/setup.sh --dev "
+                "does it as root)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(explorer_data, embedded_model, tmp_path_factory):
+    """A live explorer on a copy of the analysed store, and a worker on its broker."""
+    import uvicorn
+
+    from app.web.engine import InferenceEngine
+    from app.web.main import create_app
+
+    root = tmp_path_factory.mktemp("live")
+    shutil.copy(explorer_data["db_url"].removeprefix("sqlite:///"), root / "store.db")
+    env = {"SAELAB_DATA_DIR": str(root / "data"),
+           "SAELAB_DATABASE_URL": f"sqlite:///{root / 'store.db'}",
+           "SAELAB_BROKER_URL": f"sqla+sqlite:///{root / 'broker.db'}",
+           "SAELAB_HEARTBEAT_S": "0.5"}
+    settings = Settings(data_dir=root / "data", database_url=env["SAELAB_DATABASE_URL"],
+                        broker_url=env["SAELAB_BROKER_URL"])
+    engine = InferenceEngine(settings)
+    engine.preload_model(embedded_model.name, embedded_model)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    log = (root / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()",
+                               "worker"], cwd=REPO, env={**os.environ, **env}, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    yield {"url": f"http://127.0.0.1:{port}", **explorer_data}
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_home_and_sae_page(page, live) -> None:
+    page.goto(live["url"] + "/")
+    assert page.locator("#sae-table tbody tr").count() == 1
+    _shot(page, "home")
+    page.goto(f"{live['url']}/saes/{live['sae_id']}")
+    page.locator(".plot .main-svg").first.wait_for()
+    rows = page.locator("#latent-list tbody tr:not(.more)")
+    assert rows.count() == 50
+    page.locator("tr.more").scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelectorAll('#latent-list tbody tr').length > 60")
+    page.fill("input[name=q]", "punctuation")
+    page.wait_for_function("document.querySelectorAll('#latent-list tbody tr').length === 1")
+    assert "punctuation marks" in page.locator("#latent-list").inner_text()
+    _shot(page, "sae")
+
+
+def test_feature_page_shows_highlighted_tokens(page, live) -> None:
+    index = next(i for i, t in live["explained"].items() if "script" in t)
+    page.goto(f"{live['url']}/saes/{live['sae_id']}/features/{index}")
+    assert page.locator(".explanation").inner_text().startswith("“<script>")
+    highlighted = page.locator("#top-examples .tok[style*='background-color']")
+    assert highlighted.count() >= 20
+    peak = page.locator("#top-examples .tok.peak").first
+    assert float(peak.get_attribute("data-act")) > 0
+    peak.hover()
+    page.locator(".plot .main-svg").first.wait_for()
+    _shot(page, "feature")
+
+
+def test_probe_a_text(page, live) -> None:
+    feature = next(iter(live["explained"]))
+    page.goto(f"{live['url']}/saes/{live['sae_id']}/probe?feature={feature}")
+    page.fill("textarea[name=text]", "for x in range(10):\n    print(x)  # <script>")
+    page.click("button[type=submit]")
+    page.locator("#top-features tbody tr").first.wait_for()
+    assert page.locator("#top-features tbody tr").count() >= 5
+    tokens = page.locator("[data-token-picker] button.pick")
+    assert "<script>" not in page.content().split('id="result"')[1].split("</div>")[0]
+    tokens.nth(3).click()
+    panel = page.locator("#token-3")
+    assert panel.is_visible() and panel.locator("li a").count() >= 1
+    _shot(page, "probe")
+
+
+def test_steer_streams_two_different_replies(page, live) -> None:
+    feature = next(iter(live["explained"]))
+    page.goto(f"{live['url']}/steer?sae={live['sae_id']}&feature={feature}")
+    page.fill(f"#steer-set tr[data-index='{feature}'] input[name=value]", "30")
+    page.fill("input[name=q]", "punctuation")
+    found = page.locator("#search-results li", has_text="punctuation marks")
+    found.locator("button.add-feature").click()
+    assert page.locator("#steer-set tr.steer-row").count() == 2
+    assert "punctuation marks" in page.locator("#steer-set").inner_text()
+    page.fill("textarea[name=prompt]", "What is your favourite food?")
+    page.fill("input[name=max_tokens]", "24")
+    page.click("#send")
+    page.wait_for_selector("#steer[data-state=done]", timeout=120_000)
+    baseline = page.locator("#reply-baseline").inner_text()
+    steered = page.locator("#reply-steered").inner_text()
+    assert page.locator("#steer-error").is_hidden()
+    assert baseline and steered and baseline != steered
+    _shot(page, "steer")
+
+
+def test_submit_a_job_and_watch_it_finish(page, live, tiny_llama_dir) -> None:
+    page.goto(live["url"] + "/jobs")
+    page.fill("#job-form input[name=layer]", "-1")
+    page.click("#job-form button[type=submit]")
+    page.locator(".field-error[data-field=layer]").wait_for()
+    form = page.locator("#job-form")
+    form.locator("input[name=model]").fill(str(tiny_llama_dir))
+    form.locator("input[name=layer]").fill("1")
+    form.locator("input[name=tokens]").fill("16384")
+    form.locator("input[name=latents]").fill("128")
+    form.locator("input[name=k]").fill("8")
+    form.locator("button[type=submit]").click()
+    page.wait_for_url("**/jobs/*")
+    page.locator(".progress").first.wait_for()
+    page.wait_for_selector("#live:is([data-state=succeeded], [data-state=failed], "
+                           "[data-state=cancelled])", timeout=240_000)
+    assert page.locator("#job-state").inner_text() == "succeeded", page.locator(
+        "#live").inner_text()
+    assert page.get_by_role("link", name="open the SAE").is_visible()
+    _shot(page, "job")
+    page.get_by_role("link", name="open the SAE").click()
+    page.wait_for_url("**/saes/*")
+    assert page.locator("#latent-list tbody tr").count() >= 50

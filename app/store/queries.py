@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
-from app.store.models import Latent, Model, Sae
+from app.store.models import Example, Latent, Model, Sae
 
 _SQLITE_SEARCH = text(
     "SELECT latents.* FROM latents JOIN latents_fts ON latents_fts.rowid = latents.id "
@@ -68,8 +68,40 @@ def latents_by_index(session: Session, sae_id: int, indices: list[int]) -> list[
     return sorted(session.scalars(stmt), key=lambda lat: indices.index(lat.index))
 
 
-def get_latent(session: Session, sae_id: int, index: int) -> Latent | None:
-    """A latent with its examples loaded (top first, then quantile buckets)."""
-    stmt = (select(Latent).where(Latent.sae_id == sae_id, Latent.index == index)
-            .options(selectinload(Latent.examples)))
+def explanations_of(session: Session, sae_id: int, indices: list[int]) -> dict[int, str | None]:
+    """index -> explanation for some latents (a light query: no JSON columns)."""
+    stmt = select(Latent.index, Latent.explanation).where(Latent.sae_id == sae_id,
+                                                          Latent.index.in_(indices))
+    return dict(session.execute(stmt).all())
+
+
+def get_latent(session: Session, sae_id: int, index: int, *, examples: bool = True
+               ) -> Latent | None:
+    """A latent, with its examples loaded (top first, then quantile buckets) unless
+    ``examples`` is False."""
+    stmt = select(Latent).where(Latent.sae_id == sae_id, Latent.index == index)
+    if examples:
+        stmt = stmt.options(selectinload(Latent.examples))
     return session.scalars(stmt).one_or_none()
+
+
+def quantile_counts(session: Session, latent_id: int) -> dict[int, int]:
+    """Examples per quantile bucket of a latent."""
+    stmt = (select(Example.bucket, func.count()).where(
+        Example.latent_id == latent_id, Example.kind == "quantile").group_by(Example.bucket))
+    return {int(bucket or 0): count for bucket, count in session.execute(stmt)}
+
+
+def examples_of(session: Session, latent_id: int, *, top: bool = True,
+                buckets: tuple[int, ...] = ()) -> list[Example]:
+    """A latent's top examples and/or those of some quantile buckets, by rank."""
+    wanted = []
+    if top:
+        wanted.append(Example.kind == "top")
+    if buckets:
+        wanted.append(and_(Example.kind == "quantile", Example.bucket.in_(buckets)))
+    if not wanted:
+        return []
+    stmt = (select(Example).where(Example.latent_id == latent_id, or_(*wanted))
+            .order_by(Example.kind.desc(), Example.bucket, Example.rank))
+    return list(session.scalars(stmt))

@@ -4,6 +4,8 @@ engine, the routers, CSRF and the error pages. Nothing happens at import time.""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +30,8 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
 
     settings = settings or get_settings()
     app = FastAPI(title="saelab", version="0.1.0", dependencies=[Depends(verify_csrf)],
-                  description="Browse SAE features, probe text, steer chat, queue jobs.")
+                  description="Browse SAE features, probe text, steer chat, queue jobs.",
+                  lifespan=_lifespan)
     app.state.settings = settings
     app.state.sessions = open_store(settings.database_url)
     app.state.engine = engine or InferenceEngine(settings)
@@ -46,6 +49,13 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
         return PlainTextResponse("ok")
 
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Frees the inference thread when the server stops."""
+    yield
+    app.state.engine.close()
 
 
 async def _csrf_cookie(request: Request, call_next) -> Response:

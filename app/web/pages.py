@@ -9,7 +9,14 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app import jobs
-from app.store.queries import SORTS, latents_by_index, list_latents, list_saes
+from app.store.queries import (
+    SORTS,
+    examples_of,
+    explanations_of,
+    latents_by_index,
+    list_latents,
+    list_saes,
+)
 from app.web import views
 from app.web.deps import EngineDep, RenderDep, SessionDep, SettingsDep
 from app.web.security import ADMIN_COOKIE, admin_cookie_value
@@ -61,18 +68,17 @@ def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
     """The feature page; ``?bucket=B`` (HTMX) renders one quantile group's examples, which
     the page loads when its section is opened."""
     sae = views.sae_or_404(session, sae_id)
-    latent = views.latent_or_404(session, sae, index)
+    latent = views.latent_or_404(session, sae, index, examples=False)
     if bucket is not None:
-        items = [e for e in latent.examples if e.kind == "quantile" and e.bucket == bucket]
+        items = examples_of(session, latent.id, top=False, buckets=(bucket,))
         if not items:
             raise HTTPException(404, f"latent {index} has no quantile group {bucket}")
-        return render(request, "feature.html", {"latent": latent, "bucket_items": sorted(
-            items, key=lambda e: e.rank)}, block="bucket")
-    neighbours = {lat.index: lat for lat in latents_by_index(
-        session, sae_id, [int(i) for i, _ in latent.neighbours])}
+        return render(request, "feature.html", {"latent": latent, "bucket_items": items},
+                      block="bucket")
+    neighbours = explanations_of(session, sae_id, [int(i) for i, _ in latent.neighbours])
     return render(request, "feature.html", {
         "sae": sae, "latent": latent, "best": views.best_explanation(session, latent),
-        "examples": views.example_groups(latent), "neighbours": neighbours})
+        "examples": views.example_groups(session, latent), "neighbours": neighbours})
 
 
 @router.get("/saes/{sae_id}/probe")

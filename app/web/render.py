@@ -23,19 +23,22 @@ TEMPLATES = ROOT / "templates"
 STATIC = ROOT / "static"
 
 _VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+_ESCAPE_VISIBLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;",
+                                 "'": "&#39;", **{char: f'<span class="ws">{mark}</span>'
+                                                  for char, mark in _VISIBLE.items()}})
+
+
+def _visible_html(token: str) -> str:
+    """Escaped token text with newlines and tabs as marks and an all-space token as dots
+    (one ``str.translate``: this runs ~1,500 times per feature page)."""
+    if token and not token.strip(" "):
+        return f'<span class="ws">{"·" * len(token)}</span>'
+    return token.translate(_ESCAPE_VISIBLE)
 
 
 def visible(token: str) -> Markup:
     """A token's text with newlines, tabs and all-space tokens shown as marks, escaped."""
-    if token and not token.strip(" "):
-        return Markup('<span class="ws">{}</span>').format("·" * len(token))
-    if not any(char in token for char in _VISIBLE):  # the common case: one escape call
-        return escape(token)
-    out = Markup()
-    for char in token:
-        mark = _VISIBLE.get(char)
-        out += Markup('<span class="ws">{}</span>').format(mark) if mark else escape(char)
-    return out
+    return Markup(_visible_html(token))
 
 
 def token_spans(tokens: list[str], activations: list[float], top: float,
@@ -47,9 +50,17 @@ def token_spans(tokens: list[str], activations: list[float], top: float,
     for position, (token, value) in enumerate(zip(tokens, activations, strict=True)):
         css = "tok peak" if position == peak else "tok"
         style = f' style="{heat(value, top)}"' if value > 0 else ""
-        parts.append(f'<span class="{css}"{style} data-act="{value:.3f}">{visible(token)}'
-                     "</span>")
+        parts.append(f'<span class="{css}"{style} data-act="{value:.3f}">'
+                     f"{_visible_html(token)}</span>")
     return Markup('<span class="tokens">' + "".join(parts) + "</span>")
+
+
+def example_html(tokens: list[str], activations: list[float], top: float) -> Markup:
+    """One example window: its peak activation, then its tokens with the peak outlined."""
+    peak = max(range(len(activations)), key=activations.__getitem__) if activations else None
+    high = activations[peak] if peak is not None else 0.0
+    return Markup(f'<div class="example"><span class="ex-max">{number(high)}</span>'
+                  f"{token_spans(tokens, activations, top, peak)}</div>")
 
 
 def heat(value: float, top: float) -> str:
@@ -91,7 +102,7 @@ class Renderer:
                                lstrip_blocks=True)
         self.env.filters.update(visible=visible, heat=heat, number=number, percent=percent,
                                 tojson_attr=to_json)
-        self.env.globals.update(token_spans=token_spans)
+        self.env.globals.update(token_spans=token_spans, example_html=example_html)
 
     def __call__(self, request: Request, name: str, context: dict[str, Any] | None = None,
                  status: int = 200, headers: dict[str, str] | None = None,

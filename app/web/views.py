@@ -24,10 +24,11 @@ def sae_or_404(session: Session, sae_id: int) -> Sae:
     return sae
 
 
-def latent_or_404(session: Session, sae: Sae, index: int) -> Latent:
+def latent_or_404(session: Session, sae: Sae, index: int, *, examples: bool = True
+                  ) -> Latent:
     from app.store.queries import get_latent
 
-    latent = get_latent(session, sae.id, index)
+    latent = get_latent(session, sae.id, index, examples=examples)
     if latent is None:
         raise HTTPException(404, f"SAE {sae.id} has no latent {index} (it has "
                                  f"{sae.n_latents}: 0 to {sae.n_latents - 1})")
@@ -103,20 +104,20 @@ def best_explanation(session: Session, latent: Latent) -> Explanation | None:
     return session.scalars(stmt).first()
 
 
-def example_groups(latent: Latent) -> dict[str, Any]:
-    """Top examples and quantile groups (bucket, examples, lowest and highest peak;
-    highest bucket first) of a loaded latent."""
-    top = [e for e in latent.examples if e.kind == "top"]
-    buckets: dict[int, list] = {}
-    for example in latent.examples:
-        if example.kind == "quantile":
-            buckets.setdefault(example.bucket or 0, []).append(example)
-    groups = []
-    for bucket in sorted(buckets, reverse=True):
-        items = sorted(buckets[bucket], key=lambda e: e.rank)
-        peaks = [max(e.activations) for e in items]
-        groups.append((bucket, items, min(peaks), max(peaks)))
-    return {"top": sorted(top, key=lambda e: e.rank), "quantiles": groups}
+def example_groups(session: Session, latent: Latent) -> dict[str, Any]:
+    """What the feature page shows at once: the top examples and the highest quantile
+    bucket's samples (``open``: bucket, examples, lowest and highest peak), and the other
+    buckets with their sample counts (``closed``: loaded when their section is opened)."""
+    from app.store.queries import examples_of, quantile_counts
+
+    counts = quantile_counts(session, latent.id)
+    first = max(counts) if counts else None
+    rows = examples_of(session, latent.id, buckets=() if first is None else (first,))
+    top = [e for e in rows if e.kind == "top"]
+    items = [e for e in rows if e.kind == "quantile"]
+    peaks = [max(e.activations) for e in items] or [0.0]
+    return {"top": top, "open": (first, items, min(peaks), max(peaks)) if items else None,
+            "closed": sorted(((b, n) for b, n in counts.items() if b != first), reverse=True)}
 
 
 def latent_maxima(session: Session, sae_id: int, indices: list[int]) -> dict[int, float]:

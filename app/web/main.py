@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.state.settings = settings
     app.state.sessions = open_store(settings.database_url)
     app.state.engine = engine or InferenceEngine(settings)
+    app.state.owns_engine = engine is None
     app.state.render = Renderer()
     app.state.celery = None  # made on the first job submission
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -53,9 +54,10 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Frees the inference thread when the server stops."""
+    """Frees the inference thread when the server stops (unless the engine was given)."""
     yield
-    app.state.engine.close()
+    if app.state.owns_engine:
+        app.state.engine.close()
 
 
 async def _csrf_cookie(request: Request, call_next) -> Response:

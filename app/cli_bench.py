@@ -16,11 +16,11 @@ from typing import Annotated
 import typer
 
 from app.cli import DatasetOpt, DeviceOpt, ModelOpt, _load, bench_app, cli_errors
+from app.cli_db import DbOpt
 from app.settings import get_settings
 
 SaeIdOpt = Annotated[int | None, typer.Option("--sae-id", help="SAE in the store "
                                               "[default: the newest]")]
-DbOpt = Annotated[str | None, typer.Option("--db", help="store URL [default: settings]")]
 STEER_PROMPT = "Write a short story about a lighthouse keeper and a storm."
 
 
@@ -152,7 +152,6 @@ def bench_jobs(
     with cli_errors():
         result = run(acts, latents, k, tokens)
     typer.echo(json.dumps(result))
-
 
 
 def _store_settings(db: str | None):

@@ -147,3 +147,13 @@ def test_dataset_that_runs_out_is_marked_and_reused(tiny_model, text_file, tmp_p
     assert first.exhausted and 0 < first.rows < 10**6
     again = capture(tiny_model, cfg, out, progress=False)
     assert again.rows == first.rows
+
+
+def test_progress_callback_counts_rows_without_a_bar(tiny_model, text_file, tmp_path):
+    """Jobs capture with the bar off and follow ``on_tokens``: it must still count."""
+    calls: list[tuple[int, int]] = []
+    manifest = capture(tiny_model, _cfg(text_file), tmp_path / "acts", progress=False,
+                       on_tokens=lambda done, total: calls.append((done, total)))
+    assert len(calls) >= 2 and calls[0][0] > 0
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert calls[-1] == (min(manifest.rows, calls[-1][1]), calls[-1][1])

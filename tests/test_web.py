@@ -273,3 +273,25 @@ def test_admin_token_guards_mutations(explorer_data, shared_engine, tmp_path) ->
         assert right.status_code == 303 and "s3cret" not in right.headers["set-cookie"]
         assert client.post("/jobs", data=form).status_code == 422
         assert client.get("/").status_code == 200, "reading needs no token"
+
+
+def test_engine_queues_concurrent_probes_and_refuses_when_full(client, explorer_data,
+                                                               shared_engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.web.engine import MAX_WAITING
+
+    body = {"sae_id": explorer_data["sae_id"], "text": "import os\nprint(os.sep)"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.post("/api/v1/probe", json=body), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({json.dumps(a.json()) for a in answers}) == 1
+    shared_engine._waiting = MAX_WAITING  # as if MAX_WAITING requests were queued
+    try:
+        busy = client.post("/api/v1/probe", json=body)
+        assert busy.status_code == 503 and "try again" in busy.json()["detail"]
+        steer = client.post("/api/v1/steer", json={"sae_id": explorer_data["sae_id"],
+                                                   "prompt": "hi", "features": []})
+        assert steer.status_code == 503
+    finally:
+        shared_engine._waiting = 0

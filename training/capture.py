@@ -172,12 +172,13 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest
     bar = tqdm(total=remaining * (cfg.context - 1), unit="tok", desc=f"capture L{cfg.layer}",
                disable=not progress)
     dtype = parse_dtype(cfg.dtype)
-    rows_before = manifest.rows  # bar.n counts this run's rows only
+    counted = [manifest.rows]  # not bar.n: a disabled bar counts nothing
 
     def advance(rows: int) -> None:
         bar.update(rows)
+        counted[0] += rows
         if on_tokens is not None:
-            on_tokens(min(rows_before + bar.n, cfg.tokens), cfg.tokens)
+            on_tokens(min(counted[0], cfg.tokens), cfg.tokens)
 
     with bar:
         for group in _batched(contexts, cfg.contexts_per_shard):

@@ -44,9 +44,11 @@ def _fill(engine) -> int:
             latent.examples = [Example(kind="top", rank=0, tokens=["a", "b"],
                                        activations=[0.0, 2.0], context_index=4, position=9)]
             session.add(latent)
-            if text:
+            if text:  # the explanations table as revision 0001 made it
                 session.flush()
-                session.add(Explanation(latent_id=latent.id, text=text, source="human"))
+                session.execute(sql("INSERT INTO explanations (latent_id, text, source, "
+                                    "created_at) VALUES (:latent, :text, 'human', "
+                                    "CURRENT_TIMESTAMP)"), {"latent": latent.id, "text": text})
         # the jobs table as revision 0001 made it (later revisions add columns)
         session.execute(sql("INSERT INTO jobs (kind, params, state, progress, series, "
                              "created_at) VALUES ('train', '{\"k\": 1}', 'queued', 0, "
@@ -58,13 +60,13 @@ def _fill(engine) -> int:
 def test_upgrade_from_empty_and_round_trip(db_url) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     assert set(inspect(engine).get_table_names()) >= TABLES
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert not TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -82,6 +84,9 @@ def test_data_survives_the_upgrade_and_is_searchable(db_url) -> None:
         job = session.scalars(select(Job)).one()
         assert job.series == {"fvu": [0.5, 0.3]}
         assert (job.stats, job.result, job.attempts, job.cancel_requested) == ({}, {}, 0, False)
+        explained = session.scalars(select(Explanation)).all()
+        assert [(e.usage, e.detection_score, e.embedding) for e in explained] == [
+            ({}, None, None)] * 2
         found = search_explanations(session, sae_id, "keywords")
         assert [lat.index for lat in found] == [0]  # rows written before 0002 are indexed
     with Session.begin() as session:
@@ -108,7 +113,7 @@ def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -127,7 +132,7 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
-    assert result.exit_code == 0 and "revision 0003" in result.stdout, result.output
+    assert result.exit_code == 0 and "revision 0004" in result.stdout, result.output
     result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])

@@ -137,6 +137,7 @@ class Explanation(Base):
     """A natural-language explanation of a latent and how well it scored."""
 
     __tablename__ = "explanations"
+    __table_args__ = (Index("ix_explanations_settings", "latent_id", "settings_key"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     latent_id: Mapped[int] = mapped_column(ForeignKey("latents.id", ondelete="CASCADE"),
                                            index=True)
@@ -144,6 +145,20 @@ class Explanation(Base):
     source: Mapped[str] = mapped_column(String(100))
     """Who wrote it: the explainer model's name, ``human`` or ``import``."""
     score: Mapped[float | None]
+    """The headline score: the mean of detection and fuzzing when both were measured."""
+    detection_score: Mapped[float | None]
+    """Balanced accuracy of telling held-out activating contexts from non-activating ones
+    given only the explanation."""
+    fuzzing_score: Mapped[float | None]
+    """Balanced accuracy of telling correctly marked activating tokens from randomly
+    marked ones given only the explanation."""
+    settings_key: Mapped[str | None] = mapped_column(String(64))
+    """Hash of the explainer settings (explainer, model, prompt version, example counts):
+    a re-run with the same settings skips latents that already have one."""
+    usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Requests, input/output tokens and cost (USD) spent on this explanation."""
+    embedding: Mapped[list[Any] | None] = mapped_column(JSON)
+    """The text's sentence embedding (unit norm) for semantic search."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -12,7 +12,7 @@ import typer
 from app.cli import DeviceOpt, ModelOpt, _load, app, cli_errors
 from app.cli_db import DbOpt
 from app.settings import get_settings
-from app.store.records import example_record, latent_record, sae_record
+from app.store.records import example_record, explanation_record, latent_record, sae_record
 
 
 def _sessions(db: str | None):
@@ -35,23 +35,19 @@ def analyze(
 ) -> None:
     """Analyse every latent of an SAE and store the result (replacing an earlier one)."""
     from app.store.persist import save_analysis, token_texts
-    from training.activations import ActivationStore
-    from training.analysis import analyse_capture
+    from training.analysis import analyse_capture, checked_capture
     from training.sae_io import load_sae
 
     with cli_errors():
         sae_module, cfg = load_sae(sae)
         sessions = _sessions(db)  # fail on a bad --db before the long part
         lm = _load(model or cfg.get("model_name"), device)
-        if lm.d_model != sae_module.cfg.d_in:
+        if lm.d_model != sae_module.cfg.d_in:  # before a fresh --dataset capture
             raise ValueError(f"--sae {sae} has d_in={sae_module.cfg.d_in} but {lm.name} has "
                              f"d={lm.d_model}: the SAE was not trained on this model")
-        source = _source(lm, cfg, sae, acts, dataset, tokens)
-        store = ActivationStore(source)
-        store.verify()
-        if store.d_model != sae_module.cfg.d_in:
-            raise ValueError(f"--acts {source} has d={store.d_model}, the SAE "
-                             f"d_in={sae_module.cfg.d_in}")
+        store = checked_capture(sae_module, lm.name, lm.d_model,
+                                _source(lm, cfg, sae, acts, dataset, tokens),
+                                sae_label=f"--sae {sae}", acts_label="--acts")
         result = analyse_capture(sae_module.to(lm.device), store,
                                  lm.model.get_output_embeddings().weight, max_tokens=tokens)
         sae_id = save_analysis(sessions, sae_dir=sae, sae_cfg=cfg, model_name=lm.name,
@@ -135,7 +131,7 @@ def feature(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One latent: statistics, logit effects, neighbours and examples."""
-    from app.store.queries import get_latent
+    from app.store.queries import explanations_for, get_latent
 
     with cli_errors(), _sessions(db)() as session:
         _check_sae(session, sae_id)
@@ -144,11 +140,17 @@ def feature(
             raise ValueError(f"SAE {sae_id} has no latent {index}")
         row = latent_record(latent)
         row["examples"] = [example_record(e) for e in latent.examples]
+        row["explanations"] = [explanation_record(e)
+                               for e in explanations_for(session, latent.id)]
     if as_json:
         typer.echo(json.dumps(row))
         return
     typer.echo(f"latent {index}: density {row['density']:.3e}, mean {row['mean_activation']:.3f}"
                f", max {row['max_activation']:.3f}")
+    for item in row["explanations"][:1]:
+        typer.echo(f"explanation: {item['text']!r} (score {item['score']}, detection "
+                   f"{item['detection_score']}, fuzzing {item['fuzzing_score']}, "
+                   f"{item['source']})")
     typer.echo("promotes: " + " ".join(repr(t) for t, _ in row["top_logits"]))
     typer.echo("suppresses: " + " ".join(repr(t) for t, _ in row["bottom_logits"]))
     for ex in row["examples"]:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 from app.store.models import Job
 
-KINDS = ("capture", "train", "analyze", "pipeline")
+KINDS = ("capture", "train", "analyze", "explain", "pipeline")
 ACTIVE = ("queued", "running")
 
 
@@ -73,11 +73,21 @@ class JobParams(BaseModel):
                              "spliced into the model on (0: skip)")
     acts: str | None = Field(None, description="capture directory (train, analyze)")
     sae: str | None = Field(None, description="SAE directory (analyze)")
+    sae_id: int | None = Field(None, ge=1, description="SAE in the store (explain)")
+    latent_range: str | None = Field(None, pattern=r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-"
+                                     r"\s*\d+)?)*\s*$", description="latents to explain, e.g. "
+                                     "'0-99' or '3,7,10-20' [default: all]")
+    explain_count: int = Field(0, ge=0, description="pipeline: explain this many of the "
+                               "most active latents")
+    explainer: Literal["auto", "claude", "local"] = Field(
+        "auto", description="auto: Claude when an API key is set, else the local model")
+    explainer_model: str | None = Field(None, description="Claude model [default: settings]")
+    score: bool = Field(True, description="score explanations (detection, fuzzing)")
     queue: str | None = None
 
 
 REQUIRED = {"capture": ("layer",), "train": ("acts",), "analyze": ("sae",),
-            "pipeline": ("layer",)}
+            "explain": ("sae_id",), "pipeline": ("layer",)}
 
 
 def validate(kind: str, params: dict[str, Any]) -> JobParams:
@@ -103,16 +113,39 @@ def validate(kind: str, params: dict[str, Any]) -> JobParams:
     return parsed
 
 
-def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any]
-           ) -> Job:
-    """Validate, store and queue a job; returns its row."""
-    from worker.celery_app import send_job
+def parse_latents(spec: str | None, n_latents: int) -> list[int]:
+    """Latent indices of a ``latent_range`` ('0-99', '3,7,10-20'; None: all), sorted."""
+    if spec is None:
+        return list(range(n_latents))
+    chosen: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if first > last or last >= n_latents:
+            raise JobError(f"latent_range: {part} is not within 0-{n_latents - 1}",
+                           {"latent_range": f"{part} is not within 0-{n_latents - 1}"})
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)
 
+
+def create(sessions: sessionmaker[Session], kind: str, params: dict[str, Any]) -> Job:
+    """Validate and store a queued job without sending it (``submit`` sends it; ``saelab
+    explain --now`` runs it in process)."""
     parsed = validate(kind, params)
     with sessions.begin() as session:
         job = Job(kind=kind, params=parsed.model_dump(exclude_none=True), state="queued",
                   progress=0.0, message="queued")
         session.add(job)
+    return job
+
+
+def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any]
+           ) -> Job:
+    """Validate, store and queue a job; returns its row."""
+    from worker.celery_app import send_job
+
+    job = create(sessions, kind, params)
+    parsed = JobParams(**job.params)
     try:
         send_job(celery, kind, job.id, parsed.queue)
     except Exception as exc:  # broker down: the job must not wait "queued" forever
@@ -154,7 +187,9 @@ def cancel(sessions: sessionmaker[Session], job_id: int, settings: Settings) -> 
 
 
 def reap(sessions: sessionmaker[Session], celery, settings: Settings) -> list[int]:
-    """Recover running jobs whose worker stopped sending heartbeats; returns their ids."""
+    """Recover running jobs whose worker stopped sending heartbeats, and re-send queued
+    jobs no worker took for ``resend_after_s`` (their message may be lost); returns the
+    ids of the jobs it changed."""
     from worker.celery_app import send_job
 
     cutoff = _now() - timedelta(seconds=settings.stale_after_s)
@@ -173,12 +208,27 @@ def reap(sessions: sessionmaker[Session], celery, settings: Settings) -> list[in
                 reaped.append(job.id)
             else:
                 job.state, job.message = "queued", f"{lost}; resuming"
+                job.heartbeat_at = _now()  # when it was last sent
                 requeued.append((job.id, job.kind, job.params.get("queue")))
+        requeued += _unclaimed(session, settings)
     for job_id in reaped:
         remove_artifacts(settings, job_id, keep_finished=True)
     for job_id, kind, queue in requeued:
         send_job(celery, kind, job_id, queue)
     return reaped + [job_id for job_id, _, _ in requeued]
+
+
+def _unclaimed(session: Session, settings: Settings) -> list[tuple[int, str, str | None]]:
+    """Queued jobs no worker has taken for ``resend_after_s`` since they were last sent:
+    marked as sent again now; returns (id, kind, queue) to send."""
+    cutoff = _now() - timedelta(seconds=settings.resend_after_s)
+    waiting = session.scalars(select(Job).where(
+        Job.state == "queued", func.coalesce(Job.heartbeat_at, Job.created_at) < cutoff)
+        .with_for_update()).all()
+    for job in waiting:
+        job.heartbeat_at = _now()
+        job.message = f"queued; sent again (not taken for {settings.resend_after_s:.0f} s)"
+    return [(job.id, job.kind, job.params.get("queue")) for job in waiting]
 
 
 def claim(sessions: sessionmaker[Session], job_id: int, worker: str) -> bool:

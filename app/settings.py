@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +26,10 @@ class Settings(BaseSettings):
     """How often a running job's worker refreshes its heartbeat and checks for cancel."""
     stale_after_s: float = 60.0
     """A running job whose heartbeat is older than this lost its worker."""
+    resend_after_s: float = 600.0
+    """A job still queued this long after it was sent is sent again (its broker message may
+    have been lost, e.g. Redis restarted without persistence); a duplicate is harmless:
+    only one worker can claim the job."""
     max_attempts: int = 3
     """Runs of a job (the first and resumptions after lost workers) before it fails."""
     admin_token: str = ""
@@ -37,6 +42,16 @@ class Settings(BaseSettings):
     """Language models kept loaded for probing and steering (least recently used goes)."""
     inference_saes: int = 4
     """SAEs kept loaded for probing and steering."""
+
+    anthropic_api_key: str = Field("", validation_alias=AliasChoices(
+        "SAELAB_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"), repr=False)
+    """When set, explain jobs use Claude (``ANTHROPIC_API_KEY`` is read too); else the
+    local instruct model."""
+    anthropic_base_url: str = Field("", validation_alias=AliasChoices(
+        "SAELAB_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"))
+    """Another endpoint speaking the Messages API (a proxy or gateway); empty: Anthropic's."""
+    claude_model: str = "claude-sonnet-4-5"
+    """The Claude model explain jobs use unless a job names another."""
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()

@@ -193,3 +193,63 @@ def test_bad_ids_and_params(stack, tiny_llama_dir) -> None:
     assert failed.state == "failed" and "no-model" in failed.message
     with stack.sessions() as session:
         assert session.get(Job, 987654) is None
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of a process (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def test_killed_worker_takes_its_torchrun_processes_along(stack, tiny_llama_dir) -> None:
+    if stack.kind != "embedded":
+        pytest.skip("one broker is enough: this is about the worker's children")
+    worker = stack.start_worker()
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{
+        "--nproc": 2, "--train-tokens": 10**9}))
+    stack.wait(job_id, lambda j: j.stage == "train" and "loss" in j.stats)
+    children = _descendants(worker.pid)
+    assert len(children) >= 3, children  # torchrun and its 2 ranks
+    os.kill(worker.pid, signal.SIGKILL)  # the worker only, not its process group
+    worker.wait()
+    deadline = time.monotonic() + 30
+    while _alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _alive(children) == set(), "torchrun or its ranks outlived their worker"
+
+
+def test_queued_job_whose_message_was_lost_is_sent_again(stack, tiny_llama_dir) -> None:
+    from app import jobs
+
+    stack.env["SAELAB_RESEND_AFTER_S"] = "1"
+    job = jobs.create(stack.sessions, "capture", {  # stored, never sent: a lost message
+        "model": str(tiny_llama_dir), "layer": 1, "tokens": 512, "queue": stack.queue})
+    time.sleep(1.5)
+    stack.start_worker()  # its reaper runs at start, then every 2 s
+    done = stack.wait(job.id, _ended, timeout=60)
+    assert done.state == "succeeded", done.message
+    assert done.attempts == 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -300,6 +301,22 @@ def _quantile_picks(state: _State) -> tuple[Tensor, Tensor, Tensor]:
     rank = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
     picked = valid & (rank < cfg.per_bucket)
     return bucket.masked_fill(~picked, -1), rank, picked
+
+
+def checked_capture(sae: SparseAutoencoder, model_name: str, d_model: int, source: Path,
+                    *, sae_label: str, acts_label: str) -> ActivationStore:
+    """The capture at ``source``, checked to fit the SAE and the model (same d, shards
+    intact) before a long analysis starts; the labels name the inputs in the errors (a CLI
+    flag or a job field)."""
+    if d_model != sae.cfg.d_in:
+        raise ValueError(f"{sae_label} has d_in={sae.cfg.d_in} but {model_name} has "
+                         f"d={d_model}: the SAE was not trained on this model")
+    store = ActivationStore(Path(source))
+    store.verify()
+    if store.d_model != sae.cfg.d_in:
+        raise ValueError(f"{acts_label} {source} has d={store.d_model}, the SAE "
+                         f"d_in={sae.cfg.d_in}")
+    return store
 
 
 def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Tensor,

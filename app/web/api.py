@@ -11,8 +11,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from app import jobs
-from app.store.queries import SORTS, list_latents, list_saes
-from app.store.records import example_record, job_record, latent_record, sae_record
+from app.store.queries import SORTS, explanations_for, list_latents, list_saes
+from app.store.records import (
+    example_record,
+    explanation_record,
+    job_record,
+    latent_record,
+    sae_record,
+)
 from app.web import views
 from app.web.deps import EngineDep, SessionDep, celery_app
 from app.web.security import require_admin
@@ -76,6 +82,8 @@ def feature(sae_id: int, index: int, session: SessionDep) -> dict:
     return {**latent_record(latent),
             "explanation_score": best.score if best else None,
             "explanation_source": best.source if best else None,
+            "explanations": [explanation_record(e)
+                             for e in explanations_for(session, latent.id)],
             "examples": [example_record(e) for e in latent.examples]}
 
 

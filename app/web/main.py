@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from app.settings import Settings, get_settings
-from app.web import api, pages, pages_jobs
+from app.web import api, api_search, pages, pages_jobs
 from app.web.engine import EngineBusy, InferenceEngine
 from app.web.render import STATIC, Renderer
 from app.web.security import csrf_token, is_admin, set_csrf_cookie, verify_csrf
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.state.celery = None  # made on the first job submission
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)
+    app.include_router(api_search.router)
     app.include_router(pages.router)
     app.include_router(pages_jobs.router)
     app.middleware("http")(_csrf_cookie)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from app import jobs
 from app.store.queries import (
@@ -18,7 +19,9 @@ from app.store.queries import (
     list_saes,
 )
 from app.web import views
+from app.web.api_search import ContrastRequest, contrast_records, search_hits
 from app.web.deps import EngineDep, RenderDep, SessionDep, SettingsDep
+from app.web.render import fragment_name
 from app.web.security import ADMIN_COOKIE, admin_cookie_value
 
 router = APIRouter(include_in_schema=False)
@@ -36,19 +39,29 @@ def home(request: Request, session: SessionDep, render: RenderDep) -> Response:
 
 
 @router.get("/saes/{sae_id}")
-def sae_page(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
-             sort: SortParam = "index", q: Annotated[str, Query(max_length=200)] = "",
-             offset: Annotated[int, Query(ge=0)] = 0) -> Response:
-    sae = views.sae_or_404(session, sae_id)
-    latents = list_latents(session, sae_id, search=q.strip() or None, sort=sort, limit=PAGE,
-                           offset=offset)
+async def sae_page(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
+                   engine: EngineDep, sort: SortParam = "index",
+                   q: Annotated[str, Query(max_length=200)] = "",
+                   offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+    """The SAE's metrics, charts and latents; ``q`` searches explanations by words and by
+    meaning (fused), otherwise the latents are listed by ``sort`` with infinite scroll."""
+    sae = await run_in_threadpool(views.sae_or_404, session, sae_id)
+    matches: dict[int, str] = {}
+    if q.strip():
+        hits = await search_hits(session, engine, sae_id, q, PAGE)
+        latents, matches = [h.latent for h in hits], {h.latent.id: h.match for h in hits}
+    else:
+        latents = await run_in_threadpool(lambda: list_latents(
+            session, sae_id, sort=sort, limit=PAGE, offset=offset))
     context = {"sae": sae, "headline": views.headline(sae), "latents": latents, "sort": sort,
-               "q": q, "offset": offset, "page": PAGE,
+               "q": q, "offset": offset, "page": PAGE, "matches": matches,
                "more": not q.strip() and len(latents) == PAGE}
     if request.headers.get("HX-Request") == "true" and offset:
         return render(request, "sae.html", context, block="latent_rows")
-    context.update(curve=views.loss_curve(sae),
-                   density=views.density_histogram(session, sae_id))
+    if fragment_name(request) != "latent_list":
+        context.update(await run_in_threadpool(lambda: {
+            "curve": views.loss_curve(sae), "density": views.density_histogram(session,
+                                                                               sae_id)}))
     return render(request, "sae.html", context)
 
 
@@ -107,6 +120,31 @@ async def probe_run(request: Request, sae_id: int, session: SessionDep, render: 
         "explained": explained, "maximum": maximum,
         "activations": result.activations_of(chosen) if chosen is not None else None},
         block="result" if request.headers.get("HX-Request") == "true" else None)
+
+
+@router.post("/saes/{sae_id}/contrast")
+async def contrast_run(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
+                       engine: EngineDep, a: Annotated[str, Form(max_length=64_000)] = "",
+                       b: Annotated[str, Form(max_length=64_000)] = "") -> Response:
+    """Latents specific to the texts of A against those of B (texts separated by blank
+    lines)."""
+    from pydantic import ValidationError
+
+    sae = views.sae_or_404(session, sae_id)
+    try:
+        body = ContrastRequest(a=_texts(a), b=_texts(b))
+    except ValidationError as exc:
+        raise HTTPException(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in exc.errors())) from None
+    rows = await contrast_records(session, engine, sae_id, body)
+    return render(request, "probe.html", {"sae": sae, "contrast": rows, "a": a, "b": b},
+                  block="contrast_result" if request.headers.get("HX-Request") == "true"
+                  else None)
+
+
+def _texts(raw: str) -> list[str]:
+    """Texts of a textarea, one per blank-line-separated paragraph."""
+    return [part.strip() for part in raw.replace("\r\n", "\n").split("\n\n") if part.strip()]
 
 
 def _feature_field(raw: str, n_latents: int) -> int | None:

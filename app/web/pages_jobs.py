@@ -15,7 +15,7 @@ from app.web.security import require_admin
 router = APIRouter(include_in_schema=False)
 
 FORM_FIELDS = ("model", "layer", "dataset", "tokens", "latents", "k", "arch", "nproc",
-               "acts", "sae")
+               "acts", "sae", "sae_id", "latent_range", "explainer", "explain_count")
 
 
 def form_defaults(settings) -> dict[str, str]:
@@ -24,7 +24,9 @@ def form_defaults(settings) -> dict[str, str]:
     return {"kind": "pipeline", "model": settings.default_model, "layer": "6",
             "dataset": defaults.dataset, "tokens": str(defaults.tokens),
             "latents": str(defaults.latents), "k": str(defaults.k), "arch": defaults.arch,
-            "nproc": str(defaults.nproc), "acts": "", "sae": ""}
+            "nproc": str(defaults.nproc), "acts": "", "sae": "", "sae_id": "",
+            "latent_range": "", "explainer": defaults.explainer,
+            "explain_count": str(defaults.explain_count)}
 
 
 @router.get("/jobs")

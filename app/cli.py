@@ -209,6 +209,7 @@ def main() -> None:
         cli_bench,
         cli_db,
         cli_demo,
+        cli_explain,
         cli_jobs,
         cli_store,
         cli_web,

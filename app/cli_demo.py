@@ -1,10 +1,10 @@
 """``saelab demo``: the whole loop on the embedded defaults, ending in the explorer.
 
 It starts an embedded worker (a real ``saelab worker`` process on the serverless broker)
-and the web server, queues one pipeline job (capture → train → analyse → evaluate) on the
-embedded model and corpus, follows it in the terminal (the jobs page shows the same), then
-prints the explorer's URL and keeps serving until Ctrl-C. A second run reuses the SAE the
-first one made (or follows its job if it is still running).
+and the web server, queues one pipeline job (capture → train → analyse → evaluate →
+explain) on the embedded model and corpus, follows it in the terminal (the jobs page shows
+the same), then prints the explorer's URL and keeps serving until Ctrl-C. A second run
+reuses the SAE the first one made (or follows its job if it is still running).
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from app.settings import Settings, get_settings
 DEMO_QUEUE = "demo"
 
 
-def demo_params(layer: int, tokens: int, latents: int, k: int) -> dict:
-    """The demo's pipeline: lr 1e-3 suits its short run; everything analysed."""
+def demo_params(layer: int, tokens: int, latents: int, k: int, explain: int) -> dict:
+    """The demo's pipeline: lr 1e-3 suits its short run; everything analysed; the
+    ``explain`` most active latents explained and scored (Claude with an API key, else the
+    local model)."""
     return {"layer": layer, "tokens": tokens, "latents": latents, "k": k, "lr": 1e-3,
-            "analyze_tokens": tokens, "eval_tokens": 4096, "queue": DEMO_QUEUE}
+            "analyze_tokens": tokens, "eval_tokens": 4096, "explain_count": explain,
+            "queue": DEMO_QUEUE}
 
 
 @app.command()
@@ -36,17 +39,20 @@ def demo(
     tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")] = 131_072,
     latents: Annotated[int, typer.Option("--latents")] = 4096,
     k: Annotated[int, typer.Option("--k")] = 32,
+    explain: Annotated[int, typer.Option("--explain", help="latents to explain (the most "
+                                         "active)")] = 32,
     model: Annotated[str | None, typer.Option("--model", help="[default: settings]")] = None,
     host: Annotated[str | None, typer.Option("--host")] = None,
     port: Annotated[int | None, typer.Option("--port")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving the "
                                         "explorer when the job is done")] = True,
 ) -> None:
-    """Capture, train, analyse and evaluate an SAE as one job, served in the explorer."""
+    """Capture, train, analyse, evaluate and explain an SAE as one job, served in the
+    explorer."""
     from app.store.db import open_store
 
     settings = get_settings()
-    params = demo_params(layer, tokens, latents, k)
+    params = demo_params(layer, tokens, latents, k, explain)
     if model:
         params["model"] = model
     with cli_errors():

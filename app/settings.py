@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field("", validation_alias=AliasChoices(
         "SAELAB_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"))
     """Another endpoint speaking the Messages API (a proxy or gateway); empty: Anthropic's."""
-    claude_model: str = "claude-sonnet-4-5"
+    claude_model: str = "claude-sonnet-4-6"
     """The Claude model explain jobs use unless a job names another."""
 
     def model_post_init(self, __context) -> None:

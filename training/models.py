@@ -137,6 +137,17 @@ def load_model(
     return LoadedModel(spec, model, tokenizer, resolve_blocks(model, spec))
 
 
+def load_tokenizer(spec: str, *, data_dir: Path):
+    """Only the tokenizer of ``spec`` (turning token ids into text without the weights)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_checkpoint_dir(spec, Path(data_dir)))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r}: {_first_line(exc)}"
+                             ) from exc
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

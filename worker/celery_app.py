@@ -12,9 +12,9 @@ from celery import Celery
 
 from app.settings import Settings, get_settings
 
-TASKS = ("capture", "train", "analyze", "pipeline")
+TASKS = ("capture", "train", "analyze", "explain", "pipeline")
 """Job kinds, each a task named ``saelab.<kind>``."""
-DEFAULT_QUEUE = {"capture": "gpu", "train": "gpu", "analyze": "gpu", "pipeline": "gpu"}
+DEFAULT_QUEUE = {kind: "gpu" for kind in TASKS}
 """Queue per kind: work that runs the model or trains goes to the accelerator queue."""
 
 

@@ -23,15 +23,23 @@ from app.store.db import open_store
 from app.store.models import Job
 from worker import stages
 from worker.celery_app import TASKS, make_celery
+from worker.explain_stage import explain_stage
 from worker.runtime import JobCancelled, JobRun
 
 log = logging.getLogger(__name__)
 app: Celery = make_celery()
 
 PIPELINE = (("capture", 0.0, 0.45), ("train", 0.45, 0.4), ("analyze", 0.85, 0.15))
-"""Stages of each kind with their share of the job's progress bar."""
-STAGES = {"capture": PIPELINE[:1], "train": (("train", 0.0, 1.0),),
-          "analyze": (("analyze", 0.0, 1.0),), "pipeline": PIPELINE}
+"""Stages of a pipeline with their share of the job's progress bar."""
+EXPLAINED_PIPELINE = (("capture", 0.0, 0.35), ("train", 0.35, 0.3), ("analyze", 0.65, 0.1),
+                      ("explain", 0.75, 0.25))
+"""The same when the pipeline also explains latents (``explain_count``)."""
+
+
+def stages_of(kind: str, params: JobParams) -> tuple[tuple[str, float, float], ...]:
+    if kind == "pipeline":
+        return EXPLAINED_PIPELINE if params.explain_count else PIPELINE
+    return ((kind, 0.0, 1.0),)
 
 
 _SESSIONS_LOCK = threading.Lock()
@@ -53,9 +61,10 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_job(job_id: int) -> str:
-    """Run job ``job_id`` if it can be claimed; returns its final state (or 'skipped')."""
-    settings, sessions = get_settings(), _sessions()
+def run_job(job_id: int, sessions=None) -> str:
+    """Run job ``job_id`` if it can be claimed; returns its final state (or 'skipped').
+    ``sessions``: the store to use (default: this worker process's)."""
+    settings, sessions = get_settings(), sessions or _sessions()
     if not claim(sessions, job_id, worker_name()):
         log.warning("job %s is not queued (unknown id, finished or taken): skipped", job_id)
         return "skipped"
@@ -87,17 +96,21 @@ def _run_stages(run: JobRun, kind: str, params: JobParams, settings: Settings,
     finishes, so a resumed job skips what is done."""
     directory = job_dir(settings, run.job_id)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, start, span in STAGES[kind]:
+    for name, start, span in stages_of(kind, params):
         run.stage(name, start, span)
         if name == "capture" and "acts" not in result:
             result["acts"] = stages.capture_stage(run, params, settings, directory)
         elif name == "train" and "sae" not in result:
             acts = result.get("acts") or params.acts
             result["sae"] = stages.train_stage(run, params, acts, directory)
-        elif name == "analyze":
+        elif name == "analyze" and "sae_id" not in result:
             result["sae_id"] = stages.analyze_stage(
                 run, params, settings, result.get("sae") or params.sae,
                 result.get("acts") or params.acts)
+        elif name == "explain":
+            result["explain"] = explain_stage(
+                run, params, settings, result.get("sae_id") or params.sae_id,
+                params.explain_count if kind == "pipeline" else None)
         run.update(force=True, result=dict(result))
 
 

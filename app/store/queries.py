@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
-from app.store.models import Example, Latent, Model, Sae
+from app.store.models import Example, Explanation, Latent, Model, Sae
 
 _SQLITE_SEARCH = text(
     "SELECT latents.* FROM latents JOIN latents_fts ON latents_fts.rowid = latents.id "
@@ -104,4 +104,11 @@ def examples_of(session: Session, latent_id: int, *, top: bool = True,
         return []
     stmt = (select(Example).where(Example.latent_id == latent_id, or_(*wanted))
             .order_by(Example.kind.desc(), Example.bucket, Example.rank))
+    return list(session.scalars(stmt))
+
+
+def explanations_for(session: Session, latent_id: int) -> list[Explanation]:
+    """A latent's explanations, best score first (unscored last, newest first)."""
+    stmt = (select(Explanation).where(Explanation.latent_id == latent_id)
+            .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc()))
     return list(session.scalars(stmt))

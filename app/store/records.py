@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from app.store.models import Example, Job, Latent, Sae
+from app.store.models import Example, Explanation, Job, Latent, Sae
 
 
 def _when(value: datetime | None) -> str | None:
@@ -32,6 +32,13 @@ def example_record(example: Example) -> dict[str, Any]:
     return {"kind": example.kind, "bucket": example.bucket, "rank": example.rank,
             "tokens": example.tokens, "activations": example.activations,
             "context_index": example.context_index, "position": example.position}
+
+
+def explanation_record(explanation: Explanation) -> dict[str, Any]:
+    return {"text": explanation.text, "source": explanation.source,
+            "score": explanation.score, "detection_score": explanation.detection_score,
+            "fuzzing_score": explanation.fuzzing_score, "usage": explanation.usage,
+            "created_at": _when(explanation.created_at)}
 
 
 def job_record(job: Job) -> dict[str, Any]:

@@ -230,3 +230,22 @@ def bench_web(
         result = run(settings, sae["id"], sae["n_latents"], clients=clients,
                      requests=requests, seed=seed)
     typer.echo(json.dumps(result))
+
+
+@bench_app.command("explain")
+def bench_explain(
+    sae_id: SaeIdOpt = None,
+    db: DbOpt = None,
+    latents: Annotated[str, typer.Option("--latents", help="latents to explain")] = "0-31",
+    explainer: Annotated[str, typer.Option("--explainer", help="auto, claude or local")]
+    = "local",
+) -> None:
+    """Explanations per minute and their scores: runs an explain job here (latents already
+    explained with the same settings are skipped and not counted)."""
+    from app.bench_explain import bench_explain as run
+
+    with cli_errors():
+        settings = _store_settings(db)
+        sae = _store_sae(settings, sae_id)
+        result = run(settings, sae["id"], latents, explainer)
+    typer.echo(json.dumps(result))

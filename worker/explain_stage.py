@@ -9,6 +9,7 @@ error, never stored with a score.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -171,7 +172,10 @@ def _negatives(pool, tokenizer, index: int) -> list:
 def _embed(run: JobRun, sae_id: int) -> None:
     """Embed the new explanations for semantic search."""
     from app.store.semantic import embed_missing
-    from training.embeddings import text_embedder
+    from training.embeddings import EmbedderUnavailable, text_embedder
 
     run.update(force=True, message="embedding the explanations for semantic search")
-    embed_missing(run.sessions, sae_id, text_embedder())
+    try:
+        embed_missing(run.sessions, sae_id, text_embedder())
+    except EmbedderUnavailable as exc:  # search stays full-text only; the labels are kept
+        logging.getLogger(__name__).warning("explanations not embedded: %s", exc)

@@ -62,7 +62,7 @@ def demo(
             server, url = _start_server(settings, host, port)
             job_id = _demo_job(sessions, settings, params)
             typer.echo(f"explorer: {url}   (job {job_id}: {url}jobs/{job_id})", err=True)
-            job = _follow(sessions, job_id)
+            job = _follow(sessions, job_id, worker, settings)
             if job.state != "succeeded":
                 raise ValueError(f"the demo job {job.id} {job.state}: {job.message}")
             _summary(sessions, job, url)
@@ -71,8 +71,7 @@ def demo(
                 _wait_forever()
             server.should_exit = True
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            _stop(worker)
 
 
 def _start_worker(settings: Settings) -> subprocess.Popen:
@@ -82,6 +81,17 @@ def _start_worker(settings: Settings) -> subprocess.Popen:
                "--queues", f"{DEMO_QUEUE},gpu"]
     with log_path.open("a") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    """Stop the demo's worker: a warm shutdown first, killed if it does not end soon (a
+    stage in progress would keep it for minutes; the job resumes on the next run)."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def _start_server(settings: Settings, host: str | None, port: int | None):
@@ -125,8 +135,9 @@ def _sae_exists(session, job) -> bool:
     return job.state == "succeeded" and sae_id is not None and session.get(Sae, sae_id) is not None
 
 
-def _follow(sessions, job_id: int):
-    """A progress bar per stage until the job ends; returns the final row."""
+def _follow(sessions, job_id: int, worker: subprocess.Popen, settings: Settings):
+    """A progress bar per stage until the job ends; returns the final row. Raises if the
+    worker dies meanwhile."""
     from tqdm import tqdm
 
     from app import jobs
@@ -149,6 +160,9 @@ def _follow(sessions, job_id: int):
             if bar is not None:
                 bar.close()
             return job
+        if worker.poll() is not None:
+            raise OSError(f"the demo's worker stopped (exit {worker.returncode}): see "
+                          f"{settings.data_dir / 'demo' / 'worker.log'}")
         time.sleep(1.0)
 
 

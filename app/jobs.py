@@ -220,15 +220,26 @@ def reap(sessions: sessionmaker[Session], celery, settings: Settings) -> list[in
 
 def _unclaimed(session: Session, settings: Settings) -> list[tuple[int, str, str | None]]:
     """Queued jobs no worker has taken for ``resend_after_s`` since they were last sent:
-    marked as sent again now; returns (id, kind, queue) to send."""
+    marked as sent again now; returns (id, kind, queue) to send. After ``max_attempts``
+    resends a job is left waiting with a message instead (a job queued behind long ones,
+    or on a queue no worker reads, must not flood the broker with duplicates)."""
     cutoff = _now() - timedelta(seconds=settings.resend_after_s)
     waiting = session.scalars(select(Job).where(
         Job.state == "queued", func.coalesce(Job.heartbeat_at, Job.created_at) < cutoff)
         .with_for_update()).all()
+    resend = []
     for job in waiting:
         job.heartbeat_at = _now()
+        sent = int((job.stats or {}).get("resent", 0))
+        queue = job.params.get("queue") or "gpu"
+        if sent >= settings.max_attempts:  # no worker reads its queue, or all are busy
+            job.message = (f"queued; sent {sent + 1} times and not taken: is a worker "
+                           f"reading queue {queue!r}?")
+            continue
+        job.stats = {**(job.stats or {}), "resent": sent + 1}
         job.message = f"queued; sent again (not taken for {settings.resend_after_s:.0f} s)"
-    return [(job.id, job.kind, job.params.get("queue")) for job in waiting]
+        resend.append((job.id, job.kind, job.params.get("queue")))
+    return resend
 
 
 def claim(sessions: sessionmaker[Session], job_id: int, worker: str) -> bool:

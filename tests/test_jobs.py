@@ -253,3 +253,21 @@ def test_queued_job_whose_message_was_lost_is_sent_again(stack, tiny_llama_dir) 
     done = stack.wait(job.id, _ended, timeout=60)
     assert done.state == "succeeded", done.message
     assert done.attempts == 1
+
+
+def test_resending_a_job_nobody_takes_stops_after_max_attempts(tmp_path) -> None:
+    from app import jobs
+    from app.settings import Settings
+    from app.store.db import open_store
+    from worker.celery_app import make_celery
+
+    settings = Settings(data_dir=tmp_path, resend_after_s=0, max_attempts=2)
+    sessions = open_store(settings.database_url)
+    celery = make_celery(settings)
+    job = jobs.create(sessions, "capture", {"layer": 1, "queue": "nobody"})
+    sent = [jobs.reap(sessions, celery, settings) for _ in range(4)]
+    assert sent == [[job.id], [job.id], [], []]
+    with sessions() as session:
+        waiting = session.get(Job, job.id)
+        assert waiting.state == "queued" and "reading queue 'nobody'" in waiting.message
+    sessions.kw["bind"].dispose()

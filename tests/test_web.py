@@ -312,3 +312,33 @@ def test_contrast_form_and_search_badges(client, explorer_data) -> None:
     page = client.get(f"/saes/{sae_id}?q=python keywords",
                       headers={**HX, "HX-Target": "latent-list"})
     assert "python keywords in code" in page.text and 'class="badge match-' in page.text
+
+
+def test_odd_input_is_a_4xx_never_a_500(client, explorer_data, shared_engine, tmp_path
+                                         ) -> None:
+    sae_id = explorer_data["sae_id"]
+    token = _csrf(client)
+    long_text = "word " * 3000  # more tokens than a probe takes
+    too_long = client.post("/api/v1/probe", json={"sae_id": sae_id, "text": long_text})
+    assert too_long.status_code == 422 and "at most" in too_long.json()["detail"]
+    page = client.post(f"/saes/{sae_id}/probe", data={"text": long_text, "csrf_token": token},
+                       headers=HX)
+    assert page.status_code == 422
+    assert client.post(f"/saes/{sae_id}/probe", data={"text": "x", "feature": "²",
+                                                     "csrf_token": token}).status_code == 422
+    base = {"sae_id": sae_id, "prompt": "hi"}
+    twice = client.post("/api/v1/steer", json={**base, "features": [
+        {"index": 1, "value": 1}, {"index": 1, "mode": "add", "value": 2}]})
+    assert twice.status_code == 422 and "once" in twice.json()["detail"]
+    blank = client.post("/api/v1/steer", json={**base, "prompt": "   "})
+    assert blank.status_code == 422 and "prompt" in blank.json()["detail"]
+    assert client.get(f"/saes/{sae_id}/features/{2**70}").status_code in (404, 422)
+    assert client.get(f"/steer/search?sae={sae_id}&q={'9' * 30}", headers=HX).status_code < 500
+    accented = client.post("/jobs", data={"kind": "capture", "csrf_token": "é" * 40})
+    assert accented.status_code == 403
+    settings = _settings(explorer_data, tmp_path, admin_token="tøken")
+    with TestClient(create_app(settings, shared_engine)) as guarded:
+        cookie = "saelab_admin=ünïcode".encode()  # raw bytes, as a browser may send
+        assert guarded.get("/", headers={"cookie": cookie}).status_code == 200
+        signin = guarded.post("/signin", data={"token": "wrøng", "csrf_token": _csrf(guarded)})
+        assert signin.status_code == 401

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from app import jobs
 from app.store.queries import SORTS, explanations_for, list_latents, list_saes
@@ -45,7 +45,22 @@ class SteerRequest(BaseModel):
     features: list[SteerFeature] = Field(default_factory=list, max_length=32)
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(128, ge=1, le=512)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    @field_validator("features")
+    @classmethod
+    def _distinct(cls, features: list[SteerFeature]) -> list[SteerFeature]:
+        indices = [f.index for f in features]
+        if len(indices) != len(set(indices)):
+            raise ValueError("each latent may be steered once")
+        return features
 
 
 class JobRequest(BaseModel):
@@ -92,8 +107,9 @@ async def probe(body: ProbeRequest, session: SessionDep, engine: EngineDep) -> d
     row = views.sae_or_404(session, body.sae_id)
     if body.feature is not None and body.feature >= row.n_latents:
         raise HTTPException(422, f"feature: SAE {row.id} has latents 0 to {row.n_latents - 1}")
-    result = await engine.probe(views.handle(row), body.text)
-    return probe_record(result, body.feature)
+    handle = views.handle(row)
+    session.close()  # no database connection held while waiting for the engine
+    return probe_record(await engine.probe(handle, body.text), body.feature)
 
 
 def probe_record(result, feature: int | None) -> dict:
@@ -119,7 +135,9 @@ async def steer(body: SteerRequest, session: SessionDep, engine: EngineDep
     sampling = Sampling(temperature=body.temperature, max_tokens=body.max_tokens,
                         seed=body.seed)
     engine.check_capacity()
-    pieces = engine.steer(views.handle(row), body.prompt, steers, maxima, sampling)
+    handle = views.handle(row)
+    session.close()  # the stream may last a minute: hold no database connection
+    pieces = engine.steer(handle, body.prompt, steers, maxima, sampling)
     return StreamingResponse(_events(pieces), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

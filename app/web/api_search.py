@@ -75,6 +75,7 @@ async def search_hits(session: Session, engine: InferenceEngine, sae_id: int, qu
     if not query.strip():
         raise HTTPException(422, "q: give some words to search for")
     views.sae_or_404(session, sae_id)
+    session.close()  # no database connection held while waiting for the engine
     vector = await query_vector(engine, query)
     return await run_in_threadpool(combined_hits, session, sae_id, query, vector, limit)
 
@@ -85,6 +86,7 @@ async def contrast_records(session: Session, engine: InferenceEngine, sae_id: in
     specific to ``body.a`` (for the API and the pages): 404 for an unknown SAE, 422 for a
     text the model cannot take."""
     handle = views.handle(views.sae_or_404(session, sae_id))
+    session.close()  # no database connection held while waiting for the engine
     try:
         found = await engine.run(_contrast, engine, handle, body)
     except _BadTexts as exc:

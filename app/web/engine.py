@@ -28,6 +28,10 @@ class EngineBusy(RuntimeError):
     """Too many probe/steer requests are already waiting."""
 
 
+class EngineInputError(ValueError):
+    """The model cannot take this input (too many tokens, ...) or the SAE cannot load."""
+
+
 @dataclass(frozen=True)
 class SaeHandle:
     """What the engine needs of an SAE row (read from the store by the route)."""
@@ -105,8 +109,11 @@ class InferenceEngine:
         from training.probe import probe_text
 
         def work():
-            lm, sae = self.sae(handle)
-            return probe_text(lm, sae, handle.layer, text)
+            try:
+                lm, sae = self.sae(handle)
+                return probe_text(lm, sae, handle.layer, text)
+            except ValueError as exc:
+                raise EngineInputError(str(exc)) from exc
 
         return await self.run(work)
 
@@ -123,6 +130,8 @@ class InferenceEngine:
         done = object()
 
         def work() -> None:
+            if stop.is_set():  # the client left while this waited in the queue
+                return
             try:
                 lm, sae = self.sae(handle)
                 edit = steering_edit(sae, steers, maxima, rows=slice(1, 2))
@@ -133,11 +142,17 @@ class InferenceEngine:
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
             except Exception as exc:  # delivered to the stream as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
 
         self.check_capacity()
-        task = asyncio.ensure_future(self.run(work))
+        self._waiting += 1
+        try:
+            future = loop.run_in_executor(self._executor, work)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            self._waiting -= 1
+            raise EngineBusy("the inference engine is shutting down") from None
+        # however work ends (or never starts: executor shut down), the stream ends
+        future.add_done_callback(lambda _: queue.put_nowait(done))
+        future.add_done_callback(lambda _: self._release())
         try:
             while (item := await queue.get()) is not done:
                 if isinstance(item, Exception):
@@ -145,7 +160,9 @@ class InferenceEngine:
                 yield item
         finally:
             stop.set()  # the client went away or the stream ended: free the engine
-            await asyncio.shield(task)
+
+    def _release(self) -> None:
+        self._waiting -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from app.settings import Settings, get_settings
 from app.web import api, api_search, pages, pages_jobs
-from app.web.engine import EngineBusy, InferenceEngine
+from app.web.engine import EngineBusy, EngineInputError, InferenceEngine
 from app.web.render import STATIC, Renderer
 from app.web.security import csrf_token, is_admin, set_csrf_cookie, verify_csrf
 
@@ -55,10 +55,14 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Frees the inference thread when the server stops (unless the engine was given)."""
+    """Frees the inference thread (unless the engine was given), the store's connections
+    and the broker connection when the server stops."""
     yield
     if app.state.owns_engine:
         app.state.engine.close()
+    app.state.sessions.kw["bind"].dispose()
+    if app.state.celery is not None:
+        app.state.celery.close()
 
 
 async def _csrf_cookie(request: Request, call_next) -> Response:
@@ -81,6 +85,14 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineBusy)
     async def busy(request: Request, exc: EngineBusy) -> Response:
         return error_response(request, 503, str(exc))
+
+    @app.exception_handler(EngineInputError)
+    async def bad_input(request: Request, exc: EngineInputError) -> Response:
+        return error_response(request, 422, str(exc))
+
+    @app.exception_handler(OverflowError)
+    async def overflow(request: Request, exc: OverflowError) -> Response:
+        return error_response(request, 422, "a number in the request is out of range")
 
 
 def validation_message(exc: RequestValidationError) -> str:

@@ -22,7 +22,7 @@ from app.web import views
 from app.web.api_search import ContrastRequest, contrast_records, search_hits
 from app.web.deps import EngineDep, RenderDep, SessionDep, SettingsDep
 from app.web.render import fragment_name
-from app.web.security import ADMIN_COOKIE, admin_cookie_value
+from app.web.security import ADMIN_COOKIE, admin_cookie_value, same
 
 router = APIRouter(include_in_schema=False)
 PAGE = 50
@@ -109,7 +109,9 @@ async def probe_run(request: Request, sae_id: int, session: SessionDep, render: 
     chosen = _feature_field(feature, sae.n_latents)
     if not text.strip():
         raise HTTPException(422, "text: paste some text to probe")
-    result = await engine.probe(views.handle(sae), text)
+    handle = views.handle(sae)
+    session.close()  # no database connection held while waiting for the engine
+    result = await engine.probe(handle, text)
     top = result.top_features(20)
     explained = {lat.index: lat for lat in latents_by_index(session, sae_id,
                                                             [f for f, _, _ in top])}
@@ -150,7 +152,8 @@ def _texts(raw: str) -> list[str]:
 def _feature_field(raw: str, n_latents: int) -> int | None:
     if not raw.strip():
         return None
-    if not raw.strip().isdigit() or int(raw) >= n_latents:
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdecimal()) or int(raw) >= n_latents:
         raise HTTPException(422, f"feature: give a latent index from 0 to {n_latents - 1}")
     return int(raw)
 
@@ -176,7 +179,7 @@ def steer_search(request: Request, session: SessionDep, render: RenderDep,
     """Latents to add to the steering set: by index, or by explanation words."""
     row = views.sae_or_404(session, sae)
     words = q.strip()
-    if words.isdigit():
+    if words.isascii() and words.isdecimal() and len(words) < 10:
         found = latents_by_index(session, row.id, [int(words)])
     elif words:
         found = list_latents(session, row.id, search=words, limit=12)
@@ -194,11 +197,9 @@ def signin_page(request: Request, render: RenderDep) -> Response:
 @router.post("/signin")
 def signin(request: Request, render: RenderDep, settings: SettingsDep,
            token: Annotated[str, Form()] = "") -> Response:
-    import hmac
-
     if not settings.admin_token:
         return RedirectResponse("/", status_code=303)
-    if not hmac.compare_digest(token, settings.admin_token):
+    if not same(token, settings.admin_token):
         return render(request, "signin.html", {"error": "that is not the admin token"},
                       status=401)
     response = RedirectResponse("/jobs", status_code=303)

@@ -25,6 +25,11 @@ ADMIN_COOKIE = "saelab_admin"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings, whatever characters they hold."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
 def csrf_token(request: Request) -> str:
     """The request's CSRF token: its cookie's, or a new one (set on the response)."""
     token = request.cookies.get(CSRF_COOKIE, "")
@@ -45,7 +50,7 @@ async def verify_csrf(request: Request) -> None:
     if sent is None and _is_form(request):
         sent = (await request.form()).get("csrf_token")
     cookie = request.cookies.get(CSRF_COOKIE, "")
-    if not sent or not cookie or not hmac.compare_digest(str(sent), cookie):
+    if not sent or not cookie or not same(str(sent), cookie):
         if request.url.path.startswith("/api/"):
             raise HTTPException(403, "API requests that change state must send "
                                      "'Content-Type: application/json' (a JSON body, {} if "
@@ -61,7 +66,7 @@ def admin_cookie_value(token: str) -> str:
 def is_admin_bearer(request: Request) -> bool:
     token = request.app.state.settings.admin_token
     header = request.headers.get("Authorization", "")
-    return bool(token) and hmac.compare_digest(header, f"Bearer {token}")
+    return bool(token) and same(header, f"Bearer {token}")
 
 
 def is_admin(request: Request) -> bool:
@@ -71,7 +76,7 @@ def is_admin(request: Request) -> bool:
     if not token:
         return True
     cookie = request.cookies.get(ADMIN_COOKIE, "")
-    return is_admin_bearer(request) or hmac.compare_digest(cookie, admin_cookie_value(token))
+    return is_admin_bearer(request) or same(cookie, admin_cookie_value(token))
 
 
 def require_admin(request: Request) -> None:

@@ -271,3 +271,35 @@ def test_resending_a_job_nobody_takes_stops_after_max_attempts(tmp_path) -> None
         waiting = session.get(Job, job.id)
         assert waiting.state == "queued" and "reading queue 'nobody'" in waiting.message
     sessions.kw["bind"].dispose()
+
+
+def test_a_worker_that_lost_its_job_stops_writing(tmp_path) -> None:
+    """The reaper re-queued a job whose worker was only slow: that worker's next heartbeat
+    notices, it stops at its next progress report and never writes over the row again."""
+    from sqlalchemy import update as sql_update
+
+    from app import jobs
+    from app.settings import Settings
+    from app.store.db import open_store
+    from worker.runtime import JobCancelled, JobRun
+
+    sessions = open_store(Settings(data_dir=tmp_path).database_url)
+    job = jobs.create(sessions, "capture", {"layer": 1})
+    assert jobs.claim(sessions, job.id, "slow-worker")
+    with JobRun(sessions, job.id, 0.05, "slow-worker") as run:
+        run.progress(1, 10, tokens_per_s=5.0)
+        assert not run.lost.is_set()
+        with sessions.begin() as session:  # what the reaper does to a stale job
+            session.execute(sql_update(Job).where(Job.id == job.id).values(
+                state="queued", message="resuming"))
+        deadline = time.monotonic() + 5
+        while not run.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert run.lost.is_set()
+        with pytest.raises(JobCancelled):
+            run.progress(2, 10)
+        run.finish("failed", "must not land")
+    with sessions() as session:
+        row = session.get(Job, job.id)
+        assert (row.state, row.message) == ("queued", "resuming")
+    sessions.kw["bind"].dispose()

@@ -44,10 +44,14 @@ class _LogTail(logging.Handler):
 class JobRun:
     """A claimed job while its stages run."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: int, heartbeat_s: float
-                 ) -> None:
+    def __init__(self, sessions: sessionmaker[Session], job_id: int, heartbeat_s: float,
+                 worker: str | None = None) -> None:
         self.sessions, self.job_id, self.heartbeat_s = sessions, job_id, heartbeat_s
+        self.worker = worker
         self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        """Set when the row is no longer this worker's running job (the reaper judged it
+        stale and re-queued it): every later write is skipped and the stages stop."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
@@ -79,8 +83,7 @@ class JobRun:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 with self.sessions.begin() as session:
-                    session.execute(update(Job).where(Job.id == self.job_id)
-                                    .values(heartbeat_at=datetime.now(UTC)))
+                    self._write(session, heartbeat_at=datetime.now(UTC))
                     flag = session.scalar(select(Job.cancel_requested)
                                           .where(Job.id == self.job_id))
                 if flag:
@@ -127,7 +130,20 @@ class JobRun:
             pending, self._pending, self._last_write = self._pending, {}, now
         pending["log"] = "\n".join(self._log.lines)
         with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(**pending))
+            self._write(session, **pending)
+
+    def _write(self, session: Session, **values: Any) -> None:
+        """Update the row if it is still this worker's running job; else mark it lost."""
+        if self.lost.is_set():
+            return
+        mine = [Job.id == self.job_id]
+        if self.worker is not None:
+            mine += [Job.worker == self.worker, Job.state == "running"]
+        if session.execute(update(Job).where(*mine).values(**values)).rowcount == 0:
+            logging.getLogger(__name__).warning(
+                "job %d is no longer run by %s: stopping", self.job_id, self.worker)
+            self.lost.set()
+            self.cancelled.set()
 
     def finish(self, state: str, message: str, **fields: Any) -> None:
         self.update(force=True, state=state, message=message[:2000],

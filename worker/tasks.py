@@ -65,29 +65,38 @@ def run_job(job_id: int, sessions=None) -> str:
     """Run job ``job_id`` if it can be claimed; returns its final state (or 'skipped').
     ``sessions``: the store to use (default: this worker process's)."""
     settings, sessions = get_settings(), sessions or _sessions()
-    if not claim(sessions, job_id, worker_name()):
+    me = worker_name()
+    if not claim(sessions, job_id, me):
         log.warning("job %s is not queued (unknown id, finished or taken): skipped", job_id)
         return "skipped"
     with sessions() as session:
         job = session.get(Job, job_id)
         kind, raw, result = job.kind, dict(job.params), dict(job.result or {})
-    with JobRun(sessions, job_id, settings.heartbeat_s) as run:
+    with JobRun(sessions, job_id, settings.heartbeat_s, me) as run:
         try:
             params = validate(kind, raw)
             _run_stages(run, kind, params, settings, result)
-        except JobCancelled:
-            remove_artifacts(settings, job_id)
-            run.finish("cancelled", "cancelled by request", result={})
-            return "cancelled"
-        except Exception as exc:  # every failure ends the job with its message
-            log.exception("job %d failed", job_id)
-            remove_artifacts(settings, job_id, keep_finished=True)
-            message = str(exc) if isinstance(exc, ValueError | OSError) else (
-                f"{type(exc).__name__}: {exc}")
-            run.finish("failed", message or type(exc).__name__, result=result)
-            return "failed"
+        except Exception as exc:
+            if run.lost.is_set():  # another worker owns the job (and its files) now
+                log.warning("job %d was taken over: stopped without touching it", job_id)
+                return "lost"
+            return _end(run, settings, exc, result)
         run.finish("succeeded", "done", progress=1.0, result=result, stats={})
     return "succeeded"
+
+
+def _end(run: JobRun, settings: Settings, exc: Exception, result: dict) -> str:
+    """Record a cancelled or failed job (removing what it should not keep)."""
+    if isinstance(exc, JobCancelled):
+        remove_artifacts(settings, run.job_id)
+        run.finish("cancelled", "cancelled by request", result={})
+        return "cancelled"
+    log.error("job %d failed", run.job_id, exc_info=exc)
+    remove_artifacts(settings, run.job_id, keep_finished=True)
+    message = str(exc) if isinstance(exc, ValueError | OSError) else (
+        f"{type(exc).__name__}: {exc}")
+    run.finish("failed", message or type(exc).__name__, result=result)
+    return "failed"
 
 
 def _run_stages(run: JobRun, kind: str, params: JobParams, settings: Settings,

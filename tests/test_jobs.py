@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from app import cli_jobs  # noqa: F401  (registers the commands)
 from app.cli import app
 from app.store.db import make_engine, session_factory, upgrade
-from app.store.models import Job, Latent
+from app.store.models import Job, Latent, Sae
 from tests.conftest import empty_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,7 @@ def test_pipeline_runs_to_success(stack, tiny_llama_dir) -> None:
     assert steps_file.exists() == (nproc > 1)
     with stack.sessions() as session:
         assert session.query(Latent).filter_by(sae_id=job.result["sae_id"]).count() == 64
+        assert session.get(Sae, job.result["sae_id"]).name == f"job{job_id}-L1-n64-k4"
     shown = json.loads(stack.cli("jobs", "show", job_id, "--json").stdout)
     assert shown["state"] == "succeeded" and shown["result"]["sae_id"] == job.result["sae_id"]
     listed = json.loads(stack.cli("jobs", "list", "--json").stdout)

@@ -292,3 +292,12 @@ def test_out_must_not_overwrite_other_data(acts_dir, tmp_path) -> None:
     (tmp_path / "notes").mkdir()
     with pytest.raises(TrainError, match="is not an SAE folder"):
         train(acts_dir, tmp_path / "notes", _sae_cfg(), _train_cfg(), progress=False)
+
+
+def test_default_loss_curve_has_every_step_of_a_short_run(acts_dir, tmp_path) -> None:
+    train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(tokens=256 * 12, log_every=None),
+          progress=False)
+    curve = (tmp_path / "sae" / "loss_curve.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in curve] == list(range(1, 13))
+    with pytest.raises(ValueError, match="log_every"):
+        _train_cfg(log_every=0)

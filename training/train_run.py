@@ -33,6 +33,8 @@ from training.trainer import StepStats, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+CURVE_POINTS = 500
+"""About how many points ``loss_curve.csv`` gets when ``log_every`` is not set."""
 StepCallback = Callable[[StepStats], None]
 
 
@@ -132,6 +134,7 @@ def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
           history: list[dict], dist: DistContext, progress: bool,
           on_step: StepCallback | None) -> None:
     cfg = trainer.cfg
+    log_every = cfg.log_every or max(1, trainer.total_steps // CURVE_POINTS)
     batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
     for _ in range(trainer.steps_done):  # the resumed run continues the same stream
         next(batches)
@@ -141,7 +144,7 @@ def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
         while trainer.steps_done < trainer.total_steps:
             stats = trainer.step(next(batches))
             bar.update(cfg.batch)
-            if stats.step % cfg.log_every == 0 or stats.step == trainer.total_steps:
+            if stats.step % log_every == 0 or stats.step == trainer.total_steps:
                 history.append(asdict(stats))
                 bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.0f}",
                                 dead=f"{stats.dead_fraction:.1%}")

@@ -41,8 +41,9 @@ class TrainConfig:
     """Rows sampled to estimate the input scale and b_dec."""
     checkpoint_every: int = 200
     """Steps between checkpoints (0 disables them)."""
-    log_every: int = 10
-    """Steps between loss-curve points."""
+    log_every: int | None = None
+    """Steps between loss-curve points [default: about 500 points over the run, every
+    step for runs shorter than that]."""
     holdout_rows: int = 8192
     """Final rows of the capture kept out of training for the held-out FVU."""
 
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError("--lr must be in (0, 1)")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError("decay_fraction must be in [0, 1]")
+        if self.log_every is not None and self.log_every < 1:
+            raise ValueError("log_every must be positive")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)

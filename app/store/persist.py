@@ -55,7 +55,7 @@ def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, tokens: int) 
         sae = Sae(path=path, model=model)
         session.add(sae)
     metrics_file = sae_dir / "metrics.json"
-    sae.name = sae_dir.name
+    sae.name = display_name(sae_dir, cfg)
     sae.architecture = str(cfg["architecture"])
     sae.layer = int(cfg["hook_layer"])
     sae.d_in = int(cfg["d_in"])
@@ -108,6 +108,16 @@ def _insert_examples(session: Session, latent_ids: list[int], result: Any,
             batch = []
     if batch:
         session.execute(insert(Example.__table__), batch)
+
+
+def display_name(sae_dir: Path, cfg: dict) -> str:
+    """The SAE folder's name; a job's SAE (``jobs/<id>/sae``) is named after the job and
+    its shape instead, e.g. ``job7-L6-n4096-k32``."""
+    sae_dir = Path(sae_dir)
+    if sae_dir.name != "sae" or not sae_dir.parent.name.isdecimal():
+        return sae_dir.name
+    k = f"-k{cfg['k']}" if cfg.get("k") else ""
+    return f"job{sae_dir.parent.name}-L{cfg['hook_layer']}-n{cfg['d_sae']}{k}"
 
 
 def token_texts(tokenizer: Any, result: Any) -> dict[int, str]:

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import random
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,7 +74,11 @@ def bench_web(settings: Settings, sae_id: int, n_latents: int, *, clients: int =
     for share in _shares(requests, rounds):
         plan.append(("trivial", [TRIVIAL] * share, True))
         plan.append(("feature", feature_paths(sae_id, n_latents, share, rng), True))
-    with serving(settings) as base_url, _quiet("httpx", "httpcore"):
+    from app.web.main import create_app
+    from app.web.serve import serve_in_thread
+
+    with serve_in_thread(create_app(settings), HOST, 0) as base_url, \
+            _quiet("httpx", "httpcore"):
         loads = asyncio.run(_run_plan(base_url, plan, clients))
     trivial, feature = loads["trivial"].summary(), loads["feature"].summary()
     return {"bench": "web", "sae_id": sae_id, "n_latents": n_latents, "clients": clients,
@@ -139,37 +142,3 @@ async def _get(client, path: str, load: RouteLoad) -> None:
     load.latencies_ms.append(1000 * (time.perf_counter() - start))
     if response.status_code != 200:
         load.bad_status += 1
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The explorer under uvicorn in a daemon thread on a free port of 127.0.0.1: yields
-    its base URL; the server is stopped and the app's resources closed on the way out."""
-    import uvicorn
-
-    from app.web.main import create_app
-
-    app = create_app(settings)
-    # Port 0: the kernel picks a free port. uvicorn binds it itself, so asyncio's
-    # transports get TCP_NODELAY (a socket made here with proto 0 would not, and every
-    # small response would then wait ~40 ms for a delayed ACK).
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, name="bench-explorer", daemon=True)
-    try:
-        thread.start()
-        _wait_started(server, thread)
-        yield f"http://{HOST}:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.engine.close()
-        app.state.sessions.kw["bind"].dispose()
-
-
-def _wait_started(server, thread: threading.Thread) -> None:
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise OSError(f"the explorer did not start on {HOST}")
-        time.sleep(0.05)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from typing import Annotated
 
@@ -50,6 +49,8 @@ def demo(
     """Capture, train, analyse, evaluate and explain an SAE as one job, served in the
     explorer."""
     from app.store.db import open_store
+    from app.web.main import create_app
+    from app.web.serve import serve_in_thread
 
     settings = get_settings()
     params = demo_params(layer, tokens, latents, k, explain)
@@ -59,17 +60,18 @@ def demo(
         sessions = open_store(settings.database_url)
         worker = _start_worker(settings)
         try:
-            server, url = _start_server(settings, host, port)
-            job_id = _demo_job(sessions, settings, params)
-            typer.echo(f"explorer: {url}   (job {job_id}: {url}jobs/{job_id})", err=True)
-            job = _follow(sessions, job_id, worker, settings)
-            if job.state != "succeeded":
-                raise ValueError(f"the demo job {job.id} {job.state}: {job.message}")
-            _summary(sessions, job, url)
-            if serve:
-                typer.echo(f"serving the explorer at {url} (Ctrl-C to stop)", err=True)
-                _wait_forever()
-            server.should_exit = True
+            with serve_in_thread(create_app(settings), host or settings.host,
+                                 port or settings.port) as base:
+                url = f"{base}/"
+                job_id = _demo_job(sessions, settings, params)
+                typer.echo(f"explorer: {url}   (job {job_id}: {url}jobs/{job_id})", err=True)
+                job = _follow(sessions, job_id, worker, settings)
+                if job.state != "succeeded":
+                    raise ValueError(f"the demo job {job.id} {job.state}: {job.message}")
+                _summary(sessions, job, url)
+                if serve:
+                    typer.echo(f"serving the explorer at {url} (Ctrl-C to stop)", err=True)
+                    _wait_forever()
         finally:
             _stop(worker)
 
@@ -92,26 +94,6 @@ def _stop(worker: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         worker.kill()
         worker.wait()
-
-
-def _start_server(settings: Settings, host: str | None, port: int | None):
-    """uvicorn in a thread of this process; returns (server, base URL) once it listens."""
-    import uvicorn
-
-    from app.web.main import create_app
-
-    host, port = host or settings.host, port or settings.port
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="explorer", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise OSError(f"the explorer could not listen on {host}:{port} (--port to choose "
-                          "another)")
-        time.sleep(0.05)
-    return server, f"http://{host}:{port}/"
 
 
 def _demo_job(sessions, settings: Settings, params: dict) -> int:
@@ -143,9 +125,7 @@ def _follow(sessions, job_id: int, worker: subprocess.Popen, settings: Settings)
     from app import jobs
 
     bar, stage = None, None
-    while True:
-        with sessions() as session:
-            job = jobs.get(session, job_id)
+    for job in jobs.watch(sessions, job_id):
         if job.stage != stage and job.state == "running":
             if bar is not None:
                 bar.close()
@@ -156,14 +136,12 @@ def _follow(sessions, job_id: int, worker: subprocess.Popen, settings: Settings)
             stats = job.stats or {}
             bar.set_postfix({key: f"{stats[key]:,.3g}" for key in ("tokens_per_s", "loss")
                              if key in stats}, refresh=True)
-        if job.state not in jobs.ACTIVE:
-            if bar is not None:
-                bar.close()
-            return job
-        if worker.poll() is not None:
+        if job.state in jobs.ACTIVE and worker.poll() is not None:
             raise OSError(f"the demo's worker stopped (exit {worker.returncode}): see "
                           f"{settings.data_dir / 'demo' / 'worker.log'}")
-        time.sleep(1.0)
+    if bar is not None:
+        bar.close()
+    return job
 
 
 def _summary(sessions, job, url: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated
 
 import typer
@@ -70,16 +69,12 @@ def _follow(sessions, job_id: int):
     from app import jobs
 
     last = None
-    while True:
-        with sessions() as session:
-            job = jobs.get(session, job_id)
+    for job in jobs.watch(sessions, job_id):
         line = _progress_line(job)
         if line != last:
             typer.echo(line, err=True)
             last = line
-        if job.state not in jobs.ACTIVE:
-            return job
-        time.sleep(1.0)
+    return job
 
 
 def _progress_line(job) -> str:

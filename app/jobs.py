@@ -12,6 +12,8 @@ last checkpoint) or, after ``max_attempts``, fails it with a message.
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,10 @@ class JobNotFound(JobError):
 
 class BrokerUnavailable(JobError):
     """The job was stored but could not be queued (it is marked failed)."""
+
+
+class JobFinished(JobError):
+    """The job has already ended: it cannot be cancelled."""
 
 
 class JobParams(BaseModel):
@@ -164,6 +170,18 @@ def get(session: Session, job_id: int) -> Job:
     return job
 
 
+def watch(sessions: sessionmaker[Session], job_id: int, every_s: float = 1.0
+          ) -> Iterator[Job]:
+    """The job's row every ``every_s`` seconds, ending with the row of its final state."""
+    while True:
+        with sessions() as session:
+            job = get(session, job_id)
+        yield job
+        if job.state not in ACTIVE:
+            return
+        time.sleep(every_s)
+
+
 def recent(session: Session, limit: int = 50, state: str | None = None) -> list[Job]:
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
@@ -177,7 +195,7 @@ def cancel(sessions: sessionmaker[Session], job_id: int, settings: Settings) -> 
     with sessions.begin() as session:
         job = get(session, job_id)
         if job.state not in ACTIVE:
-            raise JobError(f"job {job_id} is already {job.state}")
+            raise JobFinished(f"job {job_id} is already {job.state}")
         if job.state == "queued":
             job.state, job.message, job.finished_at = "cancelled", "cancelled", _now()
             remove_artifacts(settings, job_id)

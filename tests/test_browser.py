@@ -7,11 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -30,19 +27,12 @@ if not Path(CHROMIUM).exists():
                 "does it as root)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(explorer_data, embedded_model, tmp_path_factory):
     """A live explorer on a copy of the analysed store, and a worker on its broker."""
-    import uvicorn
-
     from app.web.engine import InferenceEngine
     from app.web.main import create_app
+    from app.web.serve import serve_in_thread
 
     root = tmp_path_factory.mktemp("live")
     shutil.copy(explorer_data["db_url"].removeprefix("sqlite:///"), root / "store.db")
@@ -54,22 +44,16 @@ def live(explorer_data, embedded_model, tmp_path_factory):
                         broker_url=env["SAELAB_BROKER_URL"])
     engine = InferenceEngine(settings)
     engine.preload_model(embedded_model.name, embedded_model)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     log = (root / "worker.log").open("w")
     worker = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()",
                                "worker"], cwd=REPO, env={**os.environ, **env}, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
-    yield {"url": f"http://127.0.0.1:{port}", **explorer_data}
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        with serve_in_thread(create_app(settings, engine), "127.0.0.1", 0) as url:
+            yield {"url": url, **explorer_data}
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
 
 @pytest.fixture(scope="module")

@@ -165,8 +165,7 @@ def submit_job(body: JobRequest, request: Request) -> dict:
         job = jobs.submit(request.app.state.sessions, celery_app(request), body.kind,
                           body.params)
     except jobs.JobError as exc:
-        status = 503 if isinstance(exc, jobs.BrokerUnavailable) else 422
-        raise HTTPException(status, str(exc)) from None
+        raise views.job_error(exc) from None
     return job_record(job)
 
 
@@ -181,6 +180,5 @@ def cancel_job(job_id: int, request: Request) -> dict:
     try:
         job = jobs.cancel(request.app.state.sessions, job_id, settings)
     except jobs.JobError as exc:
-        status = 404 if isinstance(exc, jobs.JobNotFound) else 409
-        raise HTTPException(status, str(exc)) from None
+        raise views.job_error(exc) from None
     return job_record(job)

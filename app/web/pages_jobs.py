@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app import jobs
@@ -46,7 +46,7 @@ async def submit_job(request: Request, render: RenderDep, settings: SettingsDep,
     try:
         job = jobs.submit(request.app.state.sessions, celery_app(request), kind, params)
     except jobs.JobError as exc:
-        status = 503 if isinstance(exc, jobs.BrokerUnavailable) else 422
+        status = views.job_error(exc).status_code
         errors = exc.fields or {"kind": str(exc)}
         return render(request, "jobs.html", {"form": {**form, "kind": kind}, "errors": errors,
                                              "kinds": jobs.KINDS}, status=status,
@@ -69,8 +69,7 @@ def cancel_job(request: Request, job_id: int, settings: SettingsDep) -> Response
     try:
         jobs.cancel(request.app.state.sessions, job_id, settings)
     except jobs.JobError as exc:
-        raise HTTPException(404 if isinstance(exc, jobs.JobNotFound) else 409,
-                            str(exc)) from None
+        raise views.job_error(exc) from None
     target = f"/jobs/{job_id}"
     if request.headers.get("HX-Request") == "true":
         return Response(status_code=204, headers={"HX-Redirect": target})

@@ -11,6 +11,7 @@ from fastapi import HTTPException
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.jobs import BrokerUnavailable, JobError, JobFinished, JobNotFound
 from app.store.models import Explanation, Job, Latent, Model, Sae
 from app.web.engine import SaeHandle
 
@@ -40,6 +41,12 @@ def job_or_404(session: Session, job_id: int) -> Job:
     if job is None:
         raise HTTPException(404, f"there is no job {job_id}")
     return job
+
+
+def job_error(exc: JobError) -> HTTPException:
+    """The HTTP answer to a job that cannot be queued or changed (bad params: 422)."""
+    status = {JobNotFound: 404, JobFinished: 409, BrokerUnavailable: 503}.get(type(exc), 422)
+    return HTTPException(status, str(exc))
 
 
 def handle(sae: Sae) -> SaeHandle:

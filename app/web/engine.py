@@ -122,7 +122,12 @@ class InferenceEngine:
         """(row, text) pieces as the baseline (0) and steered (1) replies are decoded.
 
         Callers check ``check_capacity()`` before they start streaming a response."""
-        from training.steering import chat_prompt_ids, generate_pair, steering_edit
+        from training.steering import (
+            STEERED_ROWS,
+            chat_prompt_ids,
+            generate_pair,
+            steering_edit,
+        )
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -134,7 +139,7 @@ class InferenceEngine:
                 return
             try:
                 lm, sae = self.sae(handle)
-                edit = steering_edit(sae, steers, maxima, rows=slice(1, 2))
+                edit = steering_edit(sae, steers, maxima, rows=STEERED_ROWS)
                 for piece in generate_pair(lm, handle.layer, edit,
                                            chat_prompt_ids(lm, prompt), sampling):
                     if stop.is_set():

@@ -100,7 +100,7 @@ class Renderer:
         self.env = Environment(loader=FileSystemLoader(TEMPLATES),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
                                lstrip_blocks=True)
-        self.env.filters.update(visible=visible, heat=heat, number=number, percent=percent,
+        self.env.filters.update(visible=visible, number=number, percent=percent,
                                 tojson_attr=to_json)
         self.env.globals.update(token_spans=token_spans, example_html=example_html)
 

@@ -148,7 +148,7 @@ def create(sessions: sessionmaker[Session], kind: str, params: dict[str, Any]) -
 def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any]
            ) -> Job:
     """Validate, store and queue a job; returns its row."""
-    from worker.celery_app import send_job
+    from app.queue import send_job
 
     job = create(sessions, kind, params)
     parsed = JobParams(**job.params)
@@ -208,7 +208,7 @@ def reap(sessions: sessionmaker[Session], celery, settings: Settings) -> list[in
     """Recover running jobs whose worker stopped sending heartbeats, and re-send queued
     jobs no worker took for ``resend_after_s`` (their message may be lost); returns the
     ids of the jobs it changed."""
-    from worker.celery_app import send_job
+    from app.queue import send_job
 
     cutoff = _now() - timedelta(seconds=settings.stale_after_s)
     requeued, reaped = [], []

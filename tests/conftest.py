@@ -48,7 +48,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_llama_dir, data_dir):
-    from training.models import load_model
+    from training.data.models import load_model
 
     return load_model(str(tiny_llama_dir), data_dir=data_dir, device="cpu")
 
@@ -56,7 +56,7 @@ def tiny_model(tiny_llama_dir, data_dir):
 @pytest.fixture(scope="session")
 def embedded_model(data_dir):
     """SmolLM2-135M-Instruct, loaded once for every slow test."""
-    from training.models import EMBEDDED_MODEL, load_model
+    from training.data.models import EMBEDDED_MODEL, load_model
 
     return load_model(EMBEDDED_MODEL, data_dir=data_dir, device="cpu")
 
@@ -65,10 +65,10 @@ def embedded_model(data_dir):
 def embedded_sae(embedded_model, tmp_path_factory) -> dict[str, Path]:
     """One small capture of the embedded model (layer 3, 16k tokens) and an SAE trained on
     it (n=1024, k=16), shared by every test that needs real data."""
-    from training.capture import CaptureConfig, capture
-    from training.sae import SaeConfig
-    from training.train_run import train
-    from training.trainer import TrainConfig
+    from training.data.capture import CaptureConfig, capture
+    from training.sae.autoencoder import SaeConfig
+    from training.train.run import train
+    from training.train.trainer import TrainConfig
 
     root = tmp_path_factory.mktemp("embedded")
     capture(embedded_model, CaptureConfig(layer=3, tokens=16_384, context=128, dtype="fp32"),
@@ -116,9 +116,9 @@ def explorer_data(embedded_model, embedded_sae, tmp_path_factory) -> dict:
     from app.store.db import open_store
     from app.store.models import Explanation, Latent
     from app.store.persist import save_analysis, token_texts
-    from training.activations import ActivationStore
-    from training.analysis import analyse_capture
-    from training.sae_io import load_sae
+    from training.analysis.latents import analyse_capture
+    from training.data.activations import ActivationStore
+    from training.sae.folder import load_sae
 
     root = tmp_path_factory.mktemp("explorer")
     db_url = f"sqlite:///{root / 'store.db'}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from training.activations import Manifest, shard_name
+from training.data.activations import Manifest, shard_name
 
 
 def sparse_rows(rows: int, d: int, *, atoms: int = 48, active: int = 3, seed: int = 0

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.synthetic import sparse_rows, write_capture
-from training import analysis
-from training.activations import ActivationStore
-from training.analysis import AnalysisConfig, analyse_capture
-from training.sae import SaeConfig, SparseAutoencoder
+from training.analysis import latents as analysis
+from training.analysis.latents import AnalysisConfig, analyse_capture
+from training.data.activations import ActivationStore
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 D, N, CONTEXT = 16, 32, 17
 

@@ -19,7 +19,7 @@ from tests.fake_anthropic import (
     unauthorized,
     user_text,
 )
-from training.autointerp import (
+from training.autointerp.explain import (
     PROMPT_VERSION,
     ExplainSettings,
     LatentRecord,
@@ -36,8 +36,8 @@ from training.autointerp import (
     settings_key,
     split_examples,
 )
-from training.autointerp_scoring import random_marks
-from training.explainers import ClaudeExplainer, ExplainerError, UsageMeter
+from training.autointerp.local import ClaudeExplainer, ExplainerError, UsageMeter
+from training.autointerp.scoring import random_marks
 
 LABEL = "Python def keyword"
 FILLER = [" x", " =", " 1", "\n", " return", " y", " +", " print", "(", ")", ":", " if",
@@ -377,14 +377,14 @@ def test_settings_key_hashes_explainer_model_settings_and_prompt_version(monkeyp
     assert key == settings_key("claude", "claude-sonnet-4-5", detection_n=5, explain_top=10)
     assert key != settings_key("claude", "claude-sonnet-4-5", explain_top=11, detection_n=5)
     assert key != settings_key("local", "claude-sonnet-4-5", explain_top=10, detection_n=5)
-    monkeypatch.setattr("training.autointerp.PROMPT_VERSION", PROMPT_VERSION + "x")
+    monkeypatch.setattr("training.autointerp.explain.PROMPT_VERSION", PROMPT_VERSION + "x")
     assert key != settings_key("claude", "claude-sonnet-4-5", explain_top=10, detection_n=5)
 
 
 # -- the local model ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_explainer_labels_and_scores_a_latent(embedded_model) -> None:
-    from training.explainers import LocalExplainer
+    from training.autointerp.local import LocalExplainer
 
     explainer = LocalExplainer(embedded_model)
     settings = ExplainSettings(explain_top=5, explain_quantile=0, detection_n=2, fuzzing_n=2,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import capture as capture_module
-from training.activations import ActivationError, ActivationStore, Manifest, read_shard
-from training.capture import CaptureConfig, CaptureError, capture
-from training.corpus import CorpusError
-from training.models import ModelLoadError
+from training.data import capture as capture_module
+from training.data.activations import ActivationError, ActivationStore, Manifest, read_shard
+from training.data.capture import CaptureConfig, CaptureError, capture
+from training.data.corpus import CorpusError
+from training.data.models import ModelLoadError
 
 
 @pytest.fixture

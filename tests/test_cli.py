@@ -154,7 +154,6 @@ def test_not_a_capture_or_sae(env, tmp_path) -> None:
 
 
 def test_bench_capture_prints_one_json_line(env, corpus) -> None:
-    from app import cli_bench  # noqa: F401  (registers the bench commands)
 
     result = invoke(env, "bench", "capture", "--layer", 0, "--batches", 2, "--batch", 2,
                     "--context", 64, "--dataset", corpus)
@@ -168,7 +167,6 @@ def test_bench_capture_prints_one_json_line(env, corpus) -> None:
 
 
 def test_bench_train_without_saelens(env, acts) -> None:
-    from app import cli_bench  # noqa: F401
 
     result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,
                     "--batch", 512, "--tokens", 2048, "--holdout", 1024, "--no-saelens")
@@ -181,7 +179,6 @@ def test_bench_train_without_saelens(env, acts) -> None:
 
 
 def test_bench_train_needs_enough_rows(env, acts) -> None:
-    from app import cli_bench  # noqa: F401
 
     result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,
                     "--batch", 512, "--tokens", 10**6)

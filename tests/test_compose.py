@@ -40,7 +40,6 @@ def test_commands_exist() -> None:
     """Every saelab command the compose file runs is a real command of this CLI."""
     from typer.testing import CliRunner
 
-    from app import cli_db, cli_jobs, cli_web  # noqa: F401
     from app.cli import app
 
     for service in _services().values():

@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.hooks import block_output
-from training.probe import MAX_CONTRAST_TEXTS, MIN_CONTRAST_SCORE, contrast_texts, probe_text
-from training.sae import SaeConfig, SparseAutoencoder
+from training.data.hooks import block_output
+from training.inference.probe import (
+    MAX_CONTRAST_TEXTS,
+    MIN_CONTRAST_SCORE,
+    contrast_texts,
+    probe_text,
+)
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 D = 64
 LAYER = 2

@@ -1,4 +1,4 @@
-"""Tests for training.corpus: text sources (embedded, local files, HF hub) and packing."""
+"""Tests for training.data.corpus: text sources (embedded, local files, HF hub) and packing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from itertools import islice
 
 import pytest
 
-from training import corpus
-from training.corpus import (
+from training.data import corpus
+from training.data.corpus import (
     EMBEDDED_CORPUS,
     CorpusError,
     embedded_corpus_sources,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from training.metrics import evaluate_sae_on_dataset
-from training.sae_io import load_sae
+from training.sae.folder import load_sae
+from training.train.metrics import evaluate_sae_on_dataset
 
 pytestmark = pytest.mark.slow
 

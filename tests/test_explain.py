@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from app import cli_explain, cli_store  # noqa: F401  (register the commands)
 from app.cli import app
 from app.store.db import open_store
 from app.store.models import Explanation, Job, Latent

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app import cli_jobs  # noqa: F401  (registers the commands)
 from app.cli import app
 from app.store.db import make_engine, session_factory, upgrade
 from app.store.models import Job, Latent, Sae
@@ -165,8 +164,8 @@ def test_killed_worker_job_resumes_from_checkpoint(stack, tiny_llama_dir) -> Non
 
 
 def test_bad_ids_and_params(stack, tiny_llama_dir) -> None:
+    from app.queue import make_celery, send_job
     from app.settings import Settings
-    from worker.celery_app import make_celery, send_job
 
     bad = stack.cli("jobs", "submit", "train", "--latents", 8, "--k", 8, "--acts", "x")
     assert bad.exit_code == 2 and "k: 8 must be below latents" in bad.output
@@ -258,9 +257,9 @@ def test_queued_job_whose_message_was_lost_is_sent_again(stack, tiny_llama_dir) 
 
 def test_resending_a_job_nobody_takes_stops_after_max_attempts(tmp_path) -> None:
     from app import jobs
+    from app.queue import make_celery
     from app.settings import Settings
     from app.store.db import open_store
-    from worker.celery_app import make_celery
 
     settings = Settings(data_dir=tmp_path, resend_after_s=0, max_attempts=2)
     sessions = open_store(settings.database_url)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from training.kernels import sparse_decode, sparse_encode
+from training.sae.kernels import sparse_decode, sparse_encode
 
 
 def _dense_reference(x, w_enc, b_enc, w_dec, indices, mask):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.models import ModelLoadError, load_model, resolve_blocks
+from training.data.models import ModelLoadError, load_model, resolve_blocks
 
 
 def test_tiny_llama_loads_with_blocks(tiny_model):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.synthetic import sparse_rows, write_capture
-from training.activations import ActivationStore
-from training.negatives import window_pool
-from training.sae import SaeConfig, SparseAutoencoder
+from training.autointerp.negatives import window_pool
+from training.data.activations import ActivationStore
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 
 @pytest.fixture

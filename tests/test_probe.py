@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.hooks import block_output
-from training.probe import ProbeResult, probe_text, token_texts
-from training.sae import SaeConfig, SparseAutoencoder
+from training.data.hooks import block_output
+from training.inference.probe import ProbeResult, probe_text, token_texts
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 D = 64
 LAYER = 2

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.saelens import (
+from training.sae.saelens import (
     SAELAB_WEIGHTS_FILE,
     SAELENS_WEIGHTS_FILE,
     read_saelens_folder,

@@ -15,9 +15,9 @@ from app.store.semantic import embed_missing
 from app.web import api_search
 from app.web.engine import InferenceEngine
 from app.web.main import create_app
-from training.embeddings import EmbedderUnavailable, text_embedder
-from training.probe import MAX_CONTRAST_TEXTS, contrast_texts
-from training.sae_io import load_sae
+from training.autointerp.embeddings import EmbedderUnavailable, text_embedder
+from training.inference.probe import MAX_CONTRAST_TEXTS, contrast_texts
+from training.sae.folder import load_sae
 
 pytestmark = pytest.mark.slow
 CODE = ["def add(a, b):\n    return a + b", "for item in items:\n    print(item)"]

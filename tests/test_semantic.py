@@ -11,7 +11,7 @@ from app.store.db import open_store
 from app.store.models import Explanation, Latent, Model, Sae
 from app.store.queries import search_explanations
 from app.store.semantic import combined_hits, combined_search, embed_missing, semantic_search
-from training.embeddings import TextEmbedder, mean_pool, text_embedder
+from training.autointerp.embeddings import TextEmbedder, mean_pool, text_embedder
 
 EXPLANATIONS = ["python keywords like def", "closing brackets", "names of cities in Europe",
                 "numbers written as digits", "the word 'the' before nouns",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.hooks import block_output
-from training.sae import SaeConfig, SparseAutoencoder
-from training.sampling import IncrementalText, stop_token_ids
-from training.steering import (
+from training.data.hooks import block_output
+from training.inference.sampling import IncrementalText, stop_token_ids
+from training.inference.steering import (
     STEERED_ROWS,
     Sampling,
     Steer,
@@ -18,6 +17,7 @@ from training.steering import (
     latent_values,
     steering_edit,
 )
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 D = 64
 LAYER = 1

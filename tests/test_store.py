@@ -127,7 +127,6 @@ def test_unreachable_database_is_a_clear_error() -> None:
 def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
     from typer.testing import CliRunner
 
-    from app import cli_db  # noqa: F401  (registers the db commands)
     from app.cli import app
 
     runner = CliRunner()

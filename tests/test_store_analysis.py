@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from app import cli_store  # noqa: F401  (registers the commands)
 from app.cli import app
 from app.store import persist
 from app.store.db import make_engine, session_factory

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.synthetic import sparse_rows, write_capture
-from training.activations import ActivationStore
-from training.sae import SaeConfig, SparseAutoencoder
-from training.sae_io import SaeLoadError, load_sae
-from training.train_run import TrainError, partial_dir, train
-from training.trainer import TrainConfig, Trainer, lr_factor
+from training.data.activations import ActivationStore
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
+from training.sae.folder import SaeLoadError, load_sae
+from training.train.run import TrainError, partial_dir, train
+from training.train.trainer import TrainConfig, Trainer, lr_factor
 
 D = 16
 
@@ -155,7 +155,7 @@ def test_saved_sae_works_on_raw_activations(acts_dir, tmp_path) -> None:
     trainer.initialise(store.sample(1024), input_scale=0.37)
     for batch in itertools.islice(store.iter_shuffled(256, seed=0, limit_rows=2048), 8):
         trainer.step(batch)
-    from training.sae_io import save_sae
+    from training.sae.folder import save_sae
 
     save_sae(tmp_path / "sae", trainer.sae, 0.37, model="m", layer=0, context=17)
     loaded, saved_cfg = load_sae(tmp_path / "sae")
@@ -233,7 +233,7 @@ def test_saelens_relu_and_shared_jumprelu_folders_load(tmp_path) -> None:
     JumpReLU thresholds are refused with a message."""
     from safetensors.torch import save_file
 
-    from training.saelens import saelens_cfg_fields
+    from training.sae.saelens import saelens_cfg_fields
 
     torch.manual_seed(0)
     tensors = {"W_enc": torch.randn(D, 32), "b_enc": torch.randn(32),
@@ -261,7 +261,7 @@ def test_saelens_relu_and_shared_jumprelu_folders_load(tmp_path) -> None:
 def test_disk_full_while_saving_leaves_nothing(acts_dir, tmp_path, monkeypatch) -> None:
     import errno
 
-    from training import sae_io
+    from training.sae import folder as sae_io
 
     def no_space(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

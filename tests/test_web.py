@@ -136,8 +136,8 @@ def test_api_mirrors_the_pages(client, explorer_data) -> None:
 
 def test_probe_page_and_api_agree_with_the_engine(client, explorer_data, embedded_model,
                                                   embedded_sae) -> None:
-    from training.probe import probe_text
-    from training.sae_io import load_sae
+    from training.inference.probe import probe_text
+    from training.sae.folder import load_sae
 
     sae_id, text = explorer_data["sae_id"], "def main():\n    return 42"
     sae, cfg = load_sae(embedded_sae["sae"])

@@ -32,7 +32,7 @@ BATCH_CHUNK = 500
 
 def make_explainer(params: JobParams, settings: Settings, model_name: str):
     """Claude when asked for (or ``auto`` with an API key), else the local model."""
-    from training.explainers import ClaudeExplainer, LocalExplainer
+    from training.autointerp.local import ClaudeExplainer, LocalExplainer
 
     kind = params.explainer
     if kind == "auto":
@@ -44,7 +44,7 @@ def make_explainer(params: JobParams, settings: Settings, model_name: str):
         return ClaudeExplainer(api_key=settings.anthropic_api_key,
                                model=params.explainer_model or settings.claude_model,
                                base_url=settings.anthropic_base_url or None)
-    from training.models import load_model
+    from training.data.models import load_model
 
     return LocalExplainer(load_model(model_name, data_dir=settings.data_dir))
 
@@ -55,7 +55,7 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
     returns {"explained", "skipped", "failed": {index: error}, "usage": totals}."""
     from dataclasses import asdict
 
-    from training.autointerp import ExplainSettings, settings_key
+    from training.autointerp.explain import ExplainSettings, settings_key
 
     with run.sessions() as session:
         sae = session.get(Sae, sae_id)
@@ -89,7 +89,7 @@ def _explain_all(run: JobRun, explainer, key: str, sae_id: int, todo: list[int],
     """Explain ``todo`` one latent at a time (or in message batches for long Claude runs),
     storing each result as it comes; stops at an error every later latent would hit too
     (a bad key, no credit)."""
-    from training.autointerp import explain_latent, explain_latents_batched
+    from training.autointerp.explain import explain_latent, explain_latents_batched
 
     totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
     failed: dict[str, str] = {}
@@ -136,7 +136,7 @@ def _store(run: JobRun, explainer, key: str, data: dict, result, totals: dict,
 
 
 def _record(data: dict[str, Any]):
-    from training.autointerp import LatentRecord, Window
+    from training.autointerp.explain import LatentRecord, Window
 
     return LatentRecord(index=data["index"], max_activation=data["max_activation"],
                         top=[Window(list(t), list(a)) for t, a in data["top"]],
@@ -147,10 +147,10 @@ def _record(data: dict[str, Any]):
 
 def _negative_pool(sae_path: str, capture: str | None, model_name: str, settings: Settings):
     """Windows of the SAE's capture with every latent's code, and the tokenizer for them."""
-    from training.activations import ActivationStore
-    from training.models import load_tokenizer
-    from training.negatives import window_pool
-    from training.sae_io import load_sae
+    from training.autointerp.negatives import window_pool
+    from training.data.activations import ActivationStore
+    from training.data.models import load_tokenizer
+    from training.sae.folder import load_sae
 
     if not capture or not Path(capture).is_dir():
         raise ValueError(f"scoring needs the SAE's capture, {capture!r}, which is not here: "
@@ -161,7 +161,7 @@ def _negative_pool(sae_path: str, capture: str | None, model_name: str, settings
 
 
 def _negatives(pool, tokenizer, index: int) -> list:
-    from training.autointerp import Window
+    from training.autointerp.explain import Window
 
     silent = pool.silent_windows(index)
     chosen = random.Random(index).sample(silent, min(NEGATIVES, len(silent)))
@@ -172,7 +172,7 @@ def _negatives(pool, tokenizer, index: int) -> list:
 def _embed(run: JobRun, sae_id: int) -> None:
     """Embed the new explanations for semantic search."""
     from app.store.semantic import embed_missing
-    from training.embeddings import EmbedderUnavailable, text_embedder
+    from training.autointerp.embeddings import EmbedderUnavailable, text_embedder
 
     run.update(force=True, message="embedding the explanations for semantic search")
     try:

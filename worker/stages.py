@@ -19,7 +19,7 @@ from worker.runtime import SERIES_POINTS, JobCancelled, JobRun
 
 
 def load_model(params: JobParams, settings: Settings):
-    from training.models import load_model as load
+    from training.data.models import load_model as load
 
     return load(params.model or settings.default_model, data_dir=settings.data_dir)
 
@@ -27,7 +27,7 @@ def load_model(params: JobParams, settings: Settings):
 def capture_stage(run: JobRun, params: JobParams, settings: Settings, directory: Path
                   ) -> str:
     """Capture ``params.tokens`` activations of ``params.layer``; returns the directory."""
-    from training.capture import CaptureConfig, capture
+    from training.data.capture import CaptureConfig, capture
 
     lm = load_model(params, settings)
     started = time.monotonic()
@@ -43,7 +43,7 @@ def capture_stage(run: JobRun, params: JobParams, settings: Settings, directory:
 
 
 def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
-    from training.activations import Manifest
+    from training.data.activations import Manifest
 
     return {"acts": acts, "out": str(out), "resume": resume,
             "sae": {"d_in": Manifest.load(Path(acts)).d_model, "n_latents": params.latents,
@@ -55,7 +55,7 @@ def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
 def train_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> str:
     """Train an SAE on ``acts`` into ``<directory>/sae``, resuming a checkpoint if one is
     there; returns the SAE directory."""
-    from training.train_run import CHECKPOINT, partial_dir
+    from training.train.run import CHECKPOINT, partial_dir
 
     out = directory / "sae"
     if (out / "cfg.json").is_file():
@@ -75,7 +75,7 @@ def train_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> s
         run.progress(stats.step, total, tokens_per_s=rate, loss=stats.fvu, l0=stats.l0)
 
     if params.nproc == 1:
-        from training.launch import run_spec
+        from training.train.launch import run_spec
 
         run_spec(spec, progress=False, on_step=on_step)
     else:
@@ -84,8 +84,8 @@ def train_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> s
 
 
 def _total_steps(spec: dict) -> int:
-    from training.activations import ActivationStore
-    from training.trainer import TrainConfig
+    from training.data.activations import ActivationStore
+    from training.train.trainer import TrainConfig
 
     cfg = TrainConfig.from_dict(spec["train"])
     rows = len(ActivationStore(Path(spec["acts"])))
@@ -95,7 +95,7 @@ def _total_steps(spec: dict) -> int:
 def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
                        on_step) -> None:
     """torchrun with ``nproc`` processes; follows rank 0's step file, stops it on cancel."""
-    from training.trainer import StepStats
+    from training.train.trainer import StepStats
 
     spec_path, result_path = directory / "train-spec.json", directory / "train-result.json"
     steps_path = directory / "train-steps.jsonl"
@@ -103,7 +103,7 @@ def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps({**spec, "progress_file": str(steps_path)}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "training.launch", str(spec_path),
+               f"--nproc_per_node={nproc}", "-m", "training.train.launch", str(spec_path),
                str(result_path)]
     stderr_path = directory / "train-stderr.log"  # a file, not a pipe: a full pipe blocks
     with stderr_path.open("w") as stderr:
@@ -133,7 +133,7 @@ def evaluate_stage(lm, sae, store, sae_dir: Path, tokens: int) -> None:
     """CE loss recovered, KL, FVU ... with the SAE spliced in, on the text that follows its
     capture (text the SAE was not trained on), saved as the folder's ``eval.json``."""
     from app.store.persist import EVAL_FILE
-    from training.metrics import evaluate_sae_on_dataset
+    from training.train.metrics import evaluate_sae_on_dataset
 
     manifest = store.manifest
     metrics = evaluate_sae_on_dataset(lm, sae, manifest.layer, dataset=manifest.dataset,
@@ -161,8 +161,8 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
                   acts: str | None) -> int:
     """Analyse every latent of the SAE and persist it; returns the SAE's store id."""
     from app.store.persist import save_analysis, token_texts
-    from training.analysis import analyse_capture, checked_capture
-    from training.sae_io import load_sae
+    from training.analysis.latents import analyse_capture, checked_capture
+    from training.sae.folder import load_sae
 
     sae, cfg = load_sae(Path(sae_dir))
     lm = load_model(JobParams(**{**params.model_dump(), "model": params.model or cfg.get(

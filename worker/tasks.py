@@ -18,11 +18,11 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from app.jobs import JobParams, claim, job_dir, reap, remove_artifacts, validate
+from app.queue import TASKS, make_celery
 from app.settings import Settings, get_settings
 from app.store.db import open_store
 from app.store.models import Job
 from worker import stages
-from worker.celery_app import TASKS, make_celery
 from worker.explain_stage import explain_stage
 from worker.runtime import JobCancelled, JobRun
 

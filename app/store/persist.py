@@ -27,7 +27,7 @@ the model (CE loss recovered, KL, ...)."""
 def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: dict,
                   model_name: str, d_model: int, n_layers: int, result: Any,
                   token_text: dict[int, str]) -> int:
-    """Persist ``result`` (a ``training.analysis.AnalysisResult``) for the SAE folder
+    """Persist ``result`` (a ``training.analysis.latents.AnalysisResult``) for the SAE folder
     ``sae_dir``; returns the SAE's id. ``token_text`` maps every token id in the
     examples and logit lists to its text."""
     with sessions.begin() as session:

@@ -48,7 +48,7 @@ Match = Literal["text", "meaning", "both"]
 
 
 class Embedder(Protocol):
-    """What ``training.embeddings.TextEmbedder`` offers: [N, dim] unit vectors."""
+    """What ``training.autointerp.embeddings.TextEmbedder`` offers: [N, dim] unit vectors."""
 
     def embed(self, texts: list[str], batch: int = ...) -> Tensor: ...
 

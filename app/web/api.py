@@ -127,7 +127,7 @@ async def steer(body: SteerRequest, session: SessionDep, engine: EngineDep
                 ) -> StreamingResponse:
     """Baseline and steered replies as server-sent events: ``token`` events with
     ``{"side": "baseline"|"steered", "text": ...}``, then ``done`` (or ``error``)."""
-    from training.steering import Sampling, Steer
+    from training.inference.steering import Sampling, Steer
 
     row = views.sae_or_404(session, body.sae_id)
     maxima = views.latent_maxima(session, row.id, [f.index for f in body.features])

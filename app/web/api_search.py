@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["search"])
 
 MAX_TEXTS = 32
-"""Texts per side of a contrast (``training.probe.MAX_CONTRAST_TEXTS``, not imported here:
+"""Texts per side of a contrast (``training.inference.probe.MAX_CONTRAST_TEXTS``, not imported here:
 the app starts without loading torch)."""
 MAX_TEXT_CHARS = 2000
 ContrastText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -99,7 +99,7 @@ async def contrast_records(session: Session, engine: InferenceEngine, sae_id: in
 def _contrast(engine: InferenceEngine, handle: SaeHandle, body: ContrastRequest
               ) -> list[tuple[int, float, float, float]]:
     """On the engine thread: the model and SAE (loaded once), then the contrast."""
-    from training.probe import contrast_texts
+    from training.inference.probe import contrast_texts
 
     lm, sae = engine.sae(handle)
     try:
@@ -111,7 +111,7 @@ def _contrast(engine: InferenceEngine, handle: SaeHandle, body: ContrastRequest
 async def query_vector(engine: InferenceEngine, query: str) -> list[float] | None:
     """The query's embedding (computed on the engine thread; the model loads on first
     use), or None when the embedding model is not installed."""
-    from training.embeddings import EmbedderUnavailable
+    from training.autointerp.embeddings import EmbedderUnavailable
 
     try:
         return await engine.run(_embed, query)
@@ -121,7 +121,7 @@ async def query_vector(engine: InferenceEngine, query: str) -> list[float] | Non
 
 
 def _embed(query: str) -> list[float]:
-    from training.embeddings import text_embedder
+    from training.autointerp.embeddings import text_embedder
 
     return text_embedder().embed([query])[0].tolist()
 

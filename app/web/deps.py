@@ -32,7 +32,7 @@ def _render(request: Request) -> Renderer:
 
 def celery_app(request: Request):
     """The Celery app jobs are sent with (made on first use: pages never need a broker)."""
-    from worker.celery_app import make_celery
+    from app.queue import make_celery
 
     if request.app.state.celery is None:
         request.app.state.celery = make_celery(request.app.state.settings)

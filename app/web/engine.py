@@ -75,14 +75,14 @@ class InferenceEngine:
 
     # -- loading (on the engine thread) -----------------------------------------------
     def model(self, name: str):
-        from training.models import load_model
+        from training.data.models import load_model
 
         return self._models.get_or_load(name, lambda: load_model(
             name, data_dir=self.settings.data_dir))
 
     def sae(self, handle: SaeHandle):
         """(lm, sae module, layer) for an SAE row, on the model's device."""
-        from training.sae_io import load_sae
+        from training.sae.folder import load_sae
 
         lm = self.model(handle.model)
         sae = self._saes.get_or_load(handle.path, lambda: load_sae(Path(handle.path),
@@ -106,7 +106,7 @@ class InferenceEngine:
             self._waiting -= 1
 
     async def probe(self, handle: SaeHandle, text: str):
-        from training.probe import probe_text
+        from training.inference.probe import probe_text
 
         def work():
             try:
@@ -122,7 +122,7 @@ class InferenceEngine:
         """(row, text) pieces as the baseline (0) and steered (1) replies are decoded.
 
         Callers check ``check_capacity()`` before they start streaming a response."""
-        from training.steering import (
+        from training.inference.steering import (
             STEERED_ROWS,
             chat_prompt_ids,
             generate_pair,

@@ -1,0 +1,49 @@
+"""What every ``saelab`` command module shares: the root Typer app, the common options and
+the error wrapper. Command modules import this one and nothing of each other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from app.settings import get_settings
+
+app = typer.Typer(help="saelab: sparse autoencoders for Llama-family models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="'smollm2-135m', a local "
+                                              "checkpoint dir or a hub id [default: settings]")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="'embedded', a local "
+                                         ".txt/.jsonl/.parquet file or dir, or an HF dataset")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda or cpu [default: auto]")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL [default: "
+                                           "SAELAB_DATABASE_URL or <data dir>/saelab.db]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn the engine's input errors into a one-line message and exit status 2."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def load_lm(model: str | None, device: str | None):
+    """The model named by --model (default: settings), converted under the data dir."""
+    from training.data.models import load_model
+
+    settings = get_settings()
+    return load_model(model or settings.default_model, data_dir=settings.data_dir, device=device)
+
+
+def open_sessions(db: str | None):
+    """A session factory on --db (default: settings), migrated to the newest schema."""
+    from app.store.db import open_store
+
+    return open_store(db or get_settings().database_url)

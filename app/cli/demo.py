@@ -1,0 +1,164 @@
+"""``saelab demo``: the whole loop on the embedded defaults, ending in the explorer.
+
+It starts an embedded worker (a real ``saelab worker`` process on the serverless broker)
+and the web server, queues one pipeline job (capture → train → analyse → evaluate →
+explain) on the embedded model and corpus, follows it in the terminal (the jobs page shows
+the same), then prints the explorer's URL and keeps serving until Ctrl-C. A second run
+reuses the SAE the first one made (or follows its job if it is still running).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from app.cli.common import app, cli_errors
+from app.settings import Settings, get_settings
+
+DEMO_QUEUE = "demo"
+
+
+def demo_params(layer: int, tokens: int, latents: int, k: int, explain: int) -> dict:
+    """The demo's pipeline: lr 1e-3 suits its short run; everything analysed; the
+    ``explain`` most active latents explained and scored (Claude with an API key, else the
+    local model)."""
+    return {"layer": layer, "tokens": tokens, "latents": latents, "k": k, "lr": 1e-3,
+            "analyze_tokens": tokens, "eval_tokens": 4096, "explain_count": explain,
+            "queue": DEMO_QUEUE}
+
+
+@app.command()
+def demo(
+    layer: Annotated[int, typer.Option("--layer", help="decoder block to study")] = 6,
+    tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")] = 131_072,
+    latents: Annotated[int, typer.Option("--latents")] = 4096,
+    k: Annotated[int, typer.Option("--k")] = 32,
+    explain: Annotated[int, typer.Option("--explain", help="latents to explain (the most "
+                                         "active)")] = 32,
+    model: Annotated[str | None, typer.Option("--model", help="[default: settings]")] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving the "
+                                        "explorer when the job is done")] = True,
+) -> None:
+    """Capture, train, analyse, evaluate and explain an SAE as one job, served in the
+    explorer."""
+    from app.store.db import open_store
+    from app.web.main import create_app
+    from app.web.serve import serve_in_thread
+
+    settings = get_settings()
+    params = demo_params(layer, tokens, latents, k, explain)
+    if model:
+        params["model"] = model
+    with cli_errors():
+        sessions = open_store(settings.database_url)
+        worker = _start_worker(settings)
+        try:
+            with serve_in_thread(create_app(settings), host or settings.host,
+                                 port or settings.port) as base:
+                url = f"{base}/"
+                job_id = _demo_job(sessions, settings, params)
+                typer.echo(f"explorer: {url}   (job {job_id}: {url}jobs/{job_id})", err=True)
+                job = _follow(sessions, job_id, worker, settings)
+                if job.state != "succeeded":
+                    raise ValueError(f"the demo job {job.id} {job.state}: {job.message}")
+                _summary(sessions, job, url)
+                if serve:
+                    typer.echo(f"serving the explorer at {url} (Ctrl-C to stop)", err=True)
+                    _wait_forever()
+        finally:
+            _stop(worker)
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen:
+    log_path = settings.data_dir / "demo" / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", "from app.cli import main; main()", "worker",
+               "--queues", f"{DEMO_QUEUE},gpu"]
+    with log_path.open("a") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    """Stop the demo's worker: a warm shutdown first, killed if it does not end soon (a
+    stage in progress would keep it for minutes; the job resumes on the next run)."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def _demo_job(sessions, settings: Settings, params: dict) -> int:
+    """A finished or running demo job with these params, else a new one."""
+    from app import jobs
+    from app.queue import make_celery
+
+    wanted = jobs.validate("pipeline", params).model_dump(exclude_none=True)
+    with sessions() as session:
+        for job in jobs.recent(session, 200):
+            if job.kind == "pipeline" and job.params == wanted and (
+                    job.state in jobs.ACTIVE or _sae_exists(session, job)):
+                return job.id
+    return jobs.submit(sessions, make_celery(settings), "pipeline", params).id
+
+
+def _sae_exists(session, job) -> bool:
+    from app.store.models import Sae
+
+    sae_id = (job.result or {}).get("sae_id")
+    return job.state == "succeeded" and sae_id is not None and session.get(Sae, sae_id) is not None
+
+
+def _follow(sessions, job_id: int, worker: subprocess.Popen, settings: Settings):
+    """A progress bar per stage until the job ends; returns the final row. Raises if the
+    worker dies meanwhile."""
+    from tqdm import tqdm
+
+    from app import jobs
+
+    bar, stage = None, None
+    for job in jobs.watch(sessions, job_id):
+        if job.stage != stage and job.state == "running":
+            if bar is not None:
+                bar.close()
+            stage = job.stage
+            bar = tqdm(total=100, desc=f"job {job.id} {stage}", unit="%", file=sys.stderr)
+        if bar is not None:
+            bar.n = round(100 * job.progress, 1)
+            stats = job.stats or {}
+            bar.set_postfix({key: f"{stats[key]:,.3g}" for key in ("tokens_per_s", "loss")
+                             if key in stats}, refresh=True)
+        if job.state in jobs.ACTIVE and worker.poll() is not None:
+            raise OSError(f"the demo's worker stopped (exit {worker.returncode}): see "
+                          f"{settings.data_dir / 'demo' / 'worker.log'}")
+    if bar is not None:
+        bar.close()
+    return job
+
+
+def _summary(sessions, job, url: str) -> None:
+    from app.store.models import Sae
+    from app.web.views import headline
+
+    with sessions() as session:
+        sae = session.get(Sae, job.result["sae_id"])
+        summary = {"job": job.id, "sae_id": sae.id, "model": sae.model.name,
+                   "layer": sae.layer, "latents": sae.n_latents, **headline(sae),
+                   "sae": sae.path, "url": f"{url}saes/{sae.id}"}
+    typer.echo(json.dumps(summary))
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping", err=True)

@@ -1,0 +1,168 @@
+"""``saelab capture``, ``train`` and ``eval``: the engine's steps, run in this process
+(``--nproc`` trains under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.common import DatasetOpt, DeviceOpt, ModelOpt, app, cli_errors, load_lm
+
+
+@app.command()
+def capture(
+    layer: Annotated[int, typer.Option("--layer", help="decoder block (0-based)")],
+    tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    model: ModelOpt = None,
+    dataset: DatasetOpt = "embedded",
+    context: Annotated[int, typer.Option("--context", help="tokens per context")] = 128,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32")] = "fp16",
+    batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 16,
+    split: Annotated[str, typer.Option("--split", help="HF dataset split")] = "train",
+    text_column: Annotated[str, typer.Option("--text-column")] = "text",
+    device: DeviceOpt = None,
+) -> None:
+    """Capture block LAYER's residual-stream activations into sharded safetensors."""
+    from training.data.capture import CaptureConfig
+    from training.data.capture import capture as run_capture
+
+    with cli_errors():
+        cfg = CaptureConfig(layer=layer, tokens=tokens, dataset=dataset, context=context,
+                            dtype=dtype, batch_contexts=batch, split=split,
+                            text_column=text_column)
+        lm = load_lm(model, device)
+        manifest = run_capture(lm, cfg, out)
+    typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
+               f"{manifest.layer} in {len(manifest.shards)} shards -> {out}")
+
+
+@app.command()
+def train(
+    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    latents: Annotated[int, typer.Option("--latents", help="dictionary size n")],
+    k: Annotated[int, typer.Option("--k", help="active latents per token")],
+    out: Annotated[Path, typer.Option("--out", help="output SAE directory")],
+    arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk")] = "topk",
+    tokens: Annotated[int | None, typer.Option("--tokens", help="training tokens "
+                                               "[default: one pass]")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="global batch in tokens")] = 4096,
+    lr: Annotated[float | None, typer.Option("--lr", help="[default: 2e-4/sqrt(n/2^14)]")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
+    dead_tokens: Annotated[int, typer.Option("--dead-tokens", help="tokens without firing "
+                                             "before a latent counts as dead")] = 1_000_000,
+    nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
+                                         "checkpoint")] = False,
+) -> None:
+    """Train a TopK / BatchTopK SAE on captured activations."""
+    from training.data.activations import Manifest
+
+    with cli_errors():
+        d_in = Manifest.load(acts).d_model
+        spec = {"acts": str(acts), "out": str(out), "resume": resume,
+                "sae": {"d_in": d_in, "n_latents": latents, "k": k, "architecture": arch,
+                        "dead_tokens": dead_tokens},
+                "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
+                          "checkpoint_every": checkpoint_every}}
+        _validate_train_spec(spec, nproc)
+        metrics = _run_train(spec, nproc)
+    typer.echo(json.dumps(metrics))
+
+
+def _validate_train_spec(spec: dict, nproc: int) -> None:
+    import torch
+
+    from training.sae.autoencoder import SaeConfig
+    from training.train.trainer import TrainConfig
+
+    SaeConfig.from_dict(spec["sae"])
+    TrainConfig.from_dict(spec["train"])
+    if nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} exceeds the {torch.cuda.device_count()} GPUs here")
+    if spec["train"]["batch"] % nproc:
+        raise ValueError(f"--batch {spec['train']['batch']} is not divisible by --nproc {nproc}")
+
+
+def _run_train(spec: dict, nproc: int) -> dict:
+    from training.train.launch import run_spec
+
+    if nproc == 1:
+        return run_spec(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        result_path = Path(tmp) / "metrics.json"
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "-m", "training.train.launch", str(spec_path),
+                   str(result_path)]
+        failed = subprocess.run(command, check=False).returncode != 0
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if "error" in result:
+        raise ValueError(result["error"])
+    if failed or not result:
+        _drop_unresumable(Path(spec["out"]))
+        raise ValueError(f"distributed training with --nproc {nproc} failed (see above)")
+    return result
+
+
+def _drop_unresumable(out: Path) -> None:
+    """A rank killed by torchrun runs no cleanup: remove a partial run with no checkpoint."""
+    from training.train.run import CHECKPOINT, partial_dir
+
+    work = partial_dir(out)
+    if work.exists() and not (work / CHECKPOINT).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@app.command("eval")
+def evaluate(
+    sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to evaluate on")] = 8192,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = "embedded",
+    layer: Annotated[int | None, typer.Option("--layer", help="[default: the SAE's]")] = None,
+    context: Annotated[int, typer.Option("--context")] = 128,
+    batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 8,
+    skip_contexts: Annotated[int | None, typer.Option(
+        "--skip-contexts", help="contexts of the dataset to skip first [default: those the "
+        "SAE was trained on, when it is the same dataset]")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON."""
+    from training.sae.folder import load_sae
+    from training.train.metrics import evaluate_sae_on_dataset
+
+    with cli_errors():
+        sae_module, cfg = load_sae(sae)
+        lm = load_lm(model or cfg.get("model_name"), device)
+        metrics = evaluate_sae_on_dataset(
+            lm, sae_module.to(lm.device), layer if layer is not None else int(cfg["hook_layer"]),
+            dataset=dataset, tokens=tokens, context=context, batch=batch,
+            skip_contexts=_trained_contexts(cfg, dataset, context) if skip_contexts is None
+            else skip_contexts)
+    typer.echo(json.dumps(metrics.to_dict()))
+
+
+def _trained_contexts(cfg: dict, dataset: str, context: int) -> int:
+    """Contexts of length ``context`` covering the tokens the SAE's capture used, so
+    evaluation runs on text the SAE has not seen."""
+    from training.data.activations import Manifest
+
+    try:
+        manifest = Manifest.load(Path(cfg["activations"]))
+    except (KeyError, ValueError):
+        return 0
+    if manifest.dataset != dataset:
+        return 0
+    return -(-manifest.contexts * manifest.context // context)

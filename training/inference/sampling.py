@@ -1,0 +1,224 @@
+"""Token-by-token decoding of one prompt in several batch rows, streamed as text.
+
+Decisions:
+* Every row decodes the same prompt, so the rows have the same length: no padding and no
+  attention mask; the KV cache (``past_key_values``) makes each step one token per row.
+* Each row samples with its own ``torch.Generator`` seeded with the same seed, so rows
+  that see identical logits produce identical text. This is what makes a baseline row and
+  a steered row comparable: any difference comes from the steering, not from the dice.
+* An optional edit of block L's output is hooked around each forward call only (never
+  across a ``yield``), so a suspended stream leaves the model unhooked for other callers.
+* Text is streamed by decoding all of a row's ids and emitting the new suffix; a suffix
+  ending in U+FFFD (an incomplete UTF-8 sequence cut by a byte-level token) is held back
+  until the next token completes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from training.data.hooks import edit_block_output
+from training.data.models import LoadedModel
+
+MAX_NEW_TOKENS = 512
+REPLACEMENT_CHAR = "\ufffd"
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Gemma).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+Edit = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How replies are sampled."""
+
+    temperature: float = 0.7
+    """Softmax temperature; 0 means greedy (argmax) decoding."""
+    max_tokens: int = 128
+    """New tokens per reply at most (1..512); EOS ends a reply earlier."""
+    seed: int = 0
+    """Seed of every row's generator (rows with equal logits then sample equal tokens)."""
+    top_p: float = 0.95
+    """Nucleus sampling: keep the most likely tokens whose mass reaches top_p, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0 (got {self.temperature})")
+        if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS} "
+                             f"(got {self.max_tokens})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+class IncrementalText:
+    """Streams the text of a growing id sequence as the suffixes it gains."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token: int) -> str:
+        """Add one id; the new text, or "" while it ends in an incomplete character."""
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character shows as U+FFFD)."""
+        return self._take(self._text())
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _take(self, text: str) -> str:
+        piece, self.sent = text[self.sent:], max(self.sent, len(text))
+        return piece
+
+
+def stop_token_ids(lm: LoadedModel) -> frozenset[int]:
+    """Ids that end a reply: EOS of the tokenizer, model config and generation config, plus
+    the chat template's end-of-turn token when it is a separate token (e.g. Llama 3's
+    ``<|eot_id|>``)."""
+    tokenizer = lm.tokenizer
+    sources = [getattr(tokenizer, "eos_token_id", None),
+               getattr(lm.model.config, "eos_token_id", None),
+               getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)]
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    for marker in END_OF_TURN_MARKERS:
+        if marker in template:
+            token = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token, int) and token != unknown:
+                sources.append(token)
+    ids: set[int] = set()
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(token) for token in source)
+    return frozenset(ids)
+
+
+def decode_rows(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling, *,
+                layer: int | None = None, edit: Edit | None = None,
+                ignore_eos: bool = False) -> Iterator[tuple[int, str]]:
+    """Decode ``rows`` replies to ``prompt_ids`` as one batch; yields (row, text piece).
+
+    ``edit`` maps block ``layer``'s output h [rows, T, d] to h' on every forward call
+    (restricting it to some rows is the edit's business). A row stops at a stop token
+    (unless ``ignore_eos``, which benchmarks use to get a fixed length) or after
+    ``sampling.max_tokens`` tokens; the batch runs on, silently, until every row stopped.
+    Bad arguments raise ValueError here, before the first token is asked for.
+    """
+    _check_prompt(lm, prompt_ids, sampling)
+    if edit is not None:
+        if layer is None:
+            raise ValueError("an edit needs the layer whose output it edits")
+        lm.check_layer(layer)
+    stops = frozenset() if ignore_eos else stop_token_ids(lm)
+    return _decode(lm, prompt_ids, rows, sampling, layer, edit, stops)
+
+
+@torch.inference_mode()
+def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
+            layer: int | None, edit: Edit | None,
+            stops: frozenset[int]) -> Iterator[tuple[int, str]]:
+    generators = [_generator(lm.device, sampling.seed) for _ in range(rows)]
+    texts = [IncrementalText(lm.tokenizer) for _ in range(rows)]
+    live = [True] * rows
+    inputs = torch.tensor([prompt_ids] * rows, device=lm.device)
+    call = _call_style(lm.model)
+    cache = None
+    for step in range(sampling.max_tokens):
+        logits, cache = _forward(lm, call, inputs, cache, layer, edit)
+        tokens = _next_tokens(logits, sampling, generators)
+        last = step == sampling.max_tokens - 1
+        for row, token in enumerate(tokens):
+            if not live[row]:
+                continue
+            stopped = token in stops
+            piece = "" if stopped else texts[row].push(token)
+            if stopped or last:
+                piece += texts[row].flush()
+                live[row] = False
+            if piece:
+                yield row, piece
+        if not any(live):
+            return
+        inputs = torch.tensor(tokens, device=lm.device).unsqueeze(1)
+
+
+def _check_prompt(lm: LoadedModel, prompt_ids: list[int], sampling: Sampling) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit is not None and len(prompt_ids) + sampling.max_tokens > limit:
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                         f"{sampling.max_tokens} exceeds {lm.name}'s {limit} positions")
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass(frozen=True)
+class _CallStyle:
+    """How this model's forward takes the KV cache and whether it can skip the LM head on
+    all but the last position (no [R, T, V] prefill logits, which reach gigabytes for long
+    prompts and 128k vocabularies)."""
+
+    cache_name: str
+    keeps_logits: bool
+
+
+def _call_style(model: torch.nn.Module) -> _CallStyle:
+    """transformers ≥ 5.24 names the cache argument ``cache`` (``past_key_values`` is
+    deprecated there); earlier versions only know ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return _CallStyle("cache" if "cache" in params else "past_key_values",
+                      "logits_to_keep" in params)
+
+
+def _forward(lm: LoadedModel, call: _CallStyle, inputs: Tensor, cache, layer: int | None,
+             edit: Edit | None) -> tuple[Tensor, object]:
+    """One cached forward step: inputs [R, t] -> last-position logits [R, V] (fp32), cache."""
+    hooked = edit_block_output(lm.blocks, layer, edit) if edit is not None else nullcontext()
+    kwargs = {call.cache_name: cache, "use_cache": True}
+    if call.keeps_logits:
+        kwargs["logits_to_keep"] = 1
+    with hooked:
+        out = lm.model(input_ids=inputs, **kwargs)
+    return out.logits[:, -1].float(), out[call.cache_name]
+
+
+def _next_tokens(logits: Tensor, sampling: Sampling,
+                 generators: list[torch.Generator]) -> list[int]:
+    """Sample one token per row from logits [R, V]; each row uses its own generator."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1).tolist()
+    probs = _nucleus(torch.softmax(logits / sampling.temperature, dim=-1), sampling.top_p)
+    picks = [torch.multinomial(probs[row], 1, generator=generator)
+             for row, generator in enumerate(generators)]
+    return torch.cat(picks).tolist()
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Zero all but the most likely tokens whose mass first reaches ``top_p``: [R, V]."""
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(dim=-1, descending=True)
+    ordered[ordered.cumsum(-1) - ordered >= top_p] = 0
+    return torch.zeros_like(probs).scatter_(-1, order, ordered)

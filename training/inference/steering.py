@@ -1,0 +1,172 @@
+"""Steering a model with SAE latents at block L, and chat replies with and without it.
+
+Maths (h [B, T, d] the output of block L on every position, W_dec[f] latent f's decoder row,
+max_f its max activation from the analysis, v a steer's value)::
+
+    clamp:  h' = h + (v·max_f − z_f(h))·W_dec[f]      z_f(h): the SAE's sparse code of h
+    add:    h' = h + (v·max_f)·W_dec[f]
+
+A clamp adds a delta rather than replacing h by the reconstruction x̂, so the SAE's error
+term h − x̂ stays in the residual stream: with v·max_f = z_f the model runs unchanged.
+Several steers sum their deltas, all computed from the same (unedited) code of h.
+
+``generate_pair`` decodes the baseline (row 0) and the steered reply (row 1) as one batch
+of two with one seed, so the replies differ only where the steering makes them differ and
+both cost the same wall-clock time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from training.data.models import LoadedModel
+from training.inference.sampling import Sampling, decode_rows
+from training.sae.autoencoder import SparseAutoencoder
+
+__all__ = ["STEERED_ROWS", "Sampling", "Steer", "chat_prompt_ids", "generate",
+           "generate_pair", "steering_edit"]
+
+SteerMode = Literal["clamp", "add"]
+STEER_MODES: tuple[str, ...] = ("clamp", "add")
+STEERED_ROWS = slice(1, 2)
+"""The rows an edit for ``generate_pair`` must be restricted to (row 0 is the baseline)."""
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One latent's steering."""
+
+    feature: int
+    """Latent index f."""
+    mode: SteerMode
+    """``clamp`` holds z_f at the target; ``add`` adds the target along W_dec[f]."""
+    value: float
+    """v, in units of the latent's max activation (the target is v·max_f)."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Steers as tensors on the SAE's device: features [s], targets v·max [s], a 0/1
+    clamp mask [s] and the decoder rows [s, d]."""
+
+    features: Tensor
+    targets: Tensor
+    clamp: Tensor
+    rows: Tensor
+
+
+def steering_edit(sae: SparseAutoencoder, steers: Sequence[Steer],
+                  max_activations: Mapping[int, float], rows: slice | None = None
+                  ) -> Callable[[Tensor], Tensor]:
+    """An edit h [B, T, d] -> h' for ``hooks.edit_block_output`` (maths in the module
+    docstring); ``rows`` limits it to a batch slice. The SAE should be in eval mode (as
+    ``load_sae`` returns it): a BatchTopK SAE in training mode moves its threshold."""
+    plan = _plan(sae, steers, max_activations)
+    d = sae.cfg.d_in
+
+    def edit(h: Tensor) -> Tensor:
+        if h.shape[-1] != d:
+            raise ValueError(f"the SAE reads width {d} but block output has {h.shape[-1]}")
+        if plan is None:
+            return h
+        part = h if rows is None else h[rows]
+        delta = _delta(sae, part.reshape(-1, d), plan).reshape(part.shape)
+        edited = part + delta.to(device=h.device, dtype=h.dtype)
+        if rows is None:
+            return edited
+        out = h.clone()
+        out[rows] = edited
+        return out
+
+    return edit
+
+
+def _plan(sae: SparseAutoencoder, steers: Sequence[Steer],
+          max_activations: Mapping[int, float]) -> _Plan | None:
+    """Validate the steers and gather what the edit needs; None when there are none."""
+    n = sae.cfg.n_latents
+    seen: set[int] = set()
+    for steer in steers:
+        f = steer.feature
+        if not 0 <= f < n:
+            raise ValueError(f"feature {f} is out of range: the SAE has {n} latents")
+        if steer.mode not in STEER_MODES:
+            raise ValueError(f"feature {f}: unknown steering mode {steer.mode!r} "
+                             f"(choose {' or '.join(STEER_MODES)})")
+        if not math.isfinite(steer.value):
+            raise ValueError(f"feature {f}: steering value must be finite (got {steer.value})")
+        if f not in max_activations:
+            raise ValueError(f"feature {f} has no max activation: analyse the SAE first")
+        if f in seen:
+            raise ValueError(f"feature {f} is steered twice")
+        seen.add(f)
+    if not steers:
+        return None
+    w_dec = sae.w_dec.detach()
+    features = torch.tensor([s.feature for s in steers], device=w_dec.device)
+    targets = [s.value * float(max_activations[s.feature]) for s in steers]
+    return _Plan(features=features,
+                 targets=torch.tensor(targets, dtype=w_dec.dtype, device=w_dec.device),
+                 clamp=torch.tensor([s.mode == "clamp" for s in steers], dtype=w_dec.dtype,
+                                    device=w_dec.device),
+                 rows=w_dec[features])
+
+
+def _delta(sae: SparseAutoencoder, x: Tensor, plan: _Plan) -> Tensor:
+    """Σ_s coef_s·W_dec[f_s] for x [N, d] -> [N, d] (SAE dtype); coef = v·max − z_f for a
+    clamp, v·max for an add. The SAE is only run when some steer clamps."""
+    x = x.to(device=plan.rows.device, dtype=plan.rows.dtype)
+    coef = plan.targets.expand(x.shape[0], -1)
+    if bool(plan.clamp.any()):
+        coef = coef - latent_values(sae, x, plan.features) * plan.clamp
+    return coef @ plan.rows
+
+
+def latent_values(sae: SparseAutoencoder, x: Tensor, features: Tensor) -> Tensor:
+    """z_f of x [N, d] for each f in features [s] -> [N, s]: the sparse code's value where
+    f is among the selected latents, else 0."""
+    with torch.no_grad():
+        enc = sae.encode(x)
+    match = enc.indices.unsqueeze(-1) == features
+    return (enc.values.unsqueeze(-1) * match).sum(1)
+
+
+def chat_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    """The ids of ``prompt`` as a user turn awaiting the assistant's reply: the tokenizer's
+    chat template when it has one, else BOS + the text."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    tokenizer = lm.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        return [int(token) for token in ids]
+    return [lm.bos_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+
+
+def generate_pair(lm: LoadedModel, layer: int, edit: Callable[[Tensor], Tensor] | None,
+                  prompt_ids: list[int], sampling: Sampling) -> Iterator[tuple[int, str]]:
+    """Baseline (row 0) and steered (row 1) replies as one batch; yields (row, text piece).
+
+    ``edit`` must be built with ``rows=STEERED_ROWS`` so that row 0 stays unsteered; with
+    None both rows still run (row 1 then repeats row 0), keeping the timing comparable.
+    """
+    return decode_rows(lm, prompt_ids, 2, sampling, layer=layer, edit=edit)
+
+
+def generate(lm: LoadedModel, layer: int, edit: Callable[[Tensor], Tensor] | None,
+             prompt_ids: list[int], sampling: Sampling, *,
+             ignore_eos: bool = False) -> Iterator[str]:
+    """One reply (a batch of one), streamed as text pieces; ``ignore_eos`` decodes exactly
+    ``sampling.max_tokens`` tokens (benchmarks)."""
+    rows = decode_rows(lm, prompt_ids, 1, sampling, layer=layer, edit=edit,
+                       ignore_eos=ignore_eos)
+    return (piece for _, piece in rows)

@@ -1,0 +1,138 @@
+"""Saving and loading SAEs as a folder: ``cfg.json`` + ``sae.safetensors``.
+
+On disk the SAE works on *raw* activations: the dataset-level input scale s used in
+training is folded into the weights (W_enc·s, W_dec/s, b_dec/s), which leaves every latent
+activation z unchanged. So any tool (SAELens included) can apply the SAE to the residual
+stream directly, and steering by ``(v − z_f)·W_dec[f]`` is in raw units. The decoder rows
+then have norm 1/s; ``cfg.json`` records s as ``input_scale``.
+
+Tensor names and shapes follow SAELens: W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d].
+The folder also holds ``sae_weights.safetensors``, the one file SAELens'
+``SAE.load_from_disk`` reads (a hard link to ``sae.safetensors`` for TopK; for BatchTopK it
+adds the per-latent ``threshold`` SAELens' ``jumprelu`` needs). Folders written by SAELens
+load too (``training.sae.saelens``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder
+from training.sae.saelens import (
+    SAELENS_WEIGHTS_FILE,
+    read_saelens_folder,
+    saelab_architecture,
+    saelens_cfg_fields,
+    saelens_state_dict,
+)
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+
+class SaeLoadError(ValueError):
+    """A path that does not hold a loadable SAE (message names the path)."""
+
+
+def folded_state(sae: SparseAutoencoder, input_scale: float) -> dict[str, torch.Tensor]:
+    """SAELens-layout tensors of ``sae`` with the input scale folded in (raw units)."""
+    s = float(input_scale)
+    return {
+        "W_enc": (sae.w_enc.detach() * s).t().contiguous().float().cpu(),
+        "b_enc": sae.b_enc.detach().float().cpu().clone(),
+        "W_dec": (sae.w_dec.detach() / s).contiguous().float().cpu(),
+        "b_dec": (sae.b_dec.detach() / s).float().cpu().clone(),
+    }
+
+
+def save_sae(directory: Path, sae: SparseAutoencoder, input_scale: float, *,
+             model: str, layer: int, context: int, extra: dict | None = None) -> None:
+    """Write ``directory`` (replaced atomically if it exists)."""
+    directory = Path(directory)
+    cfg = {**sae.cfg.to_dict(), "d_sae": sae.cfg.n_latents, "input_scale": float(input_scale),
+           "threshold": float(sae.threshold), "model_name": model, "hook_layer": layer,
+           "hook_name": f"blocks.{layer}.hook_resid_post", "context_size": context}
+    cfg.update(saelens_cfg_fields(
+        architecture=sae.cfg.architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.n_latents,
+        k=sae.cfg.k, threshold=float(sae.threshold), model_name=model, hook_layer=layer,
+        hook_name=cfg["hook_name"], context_size=context))
+    cfg.update(extra or {})
+    tensors = folded_state(sae, input_scale)
+    saelens = saelens_state_dict(sae.cfg.architecture, tensors, float(sae.threshold))
+    write_folder(directory, cfg, tensors, saelens)
+
+
+def write_folder(directory: Path, cfg: dict, tensors: dict[str, torch.Tensor],
+                 saelens_tensors: dict[str, torch.Tensor]) -> None:
+    """Write cfg.json and both weight files into a temp dir, then move it to ``directory``."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if saelens_tensors.keys() == tensors.keys():
+            os.link(tmp / WEIGHTS_FILE, tmp / SAELENS_WEIGHTS_FILE)
+        else:
+            save_file(saelens_tensors, str(tmp / SAELENS_WEIGHTS_FILE))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_sae(directory: Path, device: torch.device | str = "cpu"
+             ) -> tuple[SparseAutoencoder, dict]:
+    """Load a saelab or SAELens folder as an SAE working on raw activations, plus its cfg."""
+    directory = Path(directory)
+    if not (directory / CFG_FILE).is_file():
+        raise SaeLoadError(f"{directory} is not an SAE folder (no {CFG_FILE})")
+    try:
+        cfg = json.loads((directory / CFG_FILE).read_text())
+        if "n_latents" in cfg and (directory / WEIGHTS_FILE).is_file():
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+            cfg["architecture"] = saelab_architecture(cfg)
+        else:
+            cfg, tensors = read_saelens_folder(directory)
+    except (ValueError, SafetensorError, OSError) as exc:
+        raise SaeLoadError(f"cannot read the SAE in {directory}: {exc}") from exc
+    if cfg["architecture"] == "jumprelu":
+        _shared_threshold_as_batchtopk(cfg, tensors)
+    if cfg["architecture"] not in ("topk", "batchtopk"):
+        raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE with per-latent "
+                           "thresholds; saelab runs TopK and BatchTopK SAEs")
+    sae = _from_tensors(cfg, tensors, directory)
+    return sae.to(device).eval(), cfg
+
+
+def _shared_threshold_as_batchtopk(cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """A JumpReLU (or ReLU: threshold 0) SAE whose latents share one threshold θ computes
+    ReLU(pre)·[pre > θ], which is exactly BatchTopK's inference rule: load it as that."""
+    threshold = tensors.pop("threshold")
+    if bool(torch.all(threshold == threshold[0])):
+        cfg["architecture"], cfg["threshold"] = "batchtopk", float(threshold[0])
+    else:
+        tensors["threshold"] = threshold
+
+
+def _from_tensors(cfg: dict, tensors: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
+    d_in, n = tensors["W_enc"].shape
+    sae_cfg = SaeConfig(d_in=d_in, n_latents=n, k=int(cfg.get("k") or 1),
+                        architecture=cfg["architecture"])
+    sae = SparseAutoencoder(sae_cfg)
+    state = {"w_enc": tensors["W_enc"].t(), "b_enc": tensors["b_enc"],
+             "w_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],
+             "threshold": torch.tensor(float(cfg.get("threshold") or 0.0))}
+    try:
+        sae.load_state_dict({key: value.float().contiguous() for key, value in state.items()})
+    except RuntimeError as exc:
+        raise SaeLoadError(f"weights in {where} do not match its cfg.json: {exc}") from exc
+    return sae

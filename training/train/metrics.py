@@ -1,0 +1,178 @@
+"""Evaluating an SAE spliced into its model.
+
+For each batch of packed contexts three forward passes run: clean, with block L's output
+replaced by the SAE reconstruction, and with it zero-ablated. BOS positions are left
+untouched in both edits (the SAE was not trained on them). Reported:
+
+* FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens.
+* L0: mean active latents per token; dead fraction: latents that never fired.
+* CE loss recovered: (CE_ablate − CE_sae) / (CE_ablate − CE_clean).
+* ΔLM loss: CE_sae − CE_clean; KL: mean KL(p_clean ‖ p_sae) per predicted token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from training.data.corpus import iter_texts, pack_contexts
+from training.data.hooks import edit_block_output
+from training.data.models import LoadedModel
+from training.sae.autoencoder import SparseAutoencoder, top_columns
+
+
+@dataclass
+class EvalMetrics:
+    tokens: int
+    fvu: float
+    explained_variance: float
+    l0: float
+    dead_fraction: float
+    ce_clean: float
+    ce_sae: float
+    ce_ablate: float
+    ce_loss_recovered: float
+    delta_lm_loss: float
+    kl: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Totals:
+    """Running sums over batches (all float64 for stable accumulation)."""
+
+    n_latents: int
+    tokens: int = 0
+    err: float = 0.0
+    sq: float = 0.0
+    active: float = 0.0
+    sums: Tensor | None = None
+    fired: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    ce: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "sae": 0.0,
+                                                          "ablate": 0.0})
+    kl: float = 0.0
+    predicted: int = 0
+
+    def add_reconstruction(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
+        x64 = x.double()
+        self.tokens += x.shape[0]
+        self.err += float((x64 - x_hat.double()).pow(2).sum())
+        self.sq += float(x64.pow(2).sum())
+        self.sums = x64.sum(0) if self.sums is None else self.sums + x64.sum(0)
+        self.active += float((z > 0).sum())
+        fired = (z > 0).any(0).cpu()
+        self.fired = fired if self.fired.numel() == 0 else self.fired | fired
+
+    def finish(self) -> EvalMetrics:
+        variance = self.sq - float((self.sums * self.sums).sum()) / max(1, self.tokens)
+        fvu = self.err / max(variance, 1e-12)
+        ce = {key: value / max(1, self.predicted) for key, value in self.ce.items()}
+        span = ce["ablate"] - ce["clean"]
+        recovered = (ce["ablate"] - ce["sae"]) / span if abs(span) > 1e-12 else float("nan")
+        return EvalMetrics(
+            tokens=self.tokens, fvu=fvu, explained_variance=1 - fvu,
+            l0=self.active / max(1, self.tokens),
+            dead_fraction=1 - float(self.fired.float().mean()) if self.fired.numel() else 1.0,
+            ce_clean=ce["clean"], ce_sae=ce["sae"], ce_ablate=ce["ablate"],
+            ce_loss_recovered=recovered, delta_lm_loss=ce["sae"] - ce["clean"],
+            kl=self.kl / max(1, self.predicted))
+
+
+def _token_losses(logits: Tensor, ids: Tensor) -> Tensor:
+    """Summed next-token CE of logits [B, T, V] against ids [B, T]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                           reduction="sum")
+
+
+@torch.inference_mode()
+def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
+             contexts: Iterable[Tensor], *, total_tokens: int | None = None,
+             progress: bool = True) -> EvalMetrics:
+    """Metrics of ``sae`` (raw-activation units) at block ``layer`` over batches of contexts
+    [B, T] (BOS first)."""
+    lm.check_layer(layer)
+    if sae.cfg.d_in != lm.d_model:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name}'s d={lm.d_model}")
+    sae.eval()
+    totals = _Totals(sae.cfg.n_latents)
+
+    def splice(h: Tensor) -> Tensor:
+        x = h[:, 1:].reshape(-1, h.shape[-1]).float()
+        z = sae.dense_latents(x)
+        x_hat = sae.decode(*_sparse(z))
+        totals.add_reconstruction(x, x_hat, z)
+        out = h.clone()
+        out[:, 1:] = x_hat.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
+        return out
+
+    def ablate(h: Tensor) -> Tensor:
+        out = h.clone()
+        out[:, 1:] = 0
+        return out
+
+    bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
+    with bar:
+        for ids in contexts:
+            ids = ids.to(lm.device)
+            _evaluate_batch(lm, layer, ids, totals, splice, ablate)
+            bar.update(ids.numel() - ids.shape[0])
+    if totals.tokens == 0:
+        raise ValueError("evaluation saw no tokens")
+    return totals.finish()
+
+
+def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense codes z [B, n] as (values, indices) [B, m] for the sparse decoder."""
+    indices, _ = top_columns(z, max(1, int((z > 0).sum(1).max())))
+    return z.gather(1, indices), indices
+
+
+def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
+                    splice, ablate) -> None:
+    clean = lm.model(input_ids=ids, use_cache=False).logits
+    with edit_block_output(lm.blocks, layer, splice):
+        spliced = lm.model(input_ids=ids, use_cache=False).logits
+    with edit_block_output(lm.blocks, layer, ablate):
+        ablated = lm.model(input_ids=ids, use_cache=False).logits
+    totals.ce["clean"] += float(_token_losses(clean, ids))
+    totals.ce["sae"] += float(_token_losses(spliced, ids))
+    totals.ce["ablate"] += float(_token_losses(ablated, ids))
+    log_p = F.log_softmax(clean[:, :-1].float(), -1)
+    log_q = F.log_softmax(spliced[:, :-1].float(), -1)
+    totals.kl += float((log_p.exp() * (log_p - log_q)).sum())
+    totals.predicted += ids.shape[0] * (ids.shape[1] - 1)
+
+
+def dataset_batches(lm: LoadedModel, dataset: str, *, tokens: int, context: int, batch: int,
+                    skip_contexts: int = 0) -> Iterator[Tensor]:
+    """Packed contexts [≤batch, context] of ``dataset`` covering ``tokens`` predicted tokens,
+    after skipping the first ``skip_contexts`` (e.g. the ones an SAE was trained on)."""
+    needed = -(-tokens // (context - 1))
+    stream = pack_contexts(iter_texts(dataset), lm.tokenizer, context, lm.bos_id)
+    stream = itertools.islice(stream, skip_contexts, skip_contexts + needed)
+    while group := list(itertools.islice(stream, batch)):
+        yield torch.tensor(group, dtype=torch.long)
+
+
+def evaluate_sae_on_dataset(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *,
+                            dataset: str, tokens: int, context: int = 128, batch: int = 8,
+                            skip_contexts: int = 0, progress: bool = True) -> EvalMetrics:
+    if tokens < 1:
+        raise ValueError("--tokens must be positive")
+    if context < 2:
+        raise ValueError(f"--context must be at least 2 (got {context})")
+    if batch < 1:
+        raise ValueError(f"--batch must be positive (got {batch})")
+    if skip_contexts < 0:
+        raise ValueError(f"--skip-contexts must not be negative (got {skip_contexts})")
+    batches = dataset_batches(lm, dataset, tokens=tokens, context=context, batch=batch,
+                              skip_contexts=skip_contexts)
+    return evaluate(lm, sae, layer, batches, total_tokens=tokens, progress=progress)

@@ -1,0 +1,218 @@
+"""A whole training run: cached activations in, a saved SAE folder out.
+
+The run writes into a hidden sibling ``.<out>.partial``: a checkpoint every
+``checkpoint_every`` steps there, the final ``cfg.json`` + ``sae.safetensors`` +
+``metrics.json`` + ``loss_curve.csv`` at the end, then one rename to ``out``. ``resume``
+continues from the partial directory's checkpoint (same data order: the batch stream is a
+function of the seed, and the batches already trained on are skipped). A run that fails
+before its first checkpoint removes the partial directory. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training.data.activations import ActivationStore, estimate_input_scale
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder, fvu_loss, variance_sum
+from training.sae.folder import save_sae
+from training.train.distributed import DistContext
+from training.train.trainer import StepStats, TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CURVE_POINTS = 500
+"""About how many points ``loss_curve.csv`` gets when ``log_every`` is not set."""
+StepCallback = Callable[[StepStats], None]
+
+
+class TrainError(ValueError):
+    """A training run that cannot start (bad settings or inputs); the message says why."""
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
+          resume: bool = False, dist: DistContext | None = None, progress: bool = True,
+          on_step: StepCallback | None = None) -> dict:
+    """Train an SAE on ``acts_dir`` and save it to ``out``; returns the metrics dict."""
+    dist = dist or DistContext()
+    store = ActivationStore(acts_dir)
+    store.verify()
+    if store.d_model != sae_cfg.d_in:
+        raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
+                         f"SAE d_in={sae_cfg.d_in}")
+    out = Path(out)
+    _check_out(out, Path(acts_dir))
+    work = partial_dir(out)
+    holdout = min(cfg.holdout_rows, len(store) // 10)
+    train_rows = len(store) - holdout
+    total_steps = (cfg.tokens or train_rows) // cfg.batch
+    if total_steps < 1:
+        raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
+                         f"({cfg.batch})")
+    trainer = Trainer(sae_cfg, cfg, total_steps, dist, dist.device())
+    try:
+        history = _start(trainer, store, work, train_rows, resume, dist)
+        started, first_step = time.perf_counter(), trainer.steps_done
+        _loop(trainer, store, train_rows, work, history, dist, progress, on_step)
+        seconds = time.perf_counter() - started
+        metrics = _final_metrics(trainer, store, holdout, history, (
+            trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))
+        if dist.is_main:
+            _finish(trainer, store, out, work, metrics, history)
+    except BaseException:
+        if dist.is_main and not (work / CHECKPOINT).is_file():
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing
+        raise
+    dist.barrier()
+    return metrics
+
+
+def _check_out(out: Path, acts_dir: Path) -> None:
+    """Refuse an --out that would overwrite something other than an earlier SAE."""
+    if out.resolve() == acts_dir.resolve() or acts_dir.resolve().is_relative_to(out.resolve()):
+        raise TrainError(f"--out {out} would overwrite the activations in --acts {acts_dir}")
+    if out.exists() and not (out / "cfg.json").is_file():
+        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
+
+
+_FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
+          "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
+          "lr": "--lr", "seed": "--seed"}
+
+
+def _check_resumable(saved: dict, trainer: Trainer) -> None:
+    """A resumed run must use the settings of the interrupted one (same model shape, same
+    batch stream and schedule); name every flag that differs."""
+    now = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
+    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in _FLAGS.items()
+              if key in saved and saved[key] != now[key]]
+    if differ:
+        raise TrainError("--resume needs the interrupted run's settings: it used "
+                         + ", ".join(differ))
+
+
+def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int,
+           resume: bool, dist: DistContext) -> list[dict]:
+    checkpoint = work / CHECKPOINT
+    if resume:
+        if not checkpoint.is_file():
+            raise TrainError(f"nothing to resume: no checkpoint in {work}")
+        try:
+            state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+        _check_resumable(state.get("settings", {}), trainer)
+        trainer.load_state_dict(state["trainer"])
+        log.info("resumed at step %d", trainer.steps_done)
+        return state["history"]
+    if dist.is_main:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    sample = store.sample(trainer.cfg.init_rows, seed=trainer.cfg.seed, limit_rows=train_rows)
+    trainer.initialise(sample, estimate_input_scale(sample))
+    return []
+
+
+def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
+          history: list[dict], dist: DistContext, progress: bool,
+          on_step: StepCallback | None) -> None:
+    cfg = trainer.cfg
+    log_every = cfg.log_every or max(1, trainer.total_steps // CURVE_POINTS)
+    batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
+    for _ in range(trainer.steps_done):  # the resumed run continues the same stream
+        next(batches)
+    bar = tqdm(total=trainer.total_steps * cfg.batch, initial=trainer.steps_done * cfg.batch,
+               unit="tok", unit_scale=True, desc="train", disable=not (progress and dist.is_main))
+    with bar:
+        while trainer.steps_done < trainer.total_steps:
+            stats = trainer.step(next(batches))
+            bar.update(cfg.batch)
+            if stats.step % log_every == 0 or stats.step == trainer.total_steps:
+                history.append(asdict(stats))
+                bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.0f}",
+                                dead=f"{stats.dead_fraction:.1%}")
+            if on_step is not None:
+                on_step(stats)
+            if cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0 and dist.is_main:
+                _checkpoint(trainer, work, history)
+
+
+def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
+    tmp = work / f".{CHECKPOINT}.tmp"
+    settings = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
+    torch.save({"trainer": trainer.state_dict(), "history": history, "settings": settings}, tmp)
+    os.replace(tmp, work / CHECKPOINT)
+
+
+@torch.no_grad()
+def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float = 1.0,
+                  batch: int = 4096) -> dict[str, float]:
+    """Inference-mode FVU, mean L0 and fraction of latents that never fire on raw rows [N, d]."""
+    was_training = sae.training
+    sae.eval()
+    x = rows.float().to(sae.b_dec.device) * input_scale
+    err, l0 = 0.0, 0.0
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
+    for part in x.split(batch):
+        enc = sae.encode(part)
+        err += float(fvu_loss(part, sae.decode(enc.values, enc.indices), torch.tensor(1.0)))
+        active = enc.values > 0
+        l0 += float(active.sum())
+        fired[enc.indices[active]] = True
+    sae.train(was_training)
+    return {"heldout_fvu": err / float(variance_sum(x)), "heldout_l0": l0 / max(1, len(x)),
+            "heldout_dead_fraction": 1 - float(fired.float().mean())}
+
+
+def _final_metrics(trainer: Trainer, store: ActivationStore, holdout: int,
+                   history: list[dict], tokens_per_s: float) -> dict:
+    last = history[-1] if history else {}
+    metrics = {"steps": trainer.steps_done, "tokens": trainer.steps_done * trainer.cfg.batch,
+               "train_fvu": last.get("fvu"), "l0": last.get("l0"),
+               "dead_fraction": last.get("dead_fraction"),
+               "tokens_per_s": tokens_per_s, "input_scale": trainer.input_scale}
+    if holdout:
+        stats = heldout_stats(trainer.sae, store.tail(holdout), trainer.input_scale)
+        metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
+                       heldout_rows=holdout)
+    return metrics
+
+
+def _finish(trainer: Trainer, store: ActivationStore, out: Path, work: Path, metrics: dict,
+            history: list[dict]) -> None:
+    manifest = store.manifest
+    save_sae(work / "sae", trainer.sae, trainer.input_scale, model=manifest.model,
+             layer=manifest.layer, context=manifest.context,
+             extra={"train": trainer.cfg.to_dict(), "activations": str(store.directory),
+                    "dataset": manifest.dataset})
+    final = work / "sae"
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_curve(final / "loss_curve.csv", history)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(final, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_curve(path: Path, history: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(StepStats.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(history)

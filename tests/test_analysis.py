@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.synthetic import sparse_rows, write_capture
-from training.analysis import latents as analysis
+from training.analysis import examples as analysis
 from training.analysis.latents import AnalysisConfig, analyse_capture
 from training.data.activations import ActivationStore
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder

@@ -19,6 +19,7 @@ from tests.fake_anthropic import (
     unauthorized,
     user_text,
 )
+from training.autointerp.claude import ClaudeExplainer
 from training.autointerp.explain import (
     PROMPT_VERSION,
     ExplainSettings,
@@ -36,7 +37,7 @@ from training.autointerp.explain import (
     settings_key,
     split_examples,
 )
-from training.autointerp.local import ClaudeExplainer, ExplainerError, UsageMeter
+from training.autointerp.protocol import ExplainerError, UsageMeter
 from training.autointerp.scoring import random_marks
 
 LABEL = "Python def keyword"

@@ -12,13 +12,9 @@ from itertools import islice
 import pytest
 
 from training.data import corpus
-from training.data.corpus import (
-    EMBEDDED_CORPUS,
-    CorpusError,
-    embedded_corpus_sources,
-    iter_texts,
-    pack_contexts,
-)
+from training.data.corpus import EMBEDDED_CORPUS, CorpusError, iter_texts
+from training.data.embedded import embedded_corpus_sources
+from training.data.packing import pack_contexts
 
 BOS, EOS = 1, 2
 _HAS_DATASETS = importlib.util.find_spec("datasets") is not None

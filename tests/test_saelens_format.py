@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from training.sae.saelens import (
     SAELAB_WEIGHTS_FILE,
     SAELENS_WEIGHTS_FILE,
-    read_saelens_folder,
     saelab_architecture,
     saelens_cfg_fields,
     saelens_state_dict,
 )
+from training.sae.saelens_read import read_saelens_folder
 
 D_IN, D_SAE, K = 8, 16, 4
 

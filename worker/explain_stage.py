@@ -32,7 +32,8 @@ BATCH_CHUNK = 500
 
 def make_explainer(params: JobParams, settings: Settings, model_name: str):
     """Claude when asked for (or ``auto`` with an API key), else the local model."""
-    from training.autointerp.local import ClaudeExplainer, LocalExplainer
+    from training.autointerp.claude import ClaudeExplainer
+    from training.autointerp.local import LocalExplainer
 
     kind = params.explainer
     if kind == "auto":

@@ -18,7 +18,7 @@ import torch
 from app.store.db import make_engine, session_factory, upgrade
 from app.store.persist import save_analysis
 from app.store.queries import get_latent, latents_by_index, list_latents, list_saes
-from training.analysis.latents import ExampleSet
+from training.analysis.examples import ExampleSet
 
 WORDS = ["python", "keyword", "closing", "bracket", "number", "string", "function", "class",
          "import", "comment", "plural", "verb", "name", "date", "list", "loop"]

@@ -1,6 +1,6 @@
 """``saelab bench ...`` commands: each prints one JSON line.
 
-The maths and the timing live in ``training.bench.engine`` (and ``app.bench_*`` for the store,
+The maths and the timing live in ``training.bench`` (and ``app.bench`` for the store,
 jobs and the explorer); these commands choose sizes, find or capture the activations the
 train benchmark needs (cached under the data dir, so a second run starts at once), read
 the SAE the steer and web benchmarks use from the store, and print the result.
@@ -38,7 +38,7 @@ def bench_capture(
     device: DeviceOpt = None,
 ) -> None:
     """Early-stop capture vs a full forward with output_hidden_states=True (tokens/s)."""
-    from training.bench.engine import bench_capture as run
+    from training.bench.capture import bench_capture as run
 
     with cli_errors():
         if batches < 1 or batch < 1:
@@ -69,7 +69,7 @@ def bench_train(
     device: DeviceOpt = None,
 ) -> None:
     """saelab's trainer vs SAELens' TopK trainer: tokens/s and held-out FVU."""
-    from training.bench.engine import bench_train as run
+    from training.bench.train import bench_train as run
 
     with cli_errors():
         if tokens < batch:
@@ -114,7 +114,7 @@ def bench_analysis(
     device: DeviceOpt = None,
 ) -> None:
     """Per-latent analysis tokens/s vs plain SAE encoding of the same tokens."""
-    from training.bench.engine import bench_analysis as run
+    from training.bench.analysis import bench_analysis as run
     from training.data.activations import ActivationStore
     from training.sae.folder import load_sae
 
@@ -197,7 +197,7 @@ def bench_steer(
     device: DeviceOpt = None,
 ) -> None:
     """Decode tokens/s of a store SAE's model steered by clamped latents vs unsteered."""
-    from training.bench.engine import bench_steering as run
+    from training.bench.steering import bench_steering as run
     from training.data.models import load_model
     from training.inference.steering import Steer
     from training.sae.folder import load_sae

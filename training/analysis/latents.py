@@ -23,7 +23,7 @@ both are computed in chunks of latents.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from training.analysis.effects import decoder_neighbours, logit_effects
+from training.analysis.examples import ExampleSet, WindowTable
 from training.data.activations import ActivationStore
 from training.sae.autoencoder import SparseAutoencoder
 
@@ -57,63 +59,6 @@ class AnalysisConfig:
 
 
 @dataclass
-class LatentExample:
-    kind: str
-    """``top`` or ``quantile``."""
-    bucket: int | None
-    rank: int
-    context_index: int
-    position: int
-    tokens: list[int]
-    activations: list[float]
-
-
-@dataclass
-class ExampleSet:
-    """Every chosen example of every latent as columns [m], sorted by latent, then top
-    examples by rank, then quantile buckets from the lowest by rank. Windows are
-    [m, 2W+1] around the peak; outside the context the token is −1 (and the activation 0).
-    Tensors, not m Python objects: a few MB where lists would take hundreds."""
-
-    latent: Tensor
-    bucket: Tensor
-    """Quantile bucket, −1 for a top example."""
-    rank: Tensor
-    context: Tensor
-    position: Tensor
-    """Position of the peak within its context (BOS = 0)."""
-    tokens: Tensor
-    activations: Tensor
-
-    def __len__(self) -> int:
-        return len(self.latent)
-
-    def token_ids(self) -> set[int]:
-        return set(self.tokens.unique().tolist()) - {-1}
-
-    def records(self, latents: Tensor | None = None) -> Iterator[tuple[int, LatentExample]]:
-        """(latent, example) in order, with the padding cut off; only ``latents`` if given."""
-        rows = torch.arange(len(self)) if latents is None else torch.cat([
-            torch.arange(*self._span(int(f))) for f in latents])
-        inside = (self.tokens[rows] >= 0).tolist()
-        columns = [self.latent[rows], self.bucket[rows], self.rank[rows], self.context[rows],
-                   self.position[rows], self.tokens[rows], self.activations[rows]]
-        for (f, bucket, rank, context, position, tokens, acts), keep in zip(
-                zip(*(c.tolist() for c in columns), strict=True), inside, strict=True):
-            start, stop = keep.index(True), len(keep) - keep[::-1].index(True)
-            yield f, LatentExample("top" if bucket < 0 else "quantile",
-                                   None if bucket < 0 else bucket, rank, context, position,
-                                   tokens[start:stop], acts[start:stop])
-
-    def of(self, latent: int) -> list[LatentExample]:
-        return [ex for _, ex in self.records(torch.tensor([latent]))]
-
-    def _span(self, latent: int) -> tuple[int, int]:
-        lo = int(torch.searchsorted(self.latent, latent))
-        return lo, int(torch.searchsorted(self.latent, latent, right=True))
-
-
-@dataclass
 class AnalysisResult:
     """Everything the store keeps about each latent, as arrays over latents [n, ...]."""
 
@@ -134,47 +79,6 @@ class AnalysisResult:
     """Wall time of each phase: pass, examples, logit_effects, neighbours."""
 
 
-PRUNE_FLOOR = 1 << 16
-"""Window rows below which the table is never pruned."""
-
-
-class _Windows:
-    """Example windows kept by the pass: for each (context, latent) key = context·n + latent
-    that entered a latent's top or reservoir set (a key enters at most once: each context
-    is in one chunk), the latent's activations over peak ± W, [m, 2W+1]. Chunks' windows
-    are kept as parts and joined only when pruned (rows whose key has since left every
-    set are dropped whenever the table doubles, so it stays O(n × examples))."""
-
-    def __init__(self, width: int) -> None:
-        self.keys = [torch.empty(0, dtype=torch.long)]
-        self.acts = [torch.empty(0, 2 * width + 1)]
-        self.rows = self.live_after_prune = 0
-
-    def add(self, keys: Tensor, acts: Tensor) -> None:
-        self.keys.append(keys)
-        self.acts.append(acts)
-        self.rows += len(keys)
-
-    def prune_if_large(self, live: Callable[[], Tensor]) -> None:
-        if self.rows >= 2 * max(self.live_after_prune, PRUNE_FLOOR):
-            self.prune(live())
-
-    def prune(self, live: Tensor) -> None:
-        keys, acts = torch.cat(self.keys), torch.cat(self.acts)
-        keep = torch.isin(keys, live)
-        self.keys, self.acts = [keys[keep]], [acts[keep]]
-        self.rows = self.live_after_prune = int(keep.sum())
-
-    def lookup(self, keys: Tensor) -> Tensor:
-        """Windows [len(keys), 2W+1] of keys that are all in the table."""
-        table, acts = torch.cat(self.keys), torch.cat(self.acts)
-        order = table.argsort()
-        found = order[torch.searchsorted(table[order], keys).clamp_max(len(table) - 1)]
-        if not torch.equal(table[found], keys):
-            raise RuntimeError("analysis lost an example window")  # a bug, not bad input
-        return acts[found]
-
-
 class _State:
     """The running per-latent state of pass 1: fixed size, whatever the token count."""
 
@@ -192,7 +96,7 @@ class _State:
         self.res_ctx = torch.full((cfg.reservoir, n), -1, dtype=torch.long)
         self.res_pos = torch.zeros(cfg.reservoir, n, dtype=torch.long)
         self.res_val = torch.zeros(cfg.reservoir, n)
-        self.windows = _Windows(cfg.window)
+        self.windows = WindowTable(cfg.window)
 
     def live_keys(self) -> Tensor:
         """context·n + latent of every kept top and reservoir entry."""
@@ -343,7 +247,7 @@ def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Ten
     bar = tqdm(total=limit * per_context, unit="tok", desc="analyse", disable=not progress)
     clock = _Clock()
     with bar:
-        for first, acts in _chunks(store, chunk_size(cfg, per_context, n), limit):
+        for first, acts in capture_chunks(store, chunk_size(cfg, per_context, n), limit):
             _update(state, acts, sae, first, gen)
             bar.update(acts.shape[0] * per_context)
             if on_chunk is not None:
@@ -353,9 +257,9 @@ def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Ten
     clock.lap("pass")
     examples = _examples(store, state)
     clock.lap("examples")
-    logits = _logit_effects(sae, unembed, cfg.logit_tokens)
+    logits = logit_effects(sae, unembed, cfg.logit_tokens)
     clock.lap("logit_effects")
-    neighbours = _neighbours(sae, cfg.neighbours)
+    neighbours = decoder_neighbours(sae, cfg.neighbours)
     clock.lap("neighbours")
     return AnalysisResult(seconds=clock.laps,
         tokens=state.tokens, density=state.fired.double() / state.tokens,
@@ -382,7 +286,7 @@ def chunk_size(cfg: AnalysisConfig, per_context: int, n: int) -> int:
     return cfg.chunk_contexts or max(1, min(64, (1 << 25) // (per_context * n)))
 
 
-def _chunks(store: ActivationStore, size: int, limit: int):
+def capture_chunks(store: ActivationStore, size: int, limit: int):
     """(first context index, activations [C, T−1, d]) over the first ``limit`` contexts."""
     per_context = store.manifest.rows_per_context
     done = 0
@@ -426,37 +330,3 @@ def _lexsort(keys: list[Tensor]) -> Tensor:
     for key in reversed(keys):
         order = order[key[order].sort(stable=True).indices]
     return order
-
-
-@torch.no_grad()
-def _logit_effects(sae: SparseAutoencoder, unembed: Tensor, count: int,
-                   chunk: int = 1024) -> dict[str, Tensor]:
-    """Top/bottom ``count`` entries of W_dec[f] · W_Uᵀ per latent: [n, count] each."""
-    w_u = unembed.float().to(sae.w_dec.device)
-    parts: dict[str, list[Tensor]] = {"top_logits": [], "top_logit_ids": [],
-                                      "bottom_logits": [], "bottom_logit_ids": []}
-    for rows in sae.w_dec.split(chunk):
-        effects = rows.float() @ w_u.t()
-        top, bottom = effects.topk(count, dim=1), (-effects).topk(count, dim=1)
-        parts["top_logits"].append(top.values.cpu())
-        parts["top_logit_ids"].append(top.indices.cpu())
-        parts["bottom_logits"].append(-bottom.values.cpu())
-        parts["bottom_logit_ids"].append(bottom.indices.cpu())
-    return {key: torch.cat(value) for key, value in parts.items()}
-
-
-@torch.no_grad()
-def _neighbours(sae: SparseAutoencoder, count: int, chunk: int = 1024) -> dict[str, Tensor]:
-    """The ``count`` decoder rows most cosine-similar to each latent's: [n, count]."""
-    w = sae.w_dec.float()
-    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    count = min(count, w.shape[0] - 1)
-    ids, cos = [], []
-    for start in range(0, w.shape[0], chunk):
-        sims = w[start:start + chunk] @ w.t()
-        own = torch.arange(start, start + sims.shape[0], device=w.device)
-        sims[torch.arange(sims.shape[0]), own] = -2.0
-        top = sims.topk(count, dim=1)
-        ids.append(top.indices.cpu())
-        cos.append(top.values.cpu())
-    return {"neighbour_ids": torch.cat(ids), "neighbour_cosines": torch.cat(cos)}

@@ -2,7 +2,7 @@
 
 Per latent: split its examples (``split_examples``), ask the explainer for a short label
 from the shown ones (``explain_prompt``), then score the label on held-out data by
-detection and fuzzing (``autointerp_scoring``), asking the same explainer. Everything
+detection and fuzzing (``scoring``), asking the same explainer. Everything
 arrives as plain data (``LatentRecord``, ``Window``) so this engine knows nothing about
 where examples are stored.
 

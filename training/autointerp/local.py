@@ -1,7 +1,5 @@
-"""Explainers: Claude over the API (``ClaudeExplainer``) and the local instruct model.
-
-``LocalExplainer`` runs the model the lab already has loaded, so explanations work offline
-and cost nothing. Decisions:
+"""The local explainer: ``LocalExplainer`` runs the model the lab already has loaded, so
+explanations work offline and cost nothing. Decisions:
 * Prompts go through the model's chat template as one user turn: system messages are
   folded into it, because small chat models (and templates without a system role) follow
   a single instruction block better, and ``chat_prompt_ids`` is the one place that knows
@@ -21,22 +19,16 @@ from functools import cached_property
 
 import torch
 
-from training.autointerp.claude import ClaudeExplainer
 from training.autointerp.protocol import (
     Completion,
-    Explainer,
     ExplainerError,
     Messages,
     Usage,
     UsageMeter,
-    parse_yes_no,
 )
 from training.data.models import LoadedModel
 from training.inference.sampling import MAX_NEW_TOKENS, Sampling, decode_rows
 from training.inference.steering import chat_prompt_ids
-
-__all__ = ["ClaudeExplainer", "Completion", "Explainer", "ExplainerError", "LocalExplainer",
-           "Usage", "UsageMeter", "parse_yes_no"]
 
 YES_SPELLINGS = ("yes", "Yes", " yes", " Yes", "YES")
 NO_SPELLINGS = ("no", "No", " no", " No", "NO")

@@ -1,2 +1,4 @@
-"""The engine's benchmarks (``engine``: capture, training, analysis, steering; ``saelens``:
-SAELens' trainer as the baseline). May import every other ``training`` subpackage."""
+"""The engine's benchmarks, one module per ``saelab bench`` command: ``capture``, ``train``
+(against SAELens' trainer, ``saelens``), ``analysis`` and ``steering``; ``timing`` holds the
+shared timer and the dense-matmul reference. May import every other ``training``
+subpackage."""

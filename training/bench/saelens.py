@@ -44,23 +44,38 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
     what SAELens computes and held-out FVU can be measured with saelab's own code.
     """
     import sae_lens
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training import sae_trainer
-    from sae_lens.training.sae_trainer import SAETrainer
 
     if acts.dim() != 2:
         raise ValueError(f"acts must be [N, d], got shape {tuple(acts.shape)}")
     acts = acts.detach().to(device, torch.float32).contiguous()
-    n_tokens, d_in = acts.shape
-    steps = n_tokens // batch
+    steps = acts.shape[0] // batch
     if steps < 1:
-        raise ValueError(f"need at least one full batch of {batch} tokens (got {n_tokens})")
+        raise ValueError(f"need at least one full batch of {batch} tokens (got {acts.shape[0]})")
     if not 1 <= k <= d_sae:
         raise ValueError(f"k must be in [1, d_sae] (got k={k}, d_sae={d_sae})")
-
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k,
+    sae, trainer = _saelens_trainer(acts, d_sae, k, batch, steps, lr, device)
+    seconds = _fit_quietly(trainer)
+    tokens = steps * batch
+    return {
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+        "tokens": tokens,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "sae_lens_version": str(sae_lens.__version__),
+        "sae_state": _inference_state(sae),
+    }
+
+
+def _saelens_trainer(acts: torch.Tensor, d_sae: int, k: int, batch: int, steps: int,
+                     lr: float, device: str):
+    """SAELens' TopK training SAE and its ``SAETrainer`` over ``acts`` in order."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=d_sae, k=k,
                                                 dtype="float32", device=device))
     cfg = SAETrainerConfig(
         total_training_samples=steps * batch,
@@ -76,28 +91,27 @@ def saelens_topk_throughput(acts: torch.Tensor, d_sae: int, k: int, batch: int, 
         for i in range(steps):
             yield acts[i * batch:(i + 1) * batch]
 
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches(), evaluator=None)
-    bar = sae_trainer.tqdm  # fit() draws a progress bar: silence it for the timing
+    return sae, SAETrainer(cfg=cfg, sae=sae, data_provider=batches(), evaluator=None)
+
+
+def _fit_quietly(trainer) -> float:
+    """Wall seconds of ``trainer.fit()`` with its progress bar silenced."""
+    from sae_lens.training import sae_trainer
+
+    bar = sae_trainer.tqdm
     sae_trainer.tqdm = functools.partial(bar, disable=True)
     try:
         start = time.perf_counter()
         trainer.fit()
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start
     finally:
         sae_trainer.tqdm = bar
 
+
+def _inference_state(sae) -> dict[str, torch.Tensor]:
+    """The trained weights as SAELens saves them for inference (decoder norms folded in)."""
     with torch.no_grad():
         state = {name: value.detach().clone() for name, value in sae.state_dict().items()}
         sae.process_state_dict_for_saving_inference(state)
-    sae_state = {name: state[name].to("cpu", torch.float32).contiguous()
-                 for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    tokens = steps * batch
-    return {
-        "tokens_per_s": tokens / seconds,
-        "seconds": seconds,
-        "tokens": tokens,
-        "steps": steps,
-        "threads": torch.get_num_threads(),
-        "sae_lens_version": str(sae_lens.__version__),
-        "sae_state": sae_state,
-    }
+    return {name: state[name].to("cpu", torch.float32).contiguous()
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec")}

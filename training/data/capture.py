@@ -26,9 +26,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from training.data.activations import SHARD_KEY, Manifest, shard_name
-from training.data.corpus import iter_texts, pack_contexts
+from training.data.corpus import iter_texts
 from training.data.hooks import block_output
 from training.data.models import LoadedModel, parse_dtype
+from training.data.packing import pack_contexts
 
 log = logging.getLogger(__name__)
 

@@ -19,33 +19,20 @@ Design decisions:
 * **A path or a hub name?** An existing path is always local. A missing spec is treated
   as a (missing) local path when it looks like one — it starts with ``/``, ``./``, ``../``
   or ``~``, or ends in a data-file extension — and as an HF name otherwise.
-* **The embedded corpus** is real text shipped with the Python install itself, so it works
-  offline with no download: CPython's help topics (``pydoc_data.topics``), the stdlib's
-  module/class/function docstrings (read with ``ast``, never by importing modules, which
-  could have side effects) and the stdlib ``.py`` sources (test suites, ``site-packages``
-  and files over 1 MB excluded). Prose and code are interleaved round-robin (a prose
-  document, then a source file, ...) so even a short prefix holds both. The order is
-  deterministic for a given Python install (sorted paths, sorted topic keys); a different
-  Python version gives a different corpus. It holds well over 2M SmolLM2 tokens.
-* **Packing.** Texts are tokenized in batches through the Rust ``tokenizers`` backend of a
-  fast tokenizer (``encode_batch``, multi-threaded, no special tokens); other tokenizers are
-  called the HF way. Documents are joined with EOS between them (plain concatenation if the
-  tokenizer has no EOS), and the stream is cut into contexts of exactly ``context`` ids:
-  ``[bos_id] + next context-1 stream tokens``. A context therefore may start mid-document;
-  the trailing partial context is dropped.
+
+The embedded corpus is in :mod:`training.data.embedded`; packing texts into contexts in
+:mod:`training.data.packing`.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
-import sysconfig
-import warnings
-from collections.abc import Iterable, Iterator
-from itertools import chain, islice, zip_longest
+from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
-from typing import Any
+
+from training.data.embedded import embedded_texts
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +42,6 @@ SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Suffixes that make a missing spec read as a mistyped local path rather than a hub name.
 _PATHLIKE_SUFFIXES = {*SUPPORTED_SUFFIXES, ".json", ".csv", ".tsv", ".arrow", ".gz", ".zst"}
 _TXT_CHUNK_CHARS = 1 << 20
-_MAX_SOURCE_BYTES = 1_000_000
-_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 class CorpusError(ValueError):
@@ -76,38 +60,13 @@ def iter_texts(dataset: str, *, split: str = "train", text_column: str = "text")
     path, an unsupported extension, a missing text column, or a dataset with no text.
     """
     if dataset == EMBEDDED_CORPUS:
-        texts: Iterator[str] = _embedded_texts()
+        texts: Iterator[str] = embedded_texts()
     elif _is_local(dataset):
         files = _local_files(dataset)
         texts = chain.from_iterable(_iter_file(f, dataset, text_column) for f in files)
     else:
         texts = _iter_hub(dataset, split, text_column)
     return _non_empty(texts, dataset)
-
-
-def pack_contexts(
-    texts: Iterable[str], tokenizer: Any, context: int, bos_id: int, *, batch_texts: int = 64
-) -> Iterator[list[int]]:
-    """Tokenize ``texts`` and cut the token stream into contexts of exactly ``context`` ids.
-
-    Position 0 of every context is ``bos_id``; positions 1..context-1 are the next
-    ``context - 1`` stream tokens. Documents are separated by the tokenizer's EOS (if it has
-    one). The trailing partial context is dropped. Raises ``ValueError`` if ``context < 2``.
-    """
-    if context < 2:
-        raise ValueError(f"context must be >= 2 (BOS plus at least one token), got {context}")
-    if batch_texts < 1:
-        raise ValueError(f"batch_texts must be >= 1, got {batch_texts}")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    stream = _token_stream(texts, _batch_encoder(tokenizer), batch_texts, eos_id)
-    return _cut_contexts(stream, context - 1, int(bos_id))
-
-
-def embedded_corpus_sources() -> list[Path]:
-    """The files the embedded corpus reads (help topics module and stdlib sources), sorted."""
-    topics = _topics_file()
-    files = _stdlib_sources()
-    return sorted([*files, topics] if topics is not None else files)
 
 
 # --------------------------------------------------------------------------- validation
@@ -293,155 +252,3 @@ def _hub_records(dataset: str, split: str) -> Iterator[dict]:
         except Exception as exc:
             raise CorpusError(f"error streaming dataset {dataset!r}: {_first_line(exc)}") from exc
         yield record
-
-
-# --------------------------------------------------------------------------- embedded corpus
-
-
-def _embedded_texts() -> Iterator[str]:
-    """Round-robin: a prose document (topic, then per-file docstrings), then a source file."""
-    files = _stdlib_sources()
-    topics = _topics()
-    log.info("embedded corpus: %d help topics, %d stdlib source files", len(topics), len(files))
-    prose = chain(topics.values(), _docstring_documents(files))
-    code = _source_documents(files)
-    for pair in zip_longest(prose, code):
-        yield from (text for text in pair if text)
-
-
-def _topics_file() -> Path | None:
-    try:
-        import pydoc_data.topics as topics_module
-    except ImportError:
-        return None
-    return Path(topics_module.__file__).resolve()
-
-
-def _topics() -> dict[str, str]:
-    """CPython's ``help()`` topics, sorted by key ({} if this install lacks pydoc_data)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        log.warning("pydoc_data is missing from this Python install; no help topics")
-        return {}
-    return {key: topics[key] for key in sorted(topics)}
-
-
-def _stdlib_sources() -> list[Path]:
-    """Stdlib ``.py`` files, sorted; test suites, site-packages and files > 1 MB excluded."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    topics = _topics_file()
-    files = [
-        path
-        for path in root.rglob("*.py")
-        if _is_corpus_source(path, root) and path.resolve() != topics
-    ]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _is_corpus_source(path: Path, root: Path) -> bool:
-    if _EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1]):
-        return False
-    try:
-        return path.is_file() and path.stat().st_size <= _MAX_SOURCE_BYTES
-    except OSError:
-        return False
-
-
-def _read_source(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        log.debug("embedded corpus: skipping unreadable %s", path)
-        return None
-
-
-def _source_documents(files: Iterable[Path]) -> Iterator[str]:
-    for path in files:
-        source = _read_source(path)
-        if source and source.strip():
-            yield source
-
-
-def _docstring_documents(files: Iterable[Path]) -> Iterator[str]:
-    for path in files:
-        source = _read_source(path)
-        if not source:
-            continue
-        docs = _docstrings(source)
-        if docs is None:
-            log.debug("embedded corpus: skipping unparsable %s", path)
-        elif docs:
-            yield "\n\n".join(docs)
-
-
-def _docstrings(source: str) -> list[str] | None:
-    """Module, class and function docstrings in source order (None if it does not parse)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
-    nodes = sorted(
-        (node for node in ast.walk(tree) if isinstance(node, _DOC_NODES)),
-        key=lambda node: getattr(node, "lineno", 0),
-    )
-    docs = (ast.get_docstring(node) for node in nodes)
-    return [doc for doc in docs if doc and doc.strip()]
-
-
-# --------------------------------------------------------------------------- packing
-
-
-def _batch_encoder(tokenizer: Any):
-    """A function ``list[str] -> list[list[int]]`` encoding without special tokens.
-
-    Uses the Rust backend's multi-threaded ``encode_batch`` when the tokenizer is a fast HF
-    tokenizer whose backend has no truncation/padding configured; otherwise calls the
-    tokenizer the HF way.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-
-        def encode_backend(batch: list[str]) -> list[list[int]]:
-            return [enc.ids for enc in encode(batch, add_special_tokens=False)]
-
-        return encode_backend
-
-    def encode_hf(batch: list[str]) -> list[list[int]]:
-        out = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)
-        return list(out["input_ids"])
-
-    return encode_hf
-
-
-def _token_stream(
-    texts: Iterable[str], encode, batch_texts: int, eos_id: int | None
-) -> Iterator[list[int]]:
-    """Chunks of the token stream: documents' ids with EOS between consecutive documents."""
-    iterator = iter(texts)
-    first = True
-    while raw := list(islice(iterator, batch_texts)):
-        batch = [text for text in raw if text]
-        for ids in encode(batch) if batch else ():
-            if not ids:
-                continue
-            if not first and eos_id is not None:
-                yield [eos_id]
-            first = False
-            yield ids
-
-
-def _cut_contexts(chunks: Iterator[list[int]], body: int, bos_id: int) -> Iterator[list[int]]:
-    """``[bos_id] + body`` stream tokens per context; the trailing partial one is dropped."""
-    buffer: list[int] = []
-    for chunk in chunks:
-        buffer.extend(chunk)
-        if len(buffer) < body:
-            continue
-        full = len(buffer) - len(buffer) % body
-        for start in range(0, full, body):
-            yield [bos_id, *buffer[start : start + body]]
-        del buffer[:full]

@@ -10,7 +10,7 @@ Tensor names and shapes follow SAELens: W_enc [d, n], b_enc [n], W_dec [n, d], b
 The folder also holds ``sae_weights.safetensors``, the one file SAELens'
 ``SAE.load_from_disk`` reads (a hard link to ``sae.safetensors`` for TopK; for BatchTopK it
 adds the per-latent ``threshold`` SAELens' ``jumprelu`` needs). Folders written by SAELens
-load too (``training.sae.saelens``).
+load too (``training.sae.saelens_read``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 from training.sae.saelens import (
     SAELENS_WEIGHTS_FILE,
-    read_saelens_folder,
     saelab_architecture,
     saelens_cfg_fields,
     saelens_state_dict,
 )
+from training.sae.saelens_read import read_saelens_folder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"

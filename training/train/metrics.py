@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from training.data.corpus import iter_texts, pack_contexts
+from training.data.corpus import iter_texts
 from training.data.hooks import edit_block_output
 from training.data.models import LoadedModel
+from training.data.packing import pack_contexts
 from training.sae.autoencoder import SparseAutoencoder, top_columns
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.settings import Settings
 from app.store.models import Job
 
-KINDS = ("capture", "train", "analyze", "explain", "pipeline")
+KINDS = ("capture", "train", "analyze", "explain", "steer_eval", "pipeline")
 ACTIVE = ("queued", "running")
 
 
@@ -83,17 +83,27 @@ class JobParams(BaseModel):
     latent_range: str | None = Field(None, pattern=r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-"
                                      r"\s*\d+)?)*\s*$", description="latents to explain, e.g. "
                                      "'0-99' or '3,7,10-20' [default: all]")
-    explain_count: int = Field(0, ge=0, description="pipeline: explain this many of the "
-                               "most active latents")
-    explainer: Literal["auto", "claude", "local"] = Field(
-        "auto", description="auto: Claude when an API key is set, else the local model")
-    explainer_model: str | None = Field(None, description="Claude model [default: settings]")
+    explain_count: int = Field(0, ge=0, description="pipeline: besides the maxact label of "
+                               "every live latent, LLM labels for this many latents sampled "
+                               "across densities")
+    explainer: Literal["auto", "maxact", "claude", "openai", "local"] = Field(
+        "auto", description="auto: Claude with an API key, else an OpenAI-compatible server "
+        "when one is configured, else the local model; maxact: offline labels")
+    explainer_model: str | None = Field(None, description="the LLM explainer's model "
+                                        "[default: settings]")
     score: bool = Field(True, description="score explanations (detection, fuzzing)")
+    steer_eval_count: int = Field(0, ge=0, description="pipeline: measure the steerability "
+                                  "of this many of the most active non-sink latents")
+    strengths: str = Field("2,4,8,16", pattern=r"^\s*-?\d+(\.\d+)?(\s*,\s*-?\d+(\.\d+)?)*\s*$",
+                           description="steer_eval: clamp strengths in units of each "
+                           "latent's max activation")
+    prompts: list[str] | None = Field(None, description="steer_eval: neutral prompts "
+                                      "[default: eight built-in ones]")
     queue: str | None = None
 
 
 REQUIRED = {"capture": ("layer",), "train": ("acts",), "analyze": ("sae",),
-            "explain": ("sae_id",), "pipeline": ("layer",)}
+            "explain": ("sae_id",), "steer_eval": ("sae_id",), "pipeline": ("layer",)}
 
 
 def validate(kind: str, params: dict[str, Any]) -> JobParams:

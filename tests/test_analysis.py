@@ -48,6 +48,7 @@ def test_statistics_match_brute_force(setup, prune_floor, monkeypatch) -> None:
     mean = flat.sum(0) / fired.clamp_min(1)
     torch.testing.assert_close(result.mean_activation, mean, rtol=1e-5, atol=1e-6)
     assert torch.equal(result.histogram_counts.sum(1), fired)
+    _check_histograms(result, flat, bins=8)
 
     peaks = z.max(dim=1).values  # [contexts, n]
     tokens = store.tokens()
@@ -67,6 +68,25 @@ def test_statistics_match_brute_force(setup, prune_floor, monkeypatch) -> None:
             if e.kind == "quantile":
                 share = float(peak) / float(result.max_activation[f])
                 assert e.bucket == min(3, int(share * 4)) and e.rank < 2
+        top_contexts = {e.context_index for e in tops}
+        assert not top_contexts & {e.context_index for e in result.examples.of(f)
+                                   if e.kind == "quantile"}, "a quantile sample repeats a top one"
+
+
+def _check_histograms(result, flat: torch.Tensor, bins: int) -> None:
+    """Each firing latent's bins are linear over [0, M), M the power of two with
+    max <= M < 2·max, and hold exactly the brute-force counts."""
+    for f in range(flat.shape[1]):
+        values = flat[:, f][flat[:, f] > 0]
+        scale = float(result.histogram_scale[f])
+        if not len(values):
+            assert scale == 0 and int(result.histogram_counts[f].sum()) == 0
+            continue
+        assert scale >= float(values.max()) and scale < 2 * float(values.max())
+        assert float(torch.log2(torch.tensor(scale))).is_integer()
+        expected = torch.bincount((values / scale * bins).long().clamp(max=bins - 1),
+                                  minlength=bins)
+        assert torch.equal(result.histogram_counts[f], expected), f
 
 
 def test_logits_and_neighbours(setup) -> None:
@@ -82,3 +102,29 @@ def test_logits_and_neighbours(setup) -> None:
     cos = (w @ w.t()).fill_diagonal_(-2)
     assert torch.equal(result.neighbour_ids[:, 0], cos.argmax(1))
     assert (result.neighbour_ids != torch.arange(N)[:, None]).all()
+
+
+def test_fitted_histograms_merge_exactly_as_the_max_grows() -> None:
+    """Values arriving in rising chunks (each doubling the scale several times) end in the
+    same bins as one histogram made with the final scale."""
+    from training.analysis.histogram import FittedHistograms, histogram_of
+
+    g = torch.Generator().manual_seed(0)
+    hist = FittedHistograms(3, 16)
+    seen: list[list[torch.Tensor]] = [[], [], []]
+    for step in range(6):
+        latents = torch.randint(0, 3, (200,), generator=g)
+        values = torch.rand(200, generator=g) * 3.0 ** step + 1e-3
+        hist.add(latents, values)
+        for f in range(3):
+            seen[f].append(values[latents == f])
+    for f in range(3):
+        values = torch.cat(seen[f])
+        scale = float(hist.scale[f])
+        assert values.max() <= scale < 2 * values.max()
+        expected = torch.bincount((values / scale * 16).long().clamp(max=15), minlength=16)
+        assert torch.equal(hist.counts[f], expected)
+        shown = histogram_of(scale, hist.counts[f].tolist())
+        assert len(shown["edges"]) == len(shown["counts"]) + 1 >= 9  # at least half the bins
+        assert shown["edges"][0] == 0 and sum(shown["counts"]) == len(values)
+    assert histogram_of(0.0, [0] * 16) == {"edges": [], "counts": []}

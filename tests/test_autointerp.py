@@ -398,3 +398,30 @@ def test_local_explainer_labels_and_scores_a_latent(embedded_model) -> None:
     assert result.label and result.errors == []
     assert 0 <= result.detection <= 1 and 0 <= result.fuzzing <= 1
     assert result.usage["requests"] == 1 + 4 + 4 and result.usage["cost_usd"] == 0
+
+
+def test_openai_server_errors_are_classified_like_claudes() -> None:
+    """The SDK's own exception types, built from real HTTP responses."""
+    import httpx
+    import openai
+
+    from training.autointerp.openai_compat import classify
+
+    def status(code: int, body: dict) -> openai.APIStatusError:
+        request = httpx.Request("POST", "http://server/v1/chat/completions")
+        response = httpx.Response(code, json=body, request=request)
+        return openai.OpenAI(base_url="http://server/v1", api_key="k")._make_status_error(
+            "error", body=body, response=response)
+
+    cases = {429: ({"error": {"message": "slow down", "type": "rate_limit"}}, True, False),
+             503: ({"error": "overloaded"}, True, False),
+             401: ({"error": {"message": "bad key"}}, False, True),
+             404: ({"error": {"message": "no such model"}}, False, True),
+             400: ({"error": {"message": "context too long"}}, False, False)}
+    for code, (body, retry, fatal) in cases.items():
+        retryable, error = classify(status(code, body))
+        assert (retryable, error.fatal, error.status) == (retry, fatal, code), code
+    quota = status(429, {"error": {"code": "insufficient_quota", "message": "pay up"}})
+    assert classify(quota)[1].fatal
+    request = httpx.Request("POST", "http://server/v1/chat/completions")
+    assert classify(openai.APIConnectionError(request=request))[0]

@@ -111,3 +111,101 @@ def test_local_model_explains_a_few_latents(store_copy) -> None:
             Explanation.source == "smollm2-135m")).all()
     assert len(rows) == 2 and all(r.text.strip() for r in rows)
     assert all(r.score is None or 0 <= r.score <= 1 for r in rows)
+
+
+def test_maxact_labels_and_scores_every_live_latent_offline(store_copy) -> None:
+    env, sessions, sae_id = store_copy
+    result, job = _explain(env, sae_id, "--latents", "all", "--explainer", "maxact")
+    assert result.exit_code == 0, result.output
+    summary = job["result"]["explain"]
+    with sessions() as session:
+        live = session.scalars(select(Latent).where(Latent.sae_id == sae_id,
+                                                    Latent.density > 0)).all()
+        dead = session.scalars(select(Latent).where(Latent.sae_id == sae_id,
+                                                    Latent.density == 0)).all()
+        rows = session.scalars(select(Explanation).where(
+            Explanation.source == "maxact-1")).all()
+    assert summary["explained"] == len(live) == len(rows) and not summary["failed"]
+    assert summary["usage"]["cost_usd"] == 0 and summary["explainer"] == "maxact (maxact-1)"
+    assert all(lat.explanation for lat in live) and not any(lat.explanation for lat in dead)
+    scored = [r for r in rows if r.detection_score is not None]
+    assert len(scored) >= 0.8 * len(rows)
+    for r in scored:
+        assert 0 <= r.detection_score <= 1 and 0 <= r.fuzzing_score <= 1
+        assert r.detection_n > 0 and r.fuzzing_n > 0 and r.simulation_n > 0
+        assert -1 <= r.simulation_score <= 1
+    mean = sum(r.detection_score for r in scored) / len(scored)
+    assert mean > 0.6, f"maxact labels should beat chance clearly (mean detection {mean:.2f})"
+    index = next(lat.index for lat in live if lat.explanation == scored[0].text)
+    shown = json.loads(runner.invoke(app, ["feature", str(sae_id), str(index), "--json"],
+                                     env=env).stdout)
+    assert shown["explanations"][0]["simulation_n"] == scored[0].simulation_n
+    _, job = _explain(env, sae_id, "--latents", "all", "--explainer", "maxact")
+    assert job["result"]["explain"]["skipped"] == len(live)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """llama-cpp-python's OpenAI-compatible server on the embedded GGUF (a real third-party
+    server), with an API key."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from training.data.models import embedded_gguf_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+             "--api_key", "test-key", "--n_threads", "2"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            try:
+                request = urllib.request.Request(f"{url}/models",
+                                                 headers={"Authorization": "Bearer test-key"})
+                urllib.request.urlopen(request, timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_an_openai_compatible_server_explains_and_scores(store_copy, llama_server) -> None:
+    env, sessions, sae_id = store_copy
+    env = {**env, "SAELAB_OPENAI_BASE_URL": llama_server, "SAELAB_OPENAI_API_KEY": "test-key",
+           "SAELAB_OPENAI_MODEL": "smollm2-135m-gguf"}
+    result, job = _explain(env, sae_id, "--latents", "10-11", "--explainer", "openai")
+    assert result.exit_code == 0, result.output
+    summary = job["result"]["explain"]
+    assert job["state"] == "succeeded" and summary["explained"] == 2, job["message"]
+    assert summary["explainer"] == "openai (smollm2-135m-gguf)"
+    assert summary["usage"]["requests"] > 2 and summary["usage"]["input_tokens"] > 0
+    with sessions() as session:
+        rows = session.scalars(select(Explanation).where(
+            Explanation.source == "smollm2-135m-gguf")).all()
+    assert len(rows) == 2 and all(r.text.strip() for r in rows)
+    assert all(r.usage["requests"] > 0 for r in rows)
+    judged = [r.detection_n for r in rows if r.detection_n is not None]
+    assert all(0 < n <= 10 for n in judged)
+
+
+def test_a_wrong_key_for_the_openai_server_is_fatal(store_copy, llama_server) -> None:
+    env, _, sae_id = store_copy
+    env = {**env, "SAELAB_OPENAI_BASE_URL": llama_server, "SAELAB_OPENAI_API_KEY": "wrong",
+           "SAELAB_OPENAI_MODEL": "m"}
+    result, job = _explain(env, sae_id, "--latents", "10-13", "--explainer", "openai")
+    assert result.exit_code == 1 and job["state"] == "failed"
+    assert "authentication failed (401)" in job["message"]

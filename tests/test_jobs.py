@@ -111,13 +111,17 @@ def test_pipeline_runs_to_success(stack, tiny_llama_dir) -> None:
     job = stack.wait(job_id, _ended)
     assert job.state == "succeeded", job.message
     assert job.progress == 1.0 and job.attempts == 1 and job.finished_at
-    assert set(job.result) == {"acts", "sae", "sae_id"}
+    assert set(job.result) == {"acts", "sae", "sae_id", "label"}
     assert len(job.series["fvu"]) == len(job.series["step"]) > 1
     assert "stage analyze" in job.log
     steps_file = Path(job.result["sae"]).parent / "train-steps.jsonl"  # torchrun's rank 0
     assert steps_file.exists() == (nproc > 1)
     with stack.sessions() as session:
         assert session.query(Latent).filter_by(sae_id=job.result["sae_id"]).count() == 64
+        live = session.query(Latent).filter(Latent.sae_id == job.result["sae_id"],
+                                            Latent.density > 0).all()
+        assert job.result["label"]["explained"] == len(live) > 0  # every live latent labelled
+        assert all(lat.explanation for lat in live)
         assert session.get(Sae, job.result["sae_id"]).name == f"job{job_id}-L1-n64-k4"
     shown = json.loads(stack.cli("jobs", "show", job_id, "--json").stdout)
     assert shown["state"] == "succeeded" and shown["result"]["sae_id"] == job.result["sae_id"]

@@ -105,3 +105,21 @@ def test_split_characters_go_to_the_token_completing_them() -> None:
     texts = token_texts(ByteTokenizer(), list(text.encode()))
     assert texts == ["a", " ", "", "é", "", "", "", "😀", "\n"]
     assert token_texts(ByteTokenizer(), [0xFF, 0x41]) == ["", "\ufffdA"]
+
+
+def test_ranking_is_relative_to_each_latents_own_max_with_sinks_last() -> None:
+
+
+    # three tokens; latent 5 is dense and strong, 9 rare and at its usual strength, 2 a sink
+    result = ProbeResult(tokens=["a", "b", "c"], ids=[1, 2, 3],
+                         values=torch.tensor([[4.0, 0.5, 30.0], [3.0, 0.0, 0.0],
+                                              [0.0, 0.4, 0.0]]),
+                         indices=torch.tensor([[5, 9, 2], [5, 9, 2], [5, 9, 2]]))
+    maxima = {5: 20.0, 9: 0.6, 2: 31.0}
+    relative = result.ranked_features(maxima, sinks={2})
+    assert [r.index for r in relative] == [9, 5, 2]
+    assert relative[0].relative == pytest.approx(0.5 / 0.6) and relative[2].sink
+    assert [r.index for r in result.ranked_features(maxima, {2}, by="raw")] == [5, 9, 2]
+    unsorted_sinks = result.ranked_features(maxima, {2}, sinks_last=False)
+    assert [r.index for r in unsorted_sinks] == [2, 9, 5]
+    assert [r.count for r in relative] == [2, 2, 1]

@@ -236,7 +236,7 @@ class EosEdit:
         self.rows = rows
         self.calls = 0
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, steerable: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
         out = h.clone()
         out[self.rows] += 1000 * self.eos
@@ -282,3 +282,39 @@ def test_embedded_model_chats_through_its_template(embedded_model) -> None:
     reply = "".join(generate(embedded_model, 3, None, ids,
                              Sampling(temperature=0, max_tokens=24)))
     assert reply.strip()
+
+
+# -- what steering leaves alone --------------------------------------------------------------
+class MaskRecorder:
+    """Records the steerable masks an edit is given and edits nothing."""
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor | None] = []
+
+    def __call__(self, h: torch.Tensor, steerable: torch.Tensor | None = None) -> torch.Tensor:
+        self.masks.append(None if steerable is None else steerable.clone())
+        return h
+
+
+def test_position_zero_and_special_tokens_are_not_steered_unless_asked(tiny_model) -> None:
+    bos, eos = tiny_model.tokenizer.bos_token_id, tiny_model.tokenizer.eos_token_id
+    ids = [bos, 10, 11, eos, 12]  # a special token inside the prompt (a template marker)
+    recorder = MaskRecorder()
+    list(generate(tiny_model, LAYER, recorder, ids, Sampling(temperature=0, max_tokens=3),
+                  ignore_eos=True))
+    prefill, *steps = recorder.masks
+    assert prefill.tolist() == [[False, True, True, False, True]]
+    assert all(m.shape == (1, 1) for m in steps)
+    recorder = MaskRecorder()
+    list(generate(tiny_model, LAYER, recorder, ids, Sampling(temperature=0, max_tokens=2,
+                                                             steer_special=True)))
+    assert recorder.masks[0] is None
+
+
+def test_a_masked_position_keeps_its_hidden_state(sae, hidden) -> None:
+    edit = steering_edit(sae, [Steer(3, "add", 5.0)], {3: 1.0})
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    mask[:, 0] = False
+    edited = edit(hidden, mask)
+    assert torch.equal(edited[:, 0], hidden[:, 0])
+    torch.testing.assert_close(edited[:, 1:], edit(hidden)[:, 1:])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
-from sqlalchemy import text as sql
+from sqlalchemy import MetaData, insert, inspect, select
 
 from app.store.db import (
     StoreError,
@@ -20,53 +20,57 @@ from app.store.db import (
     session_factory,
     upgrade,
 )
-from app.store.models import Example, Explanation, Job, Latent, Model, Sae
+from app.store.models import Example, Explanation, Job, Latent, Sae
 from app.store.queries import search_explanations
 
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
 TABLES = {"models", "captures", "saes", "latents", "examples", "explanations", "jobs"}
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _fill(engine) -> int:
-    """One model, SAE, three latents with examples and explanations, one job."""
-    with session_factory(engine).begin() as session:
-        model = Model(name="smollm2-135m", d_model=576, n_layers=30)
-        sae = Sae(model=model, name="L6", path="/saes/l6", architecture="topk", layer=6,
-                  d_in=576, n_latents=3, k=1, config={"k": 1}, metrics={"fvu": 0.2})
-        texts = ["Python keywords like def and class", "closing parentheses in code",
-                 None]
+    """One model, SAE, three latents with examples and explanations, one job, written
+    through the tables as they are at the current revision (reflected: the ORM models
+    describe the newest schema)."""
+    meta = MetaData()
+    meta.reflect(engine)
+    t = meta.tables
+    with engine.begin() as conn:
+        model_id = conn.execute(insert(t["models"]).values(
+            name="smollm2-135m", d_model=576, n_layers=30, created_at=NOW)).inserted_primary_key[0]
+        sae_id = conn.execute(insert(t["saes"]).values(
+            model_id=model_id, name="L6", path="/saes/l6", architecture="topk", layer=6,
+            d_in=576, n_latents=3, k=1, config={"k": 1}, metrics={"fvu": 0.2},
+            created_at=NOW)).inserted_primary_key[0]
+        texts = ["Python keywords like def and class", "closing parentheses in code", None]
         for index, text in enumerate(texts):
-            latent = Latent(sae=sae, index=index, density=0.01 * (index + 1),
-                            mean_activation=1.0, max_activation=2.0 + index,
-                            histogram={"edges": [0, 1], "counts": [3]},
-                            top_logits=[["def", 1.5]], bottom_logits=[["the", -0.3]],
-                            neighbours=[[1, 0.4]], explanation=text)
-            latent.examples = [Example(kind="top", rank=0, tokens=["a", "b"],
-                                       activations=[0.0, 2.0], context_index=4, position=9)]
-            session.add(latent)
-            if text:  # the explanations table as revision 0001 made it
-                session.flush()
-                session.execute(sql("INSERT INTO explanations (latent_id, text, source, "
-                                    "created_at) VALUES (:latent, :text, 'human', "
-                                    "CURRENT_TIMESTAMP)"), {"latent": latent.id, "text": text})
-        # the jobs table as revision 0001 made it (later revisions add columns)
-        session.execute(sql("INSERT INTO jobs (kind, params, state, progress, series, "
-                             "created_at) VALUES ('train', '{\"k\": 1}', 'queued', 0, "
-                             "'{\"fvu\": [0.5, 0.3]}', CURRENT_TIMESTAMP)"))
-        session.flush()
-        return sae.id
+            latent_id = conn.execute(insert(t["latents"]).values(
+                sae_id=sae_id, index=index, density=0.01 * (index + 1), mean_activation=1.0,
+                max_activation=2.0 + index, histogram={"edges": [0, 1], "counts": [3]},
+                top_logits=[["def", 1.5]], bottom_logits=[["the", -0.3]],
+                neighbours=[[1, 0.4]], explanation=text)).inserted_primary_key[0]
+            conn.execute(insert(t["examples"]).values(
+                latent_id=latent_id, kind="top", rank=0, tokens=["a", "b"],
+                activations=[0.0, 2.0], context_index=4, position=9))
+            if text:
+                conn.execute(insert(t["explanations"]).values(
+                    latent_id=latent_id, text=text, source="human", created_at=NOW))
+        conn.execute(insert(t["jobs"]).values(kind="train", params={"k": 1}, state="queued",
+                                              progress=0, series={"fvu": [0.5, 0.3]},
+                                              created_at=NOW))
+    return sae_id
 
 
 def test_upgrade_from_empty_and_round_trip(db_url) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     assert set(inspect(engine).get_table_names()) >= TABLES
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert not TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     engine.dispose()
 
 
@@ -113,7 +117,7 @@ def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     engine.dispose()
 
 
@@ -131,7 +135,7 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
-    assert result.exit_code == 0 and "revision 0004" in result.stdout, result.output
+    assert result.exit_code == 0 and "revision 0005" in result.stdout, result.output
     result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])

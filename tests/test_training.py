@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.synthetic import sparse_rows, write_capture
 from training.data.activations import ActivationStore
-from training.sae.autoencoder import SaeConfig, SparseAutoencoder
+from training.sae.autoencoder import SaeConfig, SparseAutoencoder, dead_window
 from training.sae.folder import SaeLoadError, load_sae
 from training.train.run import TrainError, partial_dir, train
 from training.train.trainer import TrainConfig, Trainer, lr_factor
@@ -110,6 +110,38 @@ def test_dead_latents_are_revived_by_training(acts_dir, tmp_path) -> None:
     metrics = train(acts_dir, tmp_path / "sae", _sae_cfg(dead_tokens=1024),
                     _train_cfg(), progress=False)
     assert metrics["dead_fraction"] < 0.25
+
+
+def test_the_dead_window_scales_with_the_run(acts_dir, tmp_path) -> None:
+    """Half the run (at least two batches, at most 10M tokens), fixed in cfg.json; a window
+    given explicitly is kept. The demo's 30 steps of 4,096 get 61,440 tokens: a 1M-token
+    window would never call a latent dead there."""
+    import json
+
+    assert SaeConfig(d_in=8, n_latents=16, k=2).for_run(30 * 4096, 4096).dead_tokens == 61_440
+    assert dead_window(10**10, 4096) == 10_000_000 and dead_window(1000, 512) == 1024
+    assert _sae_cfg(dead_tokens=77).for_run(10**6, 256).dead_tokens == 77
+    train(acts_dir, tmp_path / "sae", _sae_cfg(), _train_cfg(), progress=False)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["dead_tokens"] == (12_800 - 1024) // 256 * 256 // 2  # 46 steps of 256
+
+
+def test_auxk_switches_on_in_a_short_run_and_changes_it(acts_dir, tmp_path) -> None:
+    """With the default window some of 1,024 latents go silent for half of a 46-step run:
+    AuxK then has dead latents to train, and the SAE differs from one trained without it
+    (same seed, same batches)."""
+    import csv
+
+    sae = _sae_cfg(n_latents=1024)
+    train(acts_dir, tmp_path / "auxk", sae, _train_cfg(log_every=1), progress=False)
+    train(acts_dir, tmp_path / "plain", SaeConfig(**{**sae.to_dict(), "aux_coef": 0.0}),
+          _train_cfg(log_every=1), progress=False)
+    with (tmp_path / "auxk" / "loss_curve.csv").open() as handle:
+        curve = list(csv.DictReader(handle))
+    assert any(float(row["auxk"]) > 0 for row in curve), "AuxK never switched on"
+    assert any(float(row["dead_fraction"]) > 0 for row in curve)
+    with_auxk, without = load_sae(tmp_path / "auxk")[0], load_sae(tmp_path / "plain")[0]
+    assert not torch.equal(with_auxk.w_enc, without.w_enc)
 
 
 def test_resume_continues_exactly_where_it_stopped(acts_dir, tmp_path) -> None:

@@ -1,10 +1,12 @@
-"""The explain stage: label latents with Claude or the local model, score the labels on
-held-out contexts, store them (with their usage) and embed them for semantic search.
+"""The explain stage: label latents (offline with ``maxact``, or with Claude, an
+OpenAI-compatible server or the local model), score the labels on held-out contexts, store
+them with their sample sizes and usage, and embed them for semantic search.
 
 Idempotent: latents already explained with the same settings key are skipped, so a
 resumed or repeated job only does what is missing. A latent whose requests fail after
 retries (rate limits, overload, exhausted credit) is reported in the job's result with the
-error, never stored with a score.
+error, never stored with a score. Only latents that fired over the analysed tokens are
+explained: a latent without examples has nothing to explain.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,118 +25,168 @@ from app.store.models import Sae
 from worker.runtime import JobRun
 
 NEGATIVES = 10
-"""Non-activating windows offered to detection scoring per latent."""
+"""Non-activating windows offered to an LLM's detection scoring per latent."""
 BATCH_FROM = 200
 """Claude runs of at least this many latents go through the Message Batches API (half
 the price, no rate limits to pace; results come when the batch ends)."""
 BATCH_CHUNK = 500
 """Latents per message batch: each chunk is stored before the next one is sent."""
+OFFLINE_CHUNK = 256
+"""Latents read, labelled and stored together by the offline explainer."""
+LLM_KINDS = ("claude", "openai", "local")
 
 
-def make_explainer(params: JobParams, settings: Settings, model_name: str):
-    """Claude when asked for (or ``auto`` with an API key), else the local model."""
-    from training.autointerp.claude import ClaudeExplainer
-    from training.autointerp.local import LocalExplainer
+def resolve_kind(kind: str, settings: Settings) -> str:
+    """``auto``: Claude with an API key, else an OpenAI-compatible server when one is
+    configured, else the local model."""
+    if kind != "auto":
+        return kind
+    if settings.anthropic_api_key:
+        return "claude"
+    return "openai" if settings.openai_base_url else "local"
 
-    kind = params.explainer
-    if kind == "auto":
-        kind = "claude" if settings.anthropic_api_key else "local"
+
+def make_explainer(kind: str, params: JobParams, settings: Settings, model_name: str):
+    """The explainer of a resolved ``kind`` (see ``resolve_kind``)."""
+    if kind == "maxact":
+        from training.autointerp.maxact import MaxActExplainer
+
+        return MaxActExplainer()
     if kind == "claude":
+        from training.autointerp.claude import ClaudeExplainer
+
         if not settings.anthropic_api_key:
             raise ValueError("explainer: claude needs ANTHROPIC_API_KEY (or "
                              "SAELAB_ANTHROPIC_API_KEY)")
         return ClaudeExplainer(api_key=settings.anthropic_api_key,
                                model=params.explainer_model or settings.claude_model,
                                base_url=settings.anthropic_base_url or None)
+    if kind == "openai":
+        from training.autointerp.openai_compat import OpenAIExplainer
+
+        if not settings.openai_base_url:
+            raise ValueError("explainer: openai needs SAELAB_OPENAI_BASE_URL (the server's "
+                             "/v1 address)")
+        return OpenAIExplainer(settings.openai_base_url,
+                               params.explainer_model or settings.openai_model,
+                               settings.openai_api_key)
+    from training.autointerp.local import LocalExplainer
     from training.data.models import load_model
 
     return LocalExplainer(load_model(model_name, data_dir=settings.data_dir))
 
 
-def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: int,
-                  count: int | None = None) -> dict[str, Any]:
-    """Explain the chosen latents of SAE ``sae_id`` (``count``: the most active ones);
-    returns {"explained", "skipped", "failed": {index: error}, "usage": totals}."""
-    from dataclasses import asdict
+def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: int, *,
+                  kind: str, count: int | None = None) -> dict[str, Any]:
+    """Explain SAE ``sae_id``'s chosen live latents (``count``: that many sampled across
+    densities, else ``params.latent_range``) with explainer ``kind``; returns
+    {"explainer", "explained", "skipped", "failed": {index: error}, "usage": totals}."""
+    from training.autointerp.explain import MAXACT_SETTINGS, ExplainSettings, settings_key
 
-    from training.autointerp.explain import ExplainSettings, settings_key
-
+    kind = resolve_kind(kind, settings)
     with run.sessions() as session:
         sae = session.get(Sae, sae_id)
         if sae is None:
             raise ValueError(f"sae_id: there is no SAE {sae_id} in the store")
         model_name, n_latents, sae_path = sae.model.name, sae.n_latents, sae.path
         capture = (sae.config or {}).get("activations")
-        indices = (store.most_active(session, sae_id, count) if count
-                   else parse_latents(params.latent_range, n_latents))
-    explainer = make_explainer(params, settings, model_name)
-    key = settings_key(explainer.name, explainer.model, score=params.score,
-                       **asdict(ExplainSettings()))
+        if count:
+            indices = store.stratified_sample(session, sae_id, count)
+        else:
+            live = set(store.live_latents(session, sae_id))
+            indices = [i for i in parse_latents(params.latent_range, n_latents) if i in live]
+    explainer = make_explainer(kind, params, settings, model_name)
+    shape = MAXACT_SETTINGS if kind == "maxact" else ExplainSettings()
+    key = settings_key(explainer.name, explainer.model, score=params.score, **asdict(shape))
     with run.sessions() as session:
         done = store.explained_with(session, sae_id, key)
     todo = [i for i in indices if i not in done]
     run.update(force=True, message=f"explaining {len(todo)} latents with {explainer.name} "
                                    f"({len(indices) - len(todo)} already done)")
-    pool, tokenizer = _negative_pool(sae_path, capture, model_name, settings) if (
-        params.score and todo) else (None, None)
-    summary = _explain_all(run, explainer, key, sae_id, todo, pool, tokenizer, params.score)
+    pool = _negative_pool(sae_path, capture, model_name, settings) if (
+        params.score and todo) else None
+    work = _Work(run, explainer, key, sae_id, pool, params.score)
+    summary = work.offline(todo) if kind == "maxact" else work.llm(todo)
     if todo and not summary["explained"]:
         first = next(iter(summary["failed"].values()))
         raise ValueError(f"no latent could be explained ({len(todo)} tried): {first}")
-    summary["skipped"] = len(indices) - len(todo)
+    summary.update(explainer=f"{explainer.name} ({explainer.model})",
+                   skipped=len(indices) - len(todo))
     _embed(run, sae_id)
     return summary
 
 
-def _explain_all(run: JobRun, explainer, key: str, sae_id: int, todo: list[int], pool,
-                 tokenizer, score: bool) -> dict[str, Any]:
-    """Explain ``todo`` one latent at a time (or in message batches for long Claude runs),
-    storing each result as it comes; stops at an error every later latent would hit too
-    (a bad key, no credit)."""
-    from training.autointerp.explain import explain_latent, explain_latents_batched
+class _Work:
+    """One explain stage's latents, explained chunk by chunk and stored as they come."""
 
-    totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-    failed: dict[str, str] = {}
-    batched = hasattr(explainer, "complete_batch") and len(todo) >= BATCH_FROM
-    step = BATCH_CHUNK if batched else 1
-    started, done = time.monotonic(), 0
-    for first in range(0, len(todo), step):
-        chunk = todo[first:first + step]
-        loaded = [_inputs(run, sae_id, index, pool, tokenizer, score) for index in chunk]
-        pairs = [(record, negatives) for record, negatives, _ in loaded]
-        results = (explain_latents_batched(pairs, explainer, score=score) if batched else
-                   [explain_latent(*pairs[0], explainer, seed=chunk[0], score=score)])
+    def __init__(self, run: JobRun, explainer, key: str, sae_id: int, pool, score: bool):
+        self.run, self.explainer, self.key, self.sae_id = run, explainer, key, sae_id
+        self.pool, self.score = pool, score
+        self.totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+        self.failed: dict[str, str] = {}
+        self.started, self.done = time.monotonic(), 0
+
+    def offline(self, todo: list[int]) -> dict[str, Any]:
+        """maxact labels, ``OFFLINE_CHUNK`` latents per read and per transaction."""
+        from training.autointerp.explain import MAXACT_SETTINGS, explain_offline
+
+        for first in range(0, len(todo), OFFLINE_CHUNK):
+            loaded = self._load(todo[first:first + OFFLINE_CHUNK], MAXACT_SETTINGS.detection_n)
+            results = [explain_offline(record, negatives, seed=data["index"], score=self.score)
+                       for record, negatives, data in loaded]
+            self._store(loaded, results, len(todo))
+        return self._summary(len(todo))
+
+    def llm(self, todo: list[int]) -> dict[str, Any]:
+        """One latent at a time (or message batches for long Claude runs); stops at an error
+        every later latent would hit too (a bad key, no credit)."""
+        from training.autointerp.explain import explain_latent, explain_latents_batched
+
+        batched = hasattr(self.explainer, "complete_batch") and len(todo) >= BATCH_FROM
+        step = BATCH_CHUNK if batched else 1
+        for first in range(0, len(todo), step):
+            loaded = self._load(todo[first:first + step], NEGATIVES)
+            pairs = [(record, negatives) for record, negatives, _ in loaded]
+            results = (explain_latents_batched(pairs, self.explainer, score=self.score)
+                       if batched else [explain_latent(*pairs[0], self.explainer,
+                                                       seed=todo[first], score=self.score)])
+            self._store(loaded, results, len(todo))
+            fatal = next((r for r in results if r.fatal), None)
+            if fatal is not None:
+                raise ValueError(f"explainer {self.explainer.name} ({self.explainer.model}) "
+                                 f"cannot go on: {'; '.join(fatal.errors)}")
+        return self._summary(len(todo))
+
+    def _load(self, indices: list[int], negatives: int) -> list[tuple]:
+        """(record, negatives, stored data) of each latent, read in one query."""
+        with self.run.sessions() as session:
+            rows = store.latents_for_explaining(session, self.sae_id, indices)
+        return [(_record(data), _negatives(self.pool, data["index"], negatives)
+                 if self.score else [], data) for data in rows]
+
+    def _store(self, loaded: list[tuple], results: list, total: int) -> None:
+        items = []
         for (_, _, data), result in zip(loaded, results, strict=True):
-            _store(run, explainer, key, data, result, totals, failed)
-        done += len(chunk)
-        rate = done / max(time.monotonic() - started, 1e-9) * 60
-        run.progress(done, len(todo), latents_per_min=rate, cost_usd=totals["cost_usd"],
-                     failed=len(failed))
-        fatal = next((r for r in results if r.fatal), None)
-        if fatal is not None:
-            raise ValueError(f"explainer {explainer.name} ({explainer.model}) cannot go on: "
-                             f"{'; '.join(fatal.errors)}")
-    return {"explained": len(todo) - len(failed), "failed": failed, "usage": totals}
+            for name in self.totals:
+                self.totals[name] += result.usage.get(name, 0)
+            if not result.label:
+                self.failed[str(data["index"])] = "; ".join(result.errors) or "no label"
+                continue
+            items.append(store.NewExplanation(
+                data["id"], result.label, self.explainer.model, self.key,
+                detection=result.detection, fuzzing=result.fuzzing,
+                simulation=result.simulation, detection_n=result.detection_n,
+                fuzzing_n=result.fuzzing_n, simulation_n=result.simulation_n,
+                usage=result.usage))
+        store.save_explanations(self.run.sessions, items)
+        self.done += len(loaded)
+        rate = self.done / max(time.monotonic() - self.started, 1e-9) * 60
+        self.run.progress(self.done, total, latents_per_min=rate,
+                          cost_usd=self.totals["cost_usd"], failed=len(self.failed))
 
-
-def _inputs(run: JobRun, sae_id: int, index: int, pool, tokenizer, score: bool):
-    """(record, negatives, stored data) of one latent."""
-    with run.sessions() as session:
-        data = store.latent_for_explaining(session, sae_id, index)
-    return _record(data), (_negatives(pool, tokenizer, index) if score else []), data
-
-
-def _store(run: JobRun, explainer, key: str, data: dict, result, totals: dict,
-           failed: dict) -> None:
-    for name in totals:
-        totals[name] += result.usage.get(name, 0)
-    if result.label:
-        store.save_explanation(run.sessions, data["id"], text=result.label,
-                               source=explainer.model, settings_key=key,
-                               detection=result.detection, fuzzing=result.fuzzing,
-                               usage=result.usage)
-    else:
-        failed[str(data["index"])] = "; ".join(result.errors) or "no label"
+    def _summary(self, total: int) -> dict[str, Any]:
+        return {"explained": total - len(self.failed), "failed": self.failed,
+                "usage": self.totals}
 
 
 def _record(data: dict[str, Any]):
@@ -146,8 +199,19 @@ def _record(data: dict[str, Any]):
                         top_logits=data["top_logits"], bottom_logits=data["bottom_logits"])
 
 
-def _negative_pool(sae_path: str, capture: str | None, model_name: str, settings: Settings):
-    """Windows of the SAE's capture with every latent's code, and the tokenizer for them."""
+class _Pool:
+    """The capture's window pool with every window's token texts decoded once."""
+
+    def __init__(self, pool, tokenizer) -> None:
+        self.pool = pool
+        ids = pool.token_ids
+        text = {i: tokenizer.decode([i]) for i in ids.unique().tolist()}
+        self.texts = [[text[i] for i in row] for row in ids.tolist()]
+
+
+def _negative_pool(sae_path: str, capture: str | None, model_name: str,
+                   settings: Settings) -> _Pool:
+    """Windows of the SAE's capture with every latent's code, and their texts."""
     from training.autointerp.negatives import window_pool
     from training.data.activations import ActivationStore
     from training.data.models import load_tokenizer
@@ -158,16 +222,16 @@ def _negative_pool(sae_path: str, capture: str | None, model_name: str, settings
                          "give score=false to explain without scores")
     sae, _ = load_sae(Path(sae_path))
     pool = window_pool(sae.eval(), ActivationStore(Path(capture)))
-    return pool, load_tokenizer(model_name, data_dir=settings.data_dir)
+    return _Pool(pool, load_tokenizer(model_name, data_dir=settings.data_dir))
 
 
-def _negatives(pool, tokenizer, index: int) -> list:
+def _negatives(pool: _Pool, index: int, count: int) -> list:
+    """Up to ``count`` windows where latent ``index`` never fires (a fixed draw per latent)."""
     from training.autointerp.explain import Window
 
-    silent = pool.silent_windows(index)
-    chosen = random.Random(index).sample(silent, min(NEGATIVES, len(silent)))
-    return [Window([tokenizer.decode([t]) for t in pool.token_ids[w].tolist()],
-                   [0.0] * pool.token_ids.shape[1]) for w in chosen]
+    silent = pool.pool.silent_windows(index)
+    chosen = random.Random(index).sample(silent, min(count, len(silent)))
+    return [Window(pool.texts[w], [0.0] * len(pool.texts[w])) for w in chosen]
 
 
 def _embed(run: JobRun, sae_id: int) -> None:

@@ -25,21 +25,32 @@ from app.store.models import Job
 from worker import stages
 from worker.explain_stage import explain_stage
 from worker.runtime import JobCancelled, JobRun
+from worker.steer_eval_stage import steer_eval_stage
 
 log = logging.getLogger(__name__)
 app: Celery = make_celery()
 
-PIPELINE = (("capture", 0.0, 0.45), ("train", 0.45, 0.4), ("analyze", 0.85, 0.15))
-"""Stages of a pipeline with their share of the job's progress bar."""
-EXPLAINED_PIPELINE = (("capture", 0.0, 0.35), ("train", 0.35, 0.3), ("analyze", 0.65, 0.1),
-                      ("explain", 0.75, 0.25))
-"""The same when the pipeline also explains latents (``explain_count``)."""
+STAGE_WEIGHTS = {"capture": 40, "train": 30, "analyze": 15, "label": 5, "explain": 10,
+                 "steer_eval": 10}
+"""Each stage's share of a pipeline's progress bar (normalised over the stages it runs)."""
 
 
 def stages_of(kind: str, params: JobParams) -> tuple[tuple[str, float, float], ...]:
-    if kind == "pipeline":
-        return EXPLAINED_PIPELINE if params.explain_count else PIPELINE
-    return ((kind, 0.0, 1.0),)
+    """(stage, start, span) of a job's progress bar. A pipeline labels every live latent
+    offline (``label``), then adds LLM labels (``explain``) and steering figures
+    (``steer_eval``) when asked for."""
+    if kind != "pipeline":
+        return ((kind, 0.0, 1.0),)
+    names = ["capture", "train", "analyze", "label"]
+    names += ["explain"] if params.explain_count else []
+    names += ["steer_eval"] if params.steer_eval_count else []
+    total = sum(STAGE_WEIGHTS[name] for name in names)
+    out, start = [], 0.0
+    for name in names:
+        span = STAGE_WEIGHTS[name] / total
+        out.append((name, start, span))
+        start += span
+    return tuple(out)
 
 
 _SESSIONS_LOCK = threading.Lock()
@@ -116,10 +127,18 @@ def _run_stages(run: JobRun, kind: str, params: JobParams, settings: Settings,
             result["sae_id"] = stages.analyze_stage(
                 run, params, settings, result.get("sae") or params.sae,
                 result.get("acts") or params.acts)
-        elif name == "explain":
+        elif name == "label" and "label" not in result:
+            result["label"] = explain_stage(run, params, settings, result["sae_id"],
+                                            kind="maxact")
+        elif name == "explain" and "explain" not in result:
+            sae_id = result.get("sae_id") or params.sae_id
             result["explain"] = explain_stage(
+                run, params, settings, sae_id, kind=params.explainer,
+                count=params.explain_count if kind == "pipeline" else None)
+        elif name == "steer_eval" and "steer_eval" not in result:
+            result["steer_eval"] = steer_eval_stage(
                 run, params, settings, result.get("sae_id") or params.sae_id,
-                params.explain_count if kind == "pipeline" else None)
+                params.steer_eval_count if kind == "pipeline" else None)
         run.update(force=True, result=dict(result))
 
 

@@ -19,6 +19,7 @@ from app.store.db import make_engine, session_factory, upgrade
 from app.store.persist import save_analysis
 from app.store.queries import get_latent, latents_by_index, list_latents, list_saes
 from training.analysis.examples import ExampleSet
+from training.analysis.sinks import SinkReport
 
 WORDS = ["python", "keyword", "closing", "bracket", "number", "string", "function", "class",
          "import", "comment", "plural", "verb", "name", "date", "list", "loop"]
@@ -37,10 +38,13 @@ def synthetic_analysis(n: int, examples: int, seed: int = 0) -> tuple[Any, dict[
     result = SimpleNamespace(
         tokens=1_000_000, density=torch.rand(n, generator=g).double() * 0.01,
         mean_activation=torch.rand(n, generator=g), max_activation=torch.rand(n, generator=g),
-        histogram_edges=torch.logspace(-3, 3, 41),
-        histogram_counts=torch.randint(0, 100, (n, 40), generator=g),
+        histogram_scale=torch.full((n,), 4.0),
+        histogram_counts=torch.randint(0, 100, (n, 64), generator=g),
         top_logits=vals, top_logit_ids=ids, bottom_logits=-vals, bottom_logit_ids=ids,
-        neighbour_ids=ids, neighbour_cosines=vals, examples=per_latent)
+        neighbour_ids=ids, neighbour_cosines=vals, examples=per_latent,
+        sinks=SinkReport(sink=torch.zeros(n, dtype=torch.bool), scale_ratio=torch.ones(n),
+                         position_share=torch.zeros(n), token_share=torch.zeros(n),
+                         median_max=1.0))
     return result, {i: f"tok{i}" for i in range(5100)}
 
 

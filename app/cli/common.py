@@ -47,3 +47,25 @@ def open_sessions(db: str | None):
     from app.store.db import open_store
 
     return open_store(db or get_settings().database_url)
+
+
+def run_job_here(sessions, kind: str, params: dict):
+    """Create a job and run it in this process through the worker's own code path
+    (``--now``); returns its final row."""
+    from app import jobs
+    from worker.tasks import run_job
+
+    job = jobs.create(sessions, kind, params)
+    run_job(job.id, sessions)
+    with sessions() as session:
+        return jobs.get(session, job.id)
+
+
+def queue_or_run(sessions, kind: str, params: dict, now: bool):
+    """Run the job here (``now``) or queue it for a worker; returns its row."""
+    if now:
+        return run_job_here(sessions, kind, params)
+    from app import jobs
+    from app.queue import make_celery
+
+    return jobs.submit(sessions, make_celery(), kind, params)

@@ -23,13 +23,16 @@ from app.settings import Settings, get_settings
 DEMO_QUEUE = "demo"
 
 
-def demo_params(layer: int, tokens: int, latents: int, k: int, explain: int) -> dict:
-    """The demo's pipeline: lr 1e-3 suits its short run; everything analysed; the
-    ``explain`` most active latents explained and scored (Claude with an API key, else the
-    local model)."""
+def demo_params(layer: int, tokens: int, latents: int, k: int, explain: int,
+                steer_eval: int) -> dict:
+    """The demo's pipeline: lr 1e-3 suits its short run; everything analysed; every live
+    latent labelled offline (maxact) and scored; ``explain`` latents sampled across
+    densities labelled by an LLM (Claude with an API key, an OpenAI-compatible server when
+    configured, else the local model); ``steer_eval`` of the most active non-sink latents
+    steer-evaluated."""
     return {"layer": layer, "tokens": tokens, "latents": latents, "k": k, "lr": 1e-3,
             "analyze_tokens": tokens, "eval_tokens": 4096, "explain_count": explain,
-            "queue": DEMO_QUEUE}
+            "steer_eval_count": steer_eval, "queue": DEMO_QUEUE}
 
 
 @app.command()
@@ -38,8 +41,11 @@ def demo(
     tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")] = 131_072,
     latents: Annotated[int, typer.Option("--latents")] = 4096,
     k: Annotated[int, typer.Option("--k")] = 32,
-    explain: Annotated[int, typer.Option("--explain", help="latents to explain (the most "
-                                         "active)")] = 32,
+    explain: Annotated[int, typer.Option("--explain", help="latents to label with an LLM "
+                                         "besides every latent's offline label (sampled "
+                                         "across densities)")] = 8,
+    steer_eval: Annotated[int, typer.Option("--steer-eval", help="most active non-sink "
+                                            "latents to steer-evaluate")] = 4,
     model: Annotated[str | None, typer.Option("--model", help="[default: settings]")] = None,
     host: Annotated[str | None, typer.Option("--host")] = None,
     port: Annotated[int | None, typer.Option("--port")] = None,
@@ -53,7 +59,7 @@ def demo(
     from app.web.serve import serve_in_thread
 
     settings = get_settings()
-    params = demo_params(layer, tokens, latents, k, explain)
+    params = demo_params(layer, tokens, latents, k, explain, steer_eval)
     if model:
         params["model"] = model
     with cli_errors():
@@ -152,8 +158,31 @@ def _summary(sessions, job, url: str) -> None:
         sae = session.get(Sae, job.result["sae_id"])
         summary = {"job": job.id, "sae_id": sae.id, "model": sae.model.name,
                    "layer": sae.layer, "latents": sae.n_latents, **headline(sae),
-                   "sae": sae.path, "url": f"{url}saes/{sae.id}"}
+                   **label_summary(session, sae.id), "sae": sae.path,
+                   "url": f"{url}saes/{sae.id}"}
     typer.echo(json.dumps(summary))
+
+
+def label_summary(session, sae_id: int) -> dict:
+    """How many latents carry a label, the mean scores of the offline ones (with how many
+    were scored) and the mean steerability of the steer-evaluated ones."""
+    from sqlalchemy import func, select
+
+    from app.store.models import Explanation, Latent
+
+    labelled = session.scalar(select(func.count()).where(
+        Latent.sae_id == sae_id, Latent.explanation.is_not(None)))
+    offline = session.execute(select(
+        func.count(Explanation.detection_score), func.avg(Explanation.detection_score),
+        func.avg(Explanation.fuzzing_score), func.avg(Explanation.simulation_score))
+        .join(Latent).where(Latent.sae_id == sae_id, Explanation.source.like("maxact%"))).one()
+    steered = session.execute(select(func.count(Latent.steerability),
+                                     func.avg(Latent.steerability))
+                              .where(Latent.sae_id == sae_id)).one()
+    return {"labelled": labelled, "maxact_scored": offline[0],
+            "maxact_detection": offline[1], "maxact_fuzzing": offline[2],
+            "maxact_simulation": offline[3], "steer_evaluated": steered[0],
+            "mean_steerability": steered[1]}
 
 
 def _wait_forever() -> None:

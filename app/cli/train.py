@@ -57,8 +57,9 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", help="[default: 2e-4/sqrt(n/2^14)]")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
-    dead_tokens: Annotated[int, typer.Option("--dead-tokens", help="tokens without firing "
-                                             "before a latent counts as dead")] = 1_000_000,
+    dead_tokens: Annotated[int | None, typer.Option(
+        "--dead-tokens", help="tokens without firing before a latent counts as dead (and "
+        "AuxK trains it) [default: half the run, 2 batches to 10M]")] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
                                          "checkpoint")] = False,

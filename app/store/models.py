@@ -70,6 +70,8 @@ class Sae(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     analysed_tokens: Mapped[int | None]
+    dead_share: Mapped[float | None]
+    """Share of latents that never fired over the ``analysed_tokens``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     model: Mapped[Model] = relationship(back_populates="saes")
     latents: Mapped[list[Latent]] = relationship(back_populates="sae",
@@ -85,6 +87,7 @@ class Latent(Base):
         Index("ix_latents_sae_index", "sae_id", "index", unique=True),
         Index("ix_latents_sae_density", "sae_id", "density"),
         Index("ix_latents_sae_max", "sae_id", "max_activation"),
+        Index("ix_latents_sae_steerability", "sae_id", "steerability"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
@@ -95,7 +98,7 @@ class Latent(Base):
     """Mean over the tokens where it fires."""
     max_activation: Mapped[float] = mapped_column(Float)
     histogram: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    """{"edges": [...], "counts": [...]} over log-spaced activation bins."""
+    """{"edges": [...], "counts": [...]} over linear bins fitted to the latent's range."""
     top_logits: Mapped[list[Any]] = mapped_column(default=list)
     """[[token, effect], ...]: the largest positive effects of W_dec[f] on the logits."""
     bottom_logits: Mapped[list[Any]] = mapped_column(default=list)
@@ -103,6 +106,14 @@ class Latent(Base):
     """[[latent index, cosine], ...] of the nearest decoder directions."""
     explanation: Mapped[str | None] = mapped_column(Text)
     """The current best explanation (copied from ``explanations`` for listing/search)."""
+    sink: Mapped[bool] = mapped_column(Boolean, default=False)
+    """An attention-sink / massive-activation latent (``training.analysis.sinks``)."""
+    sink_reason: Mapped[str | None] = mapped_column(Text)
+    steerability: Mapped[float | None] = mapped_column(Float)
+    """Share of steer-eval prompts on which clamping it made the output carry it (None:
+    not measured)."""
+    steer_eval: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The steer-eval record: best strength, bound, prompts, per-strength figures."""
     sae: Mapped[Sae] = relationship(back_populates="latents")
     examples: Mapped[list[Example]] = relationship(back_populates="latent",
                                                    cascade="all, delete-orphan",
@@ -152,6 +163,15 @@ class Explanation(Base):
     fuzzing_score: Mapped[float | None]
     """Balanced accuracy of telling correctly marked activating tokens from randomly
     marked ones given only the explanation."""
+    simulation_score: Mapped[float | None]
+    """Correlation of the activations simulated from the explanation with the true ones
+    over the held-out windows' tokens."""
+    detection_n: Mapped[int | None]
+    """Held-out questions behind the detection score (activating + non-activating)."""
+    fuzzing_n: Mapped[int | None]
+    """Held-out questions behind the fuzzing score (correct + random marks)."""
+    simulation_n: Mapped[int | None]
+    """Held-out windows behind the simulation score."""
     settings_key: Mapped[str | None] = mapped_column(String(64))
     """Hash of the explainer settings (explainer, model, prompt version, example counts):
     a re-run with the same settings skips latents that already have one."""

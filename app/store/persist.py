@@ -1,8 +1,10 @@
 """Writing an SAE and its analysis into the store, in bulk and in one transaction.
 
-A re-run replaces the SAE's latents (and with them, by cascade, their examples and
-explanations) inside the same transaction that inserts the new ones, so readers see either
-the old analysis or the new one, and a crash half-way leaves the old one intact.
+A re-run updates the SAE's latent rows in place and replaces their examples inside one
+transaction, so readers see either the old analysis or the new one and a crash half-way
+leaves the old one intact. What belongs to a latent of the SAE rather than to one analysis
+(its explanations, their scores, its steerability) stays: only latents beyond a new, smaller
+width are deleted.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.models import Example, Latent, Model, Sae
+from training.analysis.histogram import histogram_of
+from training.analysis.sinks import sink_reason
 
 EXAMPLE_BATCH = 5000
 
@@ -32,9 +36,10 @@ def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: di
     examples and logit lists to its text."""
     with sessions.begin() as session:
         model = _model(session, model_name, d_model, n_layers)
-        sae = _sae(session, model, Path(sae_dir), sae_cfg, result.tokens)
-        session.execute(delete(Latent).where(Latent.sae_id == sae.id))
-        ids = _insert_latents(session, sae.id, result, token_text)
+        sae = _sae(session, model, Path(sae_dir), sae_cfg, result)
+        ids = _upsert_latents(session, sae.id, result, token_text)
+        session.execute(delete(Example).where(Example.latent_id.in_(
+            select(Latent.id).where(Latent.sae_id == sae.id))))
         _insert_examples(session, ids, result, token_text)
         return sae.id
 
@@ -48,7 +53,7 @@ def _model(session: Session, name: str, d_model: int, n_layers: int) -> Model:
     return model
 
 
-def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, tokens: int) -> Sae:
+def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, result: Any) -> Sae:
     path = str(sae_dir.resolve())
     sae = session.scalars(select(Sae).where(Sae.path == path)).one_or_none()
     if sae is None:
@@ -66,30 +71,49 @@ def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, tokens: int) 
     evaluated = _read_json(sae_dir / EVAL_FILE)  # spliced-in metrics, when evaluated
     if evaluated:
         sae.metrics["eval"] = evaluated
-    sae.analysed_tokens = tokens
+    sae.analysed_tokens = result.tokens
+    sae.dead_share = float((result.density == 0).double().mean())
     session.flush()
     return sae
 
 
-def _insert_latents(session: Session, sae_id: int, result: Any,
-                    token_text: dict[int, str]) -> list[int]:
+def _latent_rows(sae_id: int, result: Any, token_text: dict[int, str]) -> list[dict]:
+    """The analysed columns of every latent (not its explanation or steerability)."""
     def pairs(ids, values) -> list[list]:
         return [[token_text.get(int(i), ""), round(float(v), 5)] for i, v in zip(
             ids.tolist(), values.tolist(), strict=True)]
 
-    edges = [round(float(e), 6) for e in result.histogram_edges]
-    rows = [{
+    sinks = result.sinks
+    scales, counts = result.histogram_scale.tolist(), result.histogram_counts.tolist()
+    return [{
         "sae_id": sae_id, "index": f, "density": float(result.density[f]),
         "mean_activation": float(result.mean_activation[f]),
         "max_activation": float(result.max_activation[f]),
-        "histogram": {"edges": edges, "counts": result.histogram_counts[f].tolist()},
+        "histogram": histogram_of(scales[f], counts[f]),
         "top_logits": pairs(result.top_logit_ids[f], result.top_logits[f]),
         "bottom_logits": pairs(result.bottom_logit_ids[f], result.bottom_logits[f]),
         "neighbours": [[int(i), round(float(c), 4)] for i, c in zip(
             result.neighbour_ids[f].tolist(), result.neighbour_cosines[f].tolist(),
             strict=True)],
+        "sink": bool(sinks.sink[f]), "sink_reason": sink_reason(sinks, f),
     } for f in range(len(result.density))]
-    session.execute(insert(Latent.__table__), rows)  # Core executemany: no per-row ORM work
+
+
+def _upsert_latents(session: Session, sae_id: int, result: Any,
+                    token_text: dict[int, str]) -> list[int]:
+    """Update the SAE's existing latent rows, insert missing ones and delete those past
+    the analysed width; returns the row id of each latent index."""
+    rows = _latent_rows(sae_id, result, token_text)
+    existing = dict(session.execute(select(Latent.index, Latent.id).where(
+        Latent.sae_id == sae_id)).all())
+    session.execute(delete(Latent).where(Latent.sae_id == sae_id,
+                                         Latent.index >= len(rows)))
+    updates = [{"id": existing[r["index"]], **r} for r in rows if r["index"] in existing]
+    if updates:  # ORM bulk UPDATE by primary key: one executemany
+        session.execute(update(Latent), updates)
+    inserts = [r for r in rows if r["index"] not in existing]
+    if inserts:  # Core executemany: no per-row ORM work
+        session.execute(insert(Latent.__table__), inserts)
     found = session.execute(select(Latent.index, Latent.id).where(Latent.sae_id == sae_id))
     ids = {index: latent_id for index, latent_id in found.all()}
     return [ids[f] for f in range(len(rows))]

@@ -39,7 +39,8 @@ def search_explanations(session: Session, sae_id: int, query: str, limit: int = 
 
 SORTS = {"index": Latent.index, "density": Latent.density.desc(),
          "max_activation": Latent.max_activation.desc(),
-         "mean_activation": Latent.mean_activation.desc()}
+         "mean_activation": Latent.mean_activation.desc(),
+         "steerability": Latent.steerability.desc().nulls_last()}
 
 
 def list_saes(session: Session, model: str | None = None) -> list[Sae]:

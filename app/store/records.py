@@ -17,6 +17,7 @@ def sae_record(sae: Sae) -> dict[str, Any]:
     return {"id": sae.id, "name": sae.name, "model": sae.model.name, "layer": sae.layer,
             "d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k,
             "architecture": sae.architecture, "analysed_tokens": sae.analysed_tokens,
+            "dead_share": sae.dead_share,
             "path": sae.path, "metrics": sae.metrics, "created_at": _when(sae.created_at)}
 
 
@@ -25,7 +26,9 @@ def latent_record(latent: Latent) -> dict[str, Any]:
             "mean_activation": latent.mean_activation,
             "max_activation": latent.max_activation, "explanation": latent.explanation,
             "histogram": latent.histogram, "top_logits": latent.top_logits,
-            "bottom_logits": latent.bottom_logits, "neighbours": latent.neighbours}
+            "bottom_logits": latent.bottom_logits, "neighbours": latent.neighbours,
+            "sink": latent.sink, "sink_reason": latent.sink_reason,
+            "steerability": latent.steerability, "steer_eval": latent.steer_eval}
 
 
 def example_record(example: Example) -> dict[str, Any]:
@@ -37,7 +40,10 @@ def example_record(example: Example) -> dict[str, Any]:
 def explanation_record(explanation: Explanation) -> dict[str, Any]:
     return {"text": explanation.text, "source": explanation.source,
             "score": explanation.score, "detection_score": explanation.detection_score,
-            "fuzzing_score": explanation.fuzzing_score, "usage": explanation.usage,
+            "fuzzing_score": explanation.fuzzing_score,
+            "simulation_score": explanation.simulation_score,
+            "detection_n": explanation.detection_n, "fuzzing_n": explanation.fuzzing_n,
+            "simulation_n": explanation.simulation_n, "usage": explanation.usage,
             "created_at": _when(explanation.created_at)}
 
 

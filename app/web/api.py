@@ -30,6 +30,11 @@ class ProbeRequest(BaseModel):
     sae_id: int
     text: str = Field(min_length=1, max_length=20_000)
     feature: int | None = Field(None, ge=0, description="latent whose activations to return")
+    rank: Literal["relative", "raw"] = Field(
+        "relative", description="top latents by their max here relative to their own max "
+        "(relative) or by the raw max")
+    include_sinks: bool = Field(False, description="rank attention-sink latents with the "
+                                "others instead of last")
 
 
 class SteerFeature(BaseModel):
@@ -46,6 +51,8 @@ class SteerRequest(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(128, ge=1, le=512)
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    steer_special: bool = Field(False, description="also steer position 0 (BOS) and the "
+                                "chat template's special tokens (left alone by default)")
 
     @field_validator("prompt")
     @classmethod
@@ -109,14 +116,17 @@ async def probe(body: ProbeRequest, session: SessionDep, engine: EngineDep) -> d
         raise HTTPException(422, f"feature: SAE {row.id} has latents 0 to {row.n_latents - 1}")
     handle = views.handle(row)
     session.close()  # no database connection held while waiting for the engine
-    return probe_record(await engine.probe(handle, body.text), body.feature)
+    result = await engine.probe(handle, body.text)
+    ranked = views.ranked_probe(session, row.id, result, by=body.rank,
+                                sinks_last=not body.include_sinks)
+    return probe_record(result, body.feature, ranked)
 
 
-def probe_record(result, feature: int | None) -> dict:
+def probe_record(result, feature: int | None, ranked: list) -> dict:
     return {"tokens": result.tokens, "ids": result.ids,
             "activations": result.activations_of(feature) if feature is not None else None,
-            "top_features": [{"index": f, "max": m, "count": c}
-                             for f, m, c in result.top_features(20)],
+            "top_features": [{"index": r.index, "max": r.max, "relative": r.relative,
+                              "count": r.count, "sink": r.sink} for r in ranked],
             "token_features": [[{"index": f, "value": v} for f, v in
                                 result.token_features(t, 10)] for t in range(len(result.ids))]}
 
@@ -133,7 +143,7 @@ async def steer(body: SteerRequest, session: SessionDep, engine: EngineDep
     maxima = views.latent_maxima(session, row.id, [f.index for f in body.features])
     steers = [Steer(feature=f.index, mode=f.mode, value=f.value) for f in body.features]
     sampling = Sampling(temperature=body.temperature, max_tokens=body.max_tokens,
-                        seed=body.seed)
+                        seed=body.seed, steer_special=body.steer_special)
     engine.check_capacity()
     handle = views.handle(row)
     session.close()  # the stream may last a minute: hold no database connection

@@ -13,6 +13,7 @@ from app import jobs
 from app.store.queries import (
     SORTS,
     examples_of,
+    explanations_for,
     explanations_of,
     latents_by_index,
     list_latents,
@@ -90,8 +91,9 @@ def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
                       block="bucket")
     neighbours = explanations_of(session, sae_id, [int(i) for i, _ in latent.neighbours])
     return render(request, "feature.html", {
-        "sae": sae, "latent": latent, "best": views.best_explanation(session, latent),
-        "examples": views.example_groups(session, latent), "neighbours": neighbours})
+        "sae": sae, "latent": latent, "explanations": explanations_for(session, latent.id),
+        "steer": latent.steer_eval, "examples": views.example_groups(session, latent),
+        "neighbours": neighbours})
 
 
 @router.get("/saes/{sae_id}/probe")
@@ -104,7 +106,9 @@ def probe_page(request: Request, sae_id: int, session: SessionDep, render: Rende
 @router.post("/saes/{sae_id}/probe")
 async def probe_run(request: Request, sae_id: int, session: SessionDep, render: RenderDep,
                     engine: EngineDep, text: Annotated[str, Form(max_length=20_000)] = "",
-                    feature: Annotated[str, Form()] = "") -> Response:
+                    feature: Annotated[str, Form()] = "",
+                    rank: Annotated[Literal["relative", "raw"], Form()] = "relative",
+                    include_sinks: Annotated[bool, Form()] = False) -> Response:
     sae = views.sae_or_404(session, sae_id)
     chosen = _feature_field(feature, sae.n_latents)
     if not text.strip():
@@ -112,13 +116,14 @@ async def probe_run(request: Request, sae_id: int, session: SessionDep, render: 
     handle = views.handle(sae)
     session.close()  # no database connection held while waiting for the engine
     result = await engine.probe(handle, text)
-    top = result.top_features(20)
+    top = views.ranked_probe(session, sae_id, result, by=rank, sinks_last=not include_sinks)
     explained = {lat.index: lat for lat in latents_by_index(session, sae_id,
-                                                            [f for f, _, _ in top])}
+                                                            [r.index for r in top])}
     maximum = views.latent_maxima(session, sae_id, [chosen])[chosen] if chosen is not None \
         else None
     return render(request, "probe.html", {
         "sae": sae, "feature": chosen, "text": text, "result": result, "top": top,
+        "rank": rank, "include_sinks": include_sinks,
         "explained": explained, "maximum": maximum,
         "activations": result.activations_of(chosen) if chosen is not None else None},
         block="result" if request.headers.get("HX-Request") == "true" else None)
@@ -161,7 +166,10 @@ def _feature_field(raw: str, n_latents: int) -> int | None:
 @router.get("/steer")
 def steer_page(request: Request, session: SessionDep, render: RenderDep,
                sae: Annotated[int | None, Query(ge=1)] = None,
-               feature: Annotated[int | None, Query(ge=0)] = None) -> Response:
+               feature: Annotated[int | None, Query(ge=0)] = None,
+               value: Annotated[float | None, Query(ge=-1000, le=1000)] = None) -> Response:
+    """The steer page; ``feature`` starts the set with that latent, clamped at ``value``
+    (default: its best strength from steer-eval, else 2× its max)."""
     saes = list_saes(session)
     current = views.sae_or_404(session, sae) if sae is not None else (saes[0] if saes else None)
     preset = []
@@ -169,7 +177,10 @@ def steer_page(request: Request, session: SessionDep, render: RenderDep,
         preset = latents_by_index(session, current.id, [feature])
         if not preset:
             raise HTTPException(404, f"SAE {current.id} has no latent {feature}")
-    return render(request, "steer.html", {"saes": saes, "current": current, "preset": preset})
+    start = value if value is not None else (
+        ((preset[0].steer_eval or {}).get("best_strength") or 2.0) if preset else 2.0)
+    return render(request, "steer.html", {"saes": saes, "current": current, "preset": preset,
+                                          "start_value": start})
 
 
 @router.get("/steer/search")

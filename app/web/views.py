@@ -55,14 +55,17 @@ def handle(sae: Sae) -> SaeHandle:
 
 
 def headline(sae: Sae) -> dict[str, float | None]:
-    """Explained variance, L0, dead fraction and CE loss recovered: from the evaluation
-    with the SAE spliced into the model when there is one, else from training."""
+    """Explained variance, L0 and CE loss recovered from the evaluation with the SAE spliced
+    into the model when there is one, else from training; the dead share from the analysis
+    (latents that never fired over its ``analysed_tokens``), never from a few thousand
+    evaluation tokens."""
     metrics = sae.metrics or {}
     evaluated = metrics.get("eval") or {}
     fvu = evaluated.get("fvu", metrics.get("heldout_fvu", metrics.get("fvu")))
     return {"explained_variance": None if fvu is None else 1 - fvu,
             "l0": evaluated.get("l0", metrics.get("l0")),
-            "dead_fraction": evaluated.get("dead_fraction", metrics.get("dead_fraction")),
+            "dead_share": sae.dead_share, "analysed_tokens": sae.analysed_tokens,
+            "eval_tokens": evaluated.get("tokens"),
             "ce_loss_recovered": evaluated.get("ce_loss_recovered")}
 
 
@@ -136,3 +139,16 @@ def latent_maxima(session: Session, sae_id: int, indices: list[int]) -> dict[int
         raise HTTPException(422, f"features: SAE {sae_id} has no latent "
                                  f"{', '.join(map(str, missing))}")
     return {index: float(value) or 1.0 for index, value in rows.items()}
+
+
+def ranked_probe(session: Session, sae_id: int, result: Any, *, by: str = "relative",
+                 sinks_last: bool = True, limit: int = 20) -> list:
+    """The top latents of a probe result ranked against each latent's own max over the
+    analysed tokens (sinks last unless ``sinks_last`` is False); a short read of the
+    firing latents' max and sink flag."""
+    fired = result.fired_features()
+    rows = session.execute(select(Latent.index, Latent.max_activation, Latent.sink).where(
+        Latent.sae_id == sae_id, Latent.index.in_(fired))).all() if fired else []
+    maxima = {index: float(peak) for index, peak, _ in rows}
+    sinks = {index for index, _, sink in rows if sink}
+    return result.ranked_features(maxima, sinks, by=by, sinks_last=sinks_last, limit=limit)

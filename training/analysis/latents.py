@@ -5,7 +5,9 @@ latent, only fixed-size state — memory is O(n × examples), never O(tokens):
 
 * firing count, activation sum and max (``index_add_`` / ``scatter_reduce_`` over the
   sparse codes);
-* a histogram over log-spaced bins of the activation (fixed edges, so chunks just add);
+* a histogram of the activation over bins fitted to the latent's own range
+  (``histogram.FittedHistograms``: linear bins whose width doubles, merging exactly, as
+  the running max grows);
 * the top-N contexts by their peak activation (per-context max over positions, then a
   running top-k over contexts of [C, n] merged with the kept [N, n]);
 * a uniform sample of the contexts where the latent fired (each firing context gets a
@@ -17,7 +19,8 @@ When a context enters a latent's top or reservoir set, the latent's activations 
 entries leave the sets), so no second pass over the capture is needed: at the end the
 chosen windows are looked up and paired with the capture's token ids. Logit effects are
 W_dec[f] · W_U (the unembedding), decoder neighbours the cosine similarity of decoder rows;
-both are computed in chunks of latents.
+both are computed in chunks of latents. Quantile samples never repeat a top example, and
+attention-sink latents are flagged from the chosen examples (``sinks``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from tqdm import tqdm
 
 from training.analysis.effects import decoder_neighbours, logit_effects
 from training.analysis.examples import ExampleSet, WindowTable
+from training.analysis.histogram import FittedHistograms
+from training.analysis.sinks import SinkReport, detect_sinks
 from training.data.activations import ActivationStore
 from training.sae.autoencoder import SparseAutoencoder
 
@@ -45,9 +50,9 @@ class AnalysisConfig:
     per_bucket: int = 5
     window: int = 16
     """Tokens each side of the peak in an example."""
-    histogram_bins: int = 40
-    histogram_range: tuple[float, float] = (1e-3, 1e3)
-    """Log-spaced bin edges span this range (relative to raw activation units)."""
+    histogram_bins: int = 64
+    """Linear bins over [0, M_f), M_f the power of two at or above the latent's max (a
+    power of two itself)."""
     logit_tokens: int = 10
     neighbours: int = 10
     reservoir: int = 100
@@ -66,8 +71,10 @@ class AnalysisResult:
     density: Tensor
     mean_activation: Tensor
     max_activation: Tensor
-    histogram_edges: Tensor
+    histogram_scale: Tensor
+    """M_f [n]: bin j of latent f counts activations in [j·M_f/B, (j+1)·M_f/B)."""
     histogram_counts: Tensor
+    """[n, B]."""
     top_logits: Tensor
     top_logit_ids: Tensor
     bottom_logits: Tensor
@@ -75,6 +82,7 @@ class AnalysisResult:
     neighbour_ids: Tensor
     neighbour_cosines: Tensor
     examples: ExampleSet
+    sinks: SinkReport
     seconds: dict[str, float]
     """Wall time of each phase: pass, examples, logit_effects, neighbours."""
 
@@ -82,13 +90,12 @@ class AnalysisResult:
 class _State:
     """The running per-latent state of pass 1: fixed size, whatever the token count."""
 
-    def __init__(self, n: int, cfg: AnalysisConfig, edges: Tensor) -> None:
-        self.n, self.cfg, self.edges, self.tokens = n, cfg, edges, 0
-        self.log_edges = edges.log10()[1:-1]
+    def __init__(self, n: int, cfg: AnalysisConfig) -> None:
+        self.n, self.cfg, self.tokens = n, cfg, 0
         self.fired = torch.zeros(n, dtype=torch.long)
         self.total = torch.zeros(n, dtype=torch.float64)
         self.peak = torch.zeros(n)
-        self.hist = torch.zeros(n * cfg.histogram_bins, dtype=torch.long)
+        self.hist = FittedHistograms(n, cfg.histogram_bins)
         self.top_val = torch.zeros(cfg.top_examples, n)
         self.top_ctx = torch.full((cfg.top_examples, n), -1, dtype=torch.long)
         self.top_pos = torch.zeros(cfg.top_examples, n, dtype=torch.long)
@@ -139,8 +146,7 @@ def _update(state: _State, acts: Tensor, sae: SparseAutoencoder, first_context: 
     state.fired += torch.bincount(latents, minlength=n)
     state.total.index_add_(0, latents, values.double())
     state.peak.scatter_reduce_(0, latents, values, "amax")
-    bins = torch.bucketize(values.log10(), state.log_edges)
-    state.hist.index_add_(0, latents * cfg.histogram_bins + bins, torch.ones_like(bins))
+    state.hist.add(latents, values)
 
     # each context's peak per latent and where it is: [C, n]
     key = (rows // positions) * n + latents
@@ -192,10 +198,11 @@ def _keep_windows(state: _State, entered: Tensor, codes: tuple[Tensor, Tensor, T
 
 def _quantile_picks(state: _State) -> tuple[Tensor, Tensor, Tensor]:
     """From the reservoir [R, n], up to ``per_bucket`` contexts per activation decile of
-    each latent's max: bucket [R, n] (−1 = not picked), rank within the bucket [R, n]
+    each latent's max, never one of the latent's top contexts (the highest bucket would
+    repeat the top list): bucket [R, n] (−1 = not picked), rank within the bucket [R, n]
     and the picked mask [R, n]."""
     cfg = state.cfg
-    valid = state.res_key >= 0
+    valid = (state.res_key >= 0) & ~_in_top(state)
     rel = state.res_val / state.peak.clamp_min(1e-12)
     bucket = (rel * cfg.quantile_buckets).long().clamp(0, cfg.quantile_buckets - 1)
     bucket = bucket.masked_fill(~valid, -1)
@@ -205,6 +212,17 @@ def _quantile_picks(state: _State) -> tuple[Tensor, Tensor, Tensor]:
     rank = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
     picked = valid & (rank < cfg.per_bucket)
     return bucket.masked_fill(~picked, -1), rank, picked
+
+
+def _in_top(state: _State, chunk: int = 4096) -> Tensor:
+    """[R, n]: reservoir entry r of latent f is one of f's top contexts (chunks of latents
+    bound the [R, N, chunk] comparison)."""
+    out = torch.zeros(state.res_ctx.shape, dtype=torch.bool)
+    for lo in range(0, state.n, chunk):
+        cols = slice(lo, lo + chunk)
+        top = state.top_ctx[:, cols].masked_fill(state.top_val[:, cols] <= 0, -2)
+        out[:, cols] = (state.res_ctx[:, None, cols] == top[None]).any(1)
+    return out
 
 
 def checked_capture(sae: SparseAutoencoder, model_name: str, d_model: int, source: Path,
@@ -236,10 +254,7 @@ def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Ten
     cfg = cfg or AnalysisConfig()
     sae.eval()
     n = sae.cfg.n_latents
-    low, high = cfg.histogram_range
-    edges = torch.logspace(torch.tensor(low).log10(), torch.tensor(high).log10(),
-                           cfg.histogram_bins + 1)
-    state = _State(n, cfg, edges)
+    state = _State(n, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     per_context = store.manifest.rows_per_context
     limit = store.manifest.contexts if max_tokens is None else min(
@@ -264,9 +279,9 @@ def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Ten
     return AnalysisResult(seconds=clock.laps,
         tokens=state.tokens, density=state.fired.double() / state.tokens,
         mean_activation=(state.total / state.fired.clamp_min(1)).float(),
-        max_activation=state.peak, histogram_edges=edges,
-        histogram_counts=state.hist.reshape(n, cfg.histogram_bins), **logits, **neighbours,
-        examples=examples)
+        max_activation=state.peak, histogram_scale=state.hist.scale,
+        histogram_counts=state.hist.counts, **logits, **neighbours, examples=examples,
+        sinks=detect_sinks(state.peak, examples, cfg.window))
 
 
 class _Clock:

@@ -16,10 +16,9 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import anthropic
 
@@ -32,6 +31,7 @@ from training.autointerp.protocol import (
     UsageMeter,
     parse_yes_no,
 )
+from training.autointerp.retry import Retrier
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ BATCH_DISCOUNT = 0.5
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _CUSTOM_ID = "req-"
 
-T = TypeVar("T")
 
 
 class ClaudeExplainer:
@@ -61,9 +60,6 @@ class ClaudeExplainer:
         if max_retries < 0 or concurrency < 1 or batch_size < 1:
             raise ValueError("max_retries must be >= 0, concurrency and batch_size >= 1")
         self.model = model
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.concurrency = concurrency
         self.price_per_mtok = price_per_mtok
         self.poll_interval_s = poll_interval_s
@@ -72,6 +68,8 @@ class ClaudeExplainer:
         self.usage = UsageMeter()
         self.client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0,
                                           timeout=timeout_s)
+        self._retrying = Retrier(anthropic.AnthropicError, classify, max_retries, backoff_s,
+                                 max_backoff_s, service="Anthropic API")
 
     # -- one call ----------------------------------------------------------------------
     def complete(self, messages: Messages, max_tokens: int) -> Completion:
@@ -106,32 +104,6 @@ class ClaudeExplainer:
         cost = (tokens_in * price_in + tokens_out * price_out) / 1e6 * discount
         return Completion(text, tokens_in, tokens_out, cost)
 
-    # -- retries -------------------------------------------------------------------------
-    def _retrying(self, call: Callable[[], T], *, idempotent: bool = True) -> T:
-        """``call()``, retried on transient errors; raises ExplainerError when it gives up.
-        A call that is not ``idempotent`` (creating a batch) is retried only when the
-        request surely did not take effect, so a retry cannot create (and bill) it twice."""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return call()
-            except anthropic.AnthropicError as exc:
-                retryable, error = classify(exc)
-                if not idempotent:
-                    retryable = surely_not_applied(exc)
-                if not retryable:
-                    raise error from exc
-                if attempt == self.max_retries:
-                    raise ExplainerError(f"{error} (gave up after {attempt + 1} attempts)",
-                                         status=error.status) from exc
-                delay = self._delay(attempt, retry_after(exc))
-                log.info("Anthropic API: %s; retrying in %.1f s", error, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _delay(self, attempt: int, asked: float | None) -> float:
-        backoff = self.backoff_s * 2**attempt * (1 + 0.25 * random.random())
-        return min(self.max_backoff_s, max(backoff, asked or 0.0))
-
     # -- message batches -----------------------------------------------------------------
     def complete_batch(self, message_lists: Sequence[Messages],
                        max_tokens: int) -> list[Completion | ExplainerError]:
@@ -149,7 +121,7 @@ class ClaudeExplainer:
         for chunk in chunks:
             try:
                 batch = self._retrying(lambda c=chunk: self.client.messages.batches.create(
-                    requests=c), idempotent=False)
+                    requests=c), not_applied=surely_not_applied)
                 submitted.append((batch.id, chunk))
             except ExplainerError as exc:
                 out.update((_request_index(r["custom_id"]), exc) for r in chunk)
@@ -208,7 +180,7 @@ def _request_index(custom_id: str) -> int:
     return int(custom_id.removeprefix(_CUSTOM_ID))
 
 
-def classify(exc: anthropic.AnthropicError) -> tuple[bool, ExplainerError]:
+def classify(exc: Exception) -> tuple[bool, ExplainerError]:
     """(worth retrying?, the error to report) for an SDK exception."""
     if isinstance(exc, anthropic.APIConnectionError):
         return True, ExplainerError(f"cannot reach the Anthropic API: {exc}")
@@ -232,7 +204,7 @@ def classify(exc: anthropic.AnthropicError) -> tuple[bool, ExplainerError]:
     return retryable, ExplainerError(text, status=status)
 
 
-def surely_not_applied(exc: anthropic.AnthropicError) -> bool:
+def surely_not_applied(exc: Exception) -> bool:
     """Whether the API cannot have acted on the request: a 429, or no connection at all
     (a timeout or a 5xx may come after the work was done)."""
     if isinstance(exc, anthropic.APIStatusError):
@@ -247,15 +219,3 @@ def _error_fields(body: object) -> tuple[str, str]:
     if not isinstance(error, dict):
         return "unknown", str(body or "")
     return str(error.get("type", "unknown")), str(error.get("message", ""))
-
-
-def retry_after(exc: Exception) -> float | None:
-    """Seconds a ``retry-after-ms`` / ``retry-after`` header asks to wait, if any."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return float(headers[name]) * scale
-        except (KeyError, TypeError, ValueError):
-            continue
-    return None

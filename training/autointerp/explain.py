@@ -18,12 +18,14 @@ version, example counts), so a re-run with the same settings can skip finished l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from training.autointerp import maxact, simulation
 from training.autointerp.prompts import (
     PROMPT_VERSION,
     detection_prompt,
@@ -54,10 +56,11 @@ from training.autointerp.scoring import (
     score_answers,
 )
 
-__all__ = ["MARK_FRACTION", "PROMPT_VERSION", "ExplainResult", "ExplainSettings",
-           "LatentRecord", "Score", "Split", "Window", "detection_prompt", "detection_score",
-           "explain_latent", "explain_latents_batched", "explain_prompt", "fuzzing_prompt",
-           "fuzzing_score", "parse_label", "render_window", "settings_key", "split_examples"]
+__all__ = ["MARK_FRACTION", "MAXACT_SETTINGS", "PROMPT_VERSION", "ExplainResult",
+           "ExplainSettings", "LatentRecord", "Score", "Split", "Window", "detection_prompt",
+           "detection_score", "explain_latent", "explain_latents_batched", "explain_offline",
+           "explain_prompt", "fuzzing_prompt", "fuzzing_score", "parse_label",
+           "render_window", "settings_key", "split_examples"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class ExplainResult:
     label: str | None
     detection: float | None = None
     fuzzing: float | None = None
+    simulation: float | None = None
+    """Correlation of simulated and true activations (simulating explainers only)."""
+    detection_n: int | None = None
+    """Questions judged for the detection score; the same for fuzzing and (windows) for
+    simulation: every score travels with its sample size."""
+    fuzzing_n: int | None = None
+    simulation_n: int | None = None
     usage: dict[str, float | int] = field(default_factory=lambda: Usage().as_dict())
     """``{requests, input_tokens, output_tokens, cost_usd}`` spent on this latent."""
     errors: list[str] = field(default_factory=list)
@@ -179,6 +189,7 @@ def _add_scores(result: ExplainResult, detection: list[JudgeItem], fuzzing: list
             continue
         measured = score_answers(items, part)
         setattr(result, name, measured.value)
+        setattr(result, f"{name}_n", measured.judged)
         result.errors += [f"{name}: {e}" for e in measured.errors]
     result.fatal = result.fatal or any(
         isinstance(a, ExplainerError) and a.fatal for a in answers)
@@ -252,3 +263,40 @@ def _answer(reply: Completion | ExplainerError) -> Answer:
 
 def _usage(reply: Completion | ExplainerError) -> Usage:
     return Usage() if isinstance(reply, ExplainerError) else Usage.of(reply)
+
+
+MAXACT_SETTINGS = ExplainSettings(explain_top=10, explain_quantile=1, detection_n=50,
+                                  fuzzing_n=50)
+"""A simulator costs nothing per question, so maxact labels are scored on every held-out
+window (up to 50, and as many non-activating ones)."""
+
+
+def explain_offline(record: LatentRecord, negatives: Sequence[Window], *, seed: int = 0,
+                    score: bool = True, settings: ExplainSettings = MAXACT_SETTINGS
+                    ) -> ExplainResult:
+    """The ``maxact`` label of ``record`` from its shown windows, scored (``score``) by
+    simulation on the held-out ones: detection, fuzzing and the simulation correlation."""
+    result = ExplainResult(record.index, None)
+    split = _split(record, settings, seed)
+    if not split.shown:
+        result.errors.append("no examples to explain")
+        return result
+    result.label = maxact.explain_label(record, split.shown)
+    if not score:
+        return result
+    if not split.held_out:
+        result.errors.append("no held-out activating windows to score on")
+        return result
+    description = maxact.parse(result.label)
+    simulator = functools.partial(maxact.simulate, description)
+    rng = random.Random(seed)
+    positives = _sample(rng, split.held_out, settings.detection_n)
+    silent = _sample(rng, negatives, settings.detection_n)
+    measured = {"detection": simulation.detection(simulator, positives, silent),
+                "fuzzing": simulation.fuzzing(simulator, _sample(rng, split.held_out,
+                                                                 settings.fuzzing_n), seed),
+                "simulation": simulation.correlation(simulator, [*positives, *silent])}
+    for name, value in measured.items():
+        setattr(result, name, value.value)
+        setattr(result, f"{name}_n", value.n)
+    return result

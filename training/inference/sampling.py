@@ -8,6 +8,9 @@ Decisions:
   a steered row comparable: any difference comes from the steering, not from the dice.
 * An optional edit of block L's output is hooked around each forward call only (never
   across a ``yield``), so a suspended stream leaves the model unhooked for other callers.
+  It is told which positions it may change: not position 0 (BOS, the attention sink) and
+  not the tokenizer's special tokens (the chat template's markers), unless
+  ``Sampling.steer_special``.
 * Text is streamed by decoding all of a row's ids and emitting the new suffix; a suffix
   ending in U+FFFD (an incomplete UTF-8 sequence cut by a byte-level token) is held back
   until the next token completes it.
@@ -32,7 +35,8 @@ REPLACEMENT_CHAR = "\ufffd"
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Gemma).
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
-Edit = Callable[[Tensor], Tensor]
+Edit = Callable[[Tensor, Tensor | None], Tensor]
+"""(h [R, t, d], steerable [R, t] bool or None: every position) -> h'."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class Sampling:
     """Seed of every row's generator (rows with equal logits then sample equal tokens)."""
     top_p: float = 0.95
     """Nucleus sampling: keep the most likely tokens whose mass reaches top_p, in (0, 1]."""
+    steer_special: bool = False
+    """Let an edit change position 0 and special tokens too (they are left alone by
+    default: the SAE never saw them)."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or math.isinf(self.temperature):
@@ -130,31 +137,64 @@ def decode_rows(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sam
     return _decode(lm, prompt_ids, rows, sampling, layer, edit, stops)
 
 
-@torch.inference_mode()
+def decode_ids(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling, *,
+               layer: int | None = None, edit: Edit | None = None) -> list[list[int]]:
+    """The new token ids of each of ``rows`` replies (stop tokens excluded): what
+    ``decode_rows`` streams as text, for callers that read the replies back."""
+    _check_prompt(lm, prompt_ids, sampling)
+    if edit is not None:
+        if layer is None:
+            raise ValueError("an edit needs the layer whose output it edits")
+        lm.check_layer(layer)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for tokens, fresh in _steps(lm, prompt_ids, rows, sampling, layer, edit,
+                                stop_token_ids(lm)):
+        for row in fresh:
+            out[row].append(tokens[row])
+    return out
+
+
 def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
             layer: int | None, edit: Edit | None,
             stops: frozenset[int]) -> Iterator[tuple[int, str]]:
-    generators = [_generator(lm.device, sampling.seed) for _ in range(rows)]
     texts = [IncrementalText(lm.tokenizer) for _ in range(rows)]
     live = [True] * rows
-    inputs = torch.tensor([prompt_ids] * rows, device=lm.device)
-    call = _call_style(lm.model)
-    cache = None
-    for step in range(sampling.max_tokens):
-        logits, cache = _forward(lm, call, inputs, cache, layer, edit)
-        tokens = _next_tokens(logits, sampling, generators)
+    for step, (tokens, fresh) in enumerate(_steps(lm, prompt_ids, rows, sampling, layer, edit,
+                                                  stops)):
         last = step == sampling.max_tokens - 1
         for row, token in enumerate(tokens):
             if not live[row]:
                 continue
-            stopped = token in stops
+            stopped = row not in fresh
             piece = "" if stopped else texts[row].push(token)
             if stopped or last:
                 piece += texts[row].flush()
                 live[row] = False
             if piece:
                 yield row, piece
-        if not any(live):
+
+
+@torch.inference_mode()
+def _steps(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
+           layer: int | None, edit: Edit | None,
+           stops: frozenset[int]) -> Iterator[tuple[list[int], set[int]]]:
+    """Per decoding step: every row's sampled token and the rows for which it is a new
+    reply token (the row was live and the token is not a stop token). Ends when every row
+    has stopped or after ``sampling.max_tokens`` steps."""
+    generators = [_generator(lm.device, sampling.seed) for _ in range(rows)]
+    live = set(range(rows))
+    inputs = torch.tensor([prompt_ids] * rows, device=lm.device)
+    call = _call_style(lm.model)
+    special = torch.tensor(sorted(special_token_ids(lm)), dtype=torch.long, device=lm.device)
+    cache = None
+    for step in range(sampling.max_tokens):
+        steerable = None if sampling.steer_special else _steerable(inputs, special, step == 0)
+        logits, cache = _forward(lm, call, inputs, cache, layer, edit, steerable)
+        tokens = _next_tokens(logits, sampling, generators)
+        fresh = {row for row in live if tokens[row] not in stops}
+        yield tokens, fresh
+        live = fresh
+        if not live:
             return
         inputs = torch.tensor(tokens, device=lm.device).unsqueeze(1)
 
@@ -192,10 +232,25 @@ def _call_style(model: torch.nn.Module) -> _CallStyle:
                       "logits_to_keep" in params)
 
 
+def special_token_ids(lm: LoadedModel) -> frozenset[int]:
+    """The tokenizer's special tokens (BOS, EOS, the chat template's markers such as
+    ``<|im_start|>`` or Llama 3's ``<|start_header_id|>`` and ``<|eot_id|>``)."""
+    return frozenset(int(i) for i in getattr(lm.tokenizer, "all_special_ids", []) or [])
+
+
+def _steerable(inputs: Tensor, special: Tensor, prefill: bool) -> Tensor:
+    """[R, t]: positions an edit may change (not a special token, not position 0)."""
+    mask = ~torch.isin(inputs, special)
+    if prefill:
+        mask[:, 0] = False
+    return mask
+
+
 def _forward(lm: LoadedModel, call: _CallStyle, inputs: Tensor, cache, layer: int | None,
-             edit: Edit | None) -> tuple[Tensor, object]:
+             edit: Edit | None, steerable: Tensor | None = None) -> tuple[Tensor, object]:
     """One cached forward step: inputs [R, t] -> last-position logits [R, V] (fp32), cache."""
-    hooked = edit_block_output(lm.blocks, layer, edit) if edit is not None else nullcontext()
+    hooked = nullcontext() if edit is None else edit_block_output(
+        lm.blocks, layer, lambda h: edit(h, steerable))
     kwargs = {call.cache_name: cache, "use_cache": True}
     if call.keeps_logits:
         kwargs["logits_to_keep"] = 1

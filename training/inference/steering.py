@@ -10,6 +10,10 @@ A clamp adds a delta rather than replacing h by the reconstruction x̂, so the S
 term h − x̂ stays in the residual stream: with v·max_f = z_f the model runs unchanged.
 Several steers sum their deltas, all computed from the same (unedited) code of h.
 
+Position 0 (BOS, the attention sink) and the chat template's special tokens are left alone
+unless asked for (``Sampling.steer_special``): the SAE never saw them in training, and
+their huge activations are what the model's attention leans on.
+
 ``generate_pair`` decodes the baseline (row 0) and the steered reply (row 1) as one batch
 of two with one seed, so the replies differ only where the steering makes them differ and
 both cost the same wall-clock time.
@@ -18,7 +22,7 @@ both cost the same wall-clock time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor
 
 from training.data.models import LoadedModel
-from training.inference.sampling import Sampling, decode_rows
+from training.inference.sampling import Edit, Sampling, decode_rows
 from training.sae.autoencoder import SparseAutoencoder
 
 __all__ = ["STEERED_ROWS", "Sampling", "Steer", "chat_prompt_ids", "generate",
@@ -63,20 +67,24 @@ class _Plan:
 
 def steering_edit(sae: SparseAutoencoder, steers: Sequence[Steer],
                   max_activations: Mapping[int, float], rows: slice | None = None
-                  ) -> Callable[[Tensor], Tensor]:
-    """An edit h [B, T, d] -> h' for ``hooks.edit_block_output`` (maths in the module
-    docstring); ``rows`` limits it to a batch slice. The SAE should be in eval mode (as
-    ``load_sae`` returns it): a BatchTopK SAE in training mode moves its threshold."""
+                  ) -> Edit:
+    """An edit (h [B, T, d], steerable [B, T] or None) -> h' of block L's output (maths in
+    the module docstring): positions where ``steerable`` is False keep h; ``rows`` limits
+    the edit to a batch slice. The SAE should be in eval mode (as ``load_sae`` returns it):
+    a BatchTopK SAE in training mode moves its threshold."""
     plan = _plan(sae, steers, max_activations)
     d = sae.cfg.d_in
 
-    def edit(h: Tensor) -> Tensor:
+    def edit(h: Tensor, steerable: Tensor | None = None) -> Tensor:
         if h.shape[-1] != d:
             raise ValueError(f"the SAE reads width {d} but block output has {h.shape[-1]}")
         if plan is None:
             return h
         part = h if rows is None else h[rows]
         delta = _delta(sae, part.reshape(-1, d), plan).reshape(part.shape)
+        if steerable is not None:
+            mask = steerable if rows is None else steerable[rows]
+            delta = delta * mask[..., None].to(delta.dtype)
         edited = part + delta.to(device=h.device, dtype=h.dtype)
         if rows is None:
             return edited
@@ -152,7 +160,7 @@ def chat_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     return [lm.bos_id, *tokenizer.encode(prompt, add_special_tokens=False)]
 
 
-def generate_pair(lm: LoadedModel, layer: int, edit: Callable[[Tensor], Tensor] | None,
+def generate_pair(lm: LoadedModel, layer: int, edit: Edit | None,
                   prompt_ids: list[int], sampling: Sampling) -> Iterator[tuple[int, str]]:
     """Baseline (row 0) and steered (row 1) replies as one batch; yields (row, text piece).
 
@@ -162,7 +170,7 @@ def generate_pair(lm: LoadedModel, layer: int, edit: Callable[[Tensor], Tensor] 
     return decode_rows(lm, prompt_ids, 2, sampling, layer=layer, edit=edit)
 
 
-def generate(lm: LoadedModel, layer: int, edit: Callable[[Tensor], Tensor] | None,
+def generate(lm: LoadedModel, layer: int, edit: Edit | None,
              prompt_ids: list[int], sampling: Sampling, *,
              ignore_eos: bool = False) -> Iterator[str]:
     """One reply (a batch of one), streamed as text pieces; ``ignore_eos`` decodes exactly

@@ -120,6 +120,8 @@ class Trainer:
         self.total_steps = total_steps
         self.device = device or torch.device("cpu")
         torch.manual_seed(cfg.seed)
+        # the dead window of this run, fixed now (and saved with the SAE)
+        sae_cfg = sae_cfg.for_run(total_steps * cfg.batch, cfg.batch)
         self.sae = SparseAutoencoder(sae_cfg).to(self.device)
         self.base_lr = cfg.learning_rate(sae_cfg.n_latents)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr)

@@ -1,0 +1,96 @@
+"""The offline ``maxact`` explainer: labels from shown examples, read back by the simulator,
+scored on held-out windows (detection, fuzzing, simulation correlation)."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.autointerp import maxact, simulation
+from training.autointerp.explain import LatentRecord, Window, explain_offline
+from training.autointerp.maxact import Description, describe, parse, simulate
+
+FILLER = [" x", " =", " 1", " return", " y", " +", " print", "(", ")", ":", " if", " else"]
+
+
+def _window(tokens: list[str], fire_on: set[str], after: str | None = None,
+            scale: float = 1.0) -> Window:
+    acts = [scale if t in fire_on and (after is None or (i and tokens[i - 1] == after))
+            else 0.0 for i, t in enumerate(tokens)]
+    return Window(tokens, acts)
+
+
+def _line_start_record(count: int = 40) -> LatentRecord:
+    """A latent firing on "def" / "class" at the start of a line (after a newline and
+    indentation)."""
+    windows = []
+    for i in range(count):
+        keyword = "def" if i % 3 else "class"
+        tokens = [FILLER[i % 12], "\n", "    ", keyword, " foo", FILLER[(i + 5) % 12]]
+        windows.append(Window(tokens, [0, 0, 0, 3.0 - i * 0.05, 0.1, 0]))
+    return LatentRecord(index=7, max_activation=3.0, top=windows[:20],
+                        quantiles=[windows[20 + 5 * b:25 + 5 * b] for b in range(4)],
+                        top_logits=[" __init__", "(", " ", " self"])
+
+
+def test_a_line_start_latent_is_labelled_in_words_and_read_back() -> None:
+    record = _line_start_record()
+    description = describe(record, record.top[:10])
+    assert description.fires_on == ("def", "class") and description.line_start
+    assert description.promotes == (" __init__", "(", " self")
+    label = description.text()
+    assert label == '"def", "class" at line start → promotes " __init__", "(", " self"'
+    assert parse(label) == description
+    tokens = ["\n", "def", " def", "x", "def", "\n", "  ", "class"]
+    assert simulate(parse(label), tokens) == [0, 1, 0, 0, 0, 0, 0, 1]
+
+
+def test_labels_keep_whitespace_quotes_and_context_and_refuse_other_text() -> None:
+    description = Description(fires_on=("\n", ' "'), after=("(",))
+    assert parse(description.text()) == description
+    assert parse('any token after "import"') == Description((), ("import",))
+    assert simulate(parse('any token after "import"'), ["import", " os", " x"]) == [0.5, 1, 0]
+    assert simulate(Description(("Def",)), [" def", "Def", "x"]) == [0.5, 1, 0]
+    with pytest.raises(ValueError, match="not a maxact label"):
+        parse("Python keywords such as def")
+
+
+def test_context_wins_when_no_token_dominates() -> None:
+    """A latent firing on whatever follows "(" (a different token each time)."""
+    windows = [Window([" f", "(", f" a{i}", ")"], [0, 0, 2.0, 0]) for i in range(12)]
+    record = LatentRecord(index=1, max_activation=2.0, top=windows)
+    assert describe(record, windows) == Description((), ("(",))
+
+
+def test_offline_explanation_scores_a_clean_latent_high_on_held_out_windows() -> None:
+    record = _line_start_record()
+    negatives = [Window([FILLER[(i + j) % 12] for j in range(8)], [0.0] * 8)
+                 for i in range(30)]
+    result = explain_offline(record, negatives)
+    assert result.label.startswith('"def", "class" at line start')
+    held_out = 40 - 10 - 4  # 10 top + one per bucket shown: all others are held out
+    assert result.detection == 1.0 and result.detection_n == held_out + len(negatives)
+    assert result.fuzzing == 1.0 and result.fuzzing_n == 2 * held_out
+    assert result.simulation > 0.9 and result.simulation_n == held_out + len(negatives)
+    assert result.score == 1.0 and not result.errors
+
+
+def test_a_wrong_label_scores_at_chance_and_nothing_is_scored_without_held_out() -> None:
+    record = _line_start_record()
+    held_out = [w for w in record.top[10:]]
+    negatives = [Window([" x", " y"], [0.0, 0.0])] * 10
+    wrong = Description(("zzz",))
+    simulator = lambda tokens: simulate(wrong, tokens)  # noqa: E731
+    measured = simulation.detection(simulator, held_out, negatives)
+    assert measured.value == 0.5 and measured.n == len(held_out) + 10
+    assert simulation.correlation(simulator, held_out).value == 0.0
+    few = LatentRecord(index=2, max_activation=1.0, top=record.top[:3])
+    result = explain_offline(few, negatives)
+    assert result.label and result.detection is None
+    assert result.errors == ["no held-out activating windows to score on"]
+
+
+def test_simulator_needs_both_classes() -> None:
+    simulator = lambda tokens: [1.0] * len(tokens)  # noqa: E731
+    assert simulation.detection(simulator, [], [Window(["a"], [0.0])]).value is None
+    assert simulation.correlation(simulator, [Window(["a"], [0.0])]).value is None
+    assert maxact.VERSION in maxact.MaxActExplainer().model

@@ -16,12 +16,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.job_params import JobParams, submission_problems
 from app.settings import Settings
 from app.store.models import Job
 
@@ -56,64 +57,24 @@ class JobFinished(JobError):
     """The job has already ended: it cannot be cancelled."""
 
 
-class JobParams(BaseModel):
-    """What a job runs on; defaults finish in minutes on the embedded model."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str | None = Field(None, description="model [default: settings]")
-    layer: int | None = Field(None, ge=0, description="decoder block")
-    dataset: str = "embedded"
-    tokens: int = Field(65_536, ge=1, description="activations to capture")
-    context: int = Field(128, ge=2)
-    latents: int = Field(2048, ge=2, description="SAE latents n")
-    k: int = Field(32, ge=1)
-    arch: Literal["topk", "batchtopk"] = "topk"
-    nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
-    batch: int = Field(4096, ge=1)
-    lr: float | None = Field(None, gt=0)
-    train_tokens: int | None = Field(None, ge=1, description="[default: one pass]")
-    checkpoint_every: int = Field(50, ge=0)
-    analyze_tokens: int = Field(65_536, ge=1)
-    eval_tokens: int = Field(4096, ge=0, description="held-out tokens to evaluate the SAE "
-                             "spliced into the model on (0: skip)")
-    acts: str | None = Field(None, description="capture directory (train, analyze)")
-    sae: str | None = Field(None, description="SAE directory (analyze)")
-    sae_id: int | None = Field(None, ge=1, description="SAE in the store (explain)")
-    latent_range: str | None = Field(None, pattern=r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-"
-                                     r"\s*\d+)?)*\s*$", description="latents to explain, e.g. "
-                                     "'0-99' or '3,7,10-20' [default: all]")
-    explain_count: int = Field(0, ge=0, description="pipeline: besides the maxact label of "
-                               "every live latent, LLM labels for this many latents sampled "
-                               "across densities")
-    explainer: Literal["auto", "maxact", "claude", "openai", "local"] = Field(
-        "auto", description="auto: Claude with an API key, else an OpenAI-compatible server "
-        "when one is configured, else the local model; maxact: offline labels")
-    explainer_model: str | None = Field(None, description="the LLM explainer's model "
-                                        "[default: settings]")
-    score: bool = Field(True, description="score explanations (detection, fuzzing)")
-    steer_eval_count: int = Field(0, ge=0, description="pipeline: measure the steerability "
-                                  "of this many of the most active non-sink latents")
-    strengths: str = Field("2,4,8,16", pattern=r"^\s*-?\d+(\.\d+)?(\s*,\s*-?\d+(\.\d+)?)*\s*$",
-                           description="steer_eval: clamp strengths in units of each "
-                           "latent's max activation")
-    prompts: list[str] | None = Field(None, description="steer_eval: neutral prompts "
-                                      "[default: eight built-in ones]")
-    queue: str | None = None
-
-
 REQUIRED = {"capture": ("layer",), "train": ("acts",), "analyze": ("sae",),
             "explain": ("sae_id",), "steer_eval": ("sae_id",), "pipeline": ("layer",)}
 
 
-def validate(kind: str, params: dict[str, Any]) -> JobParams:
-    """Parse ``params`` for a ``kind`` job; errors name each bad field."""
+def validate(kind: str, params: dict[str, Any], settings: Settings | None = None, *,
+             web: bool = False) -> JobParams:
+    """Parse ``params`` for a ``kind`` job; errors name each bad field. With ``settings``,
+    also what can be known at submission (``job_params.submission_problems``): paths are
+    resolved, and for ``web`` requests confined to the allowed roots."""
     if kind not in KINDS:
-        raise JobError(f"unknown job kind {kind!r}: one of {', '.join(KINDS)}")
+        raise JobError(f"unknown job kind {kind!r}: one of {', '.join(KINDS)}",
+                       {"kind": f"unknown: one of {', '.join(KINDS)}"})
+    if not isinstance(params, dict):
+        raise JobError("params: give an object of job parameters", {"params": "not an object"})
     try:
         parsed = JobParams(**params)
     except ValidationError as exc:
-        raise JobError.of_fields({".".join(map(str, e["loc"])) or "params": e["msg"]
+        raise JobError.of_fields({".".join(map(str, e["loc"])) or "params": plain(e["msg"])
                                   for e in exc.errors()}) from None
     fields = {name: f"required for a {kind} job" for name in REQUIRED[kind]
               if getattr(parsed, name) is None}
@@ -124,9 +85,18 @@ def validate(kind: str, params: dict[str, Any]) -> JobParams:
                             " tokens) after the held-out tenth: capture more")
     if parsed.batch % parsed.nproc:
         fields["batch"] = f"{parsed.batch} is not divisible by nproc {parsed.nproc}"
+    if settings is not None:
+        fields.update(submission_problems(kind, parsed, settings, web=web))
     if fields:
         raise JobError.of_fields(fields)
     return parsed
+
+
+def plain(message: str) -> str:
+    """A validation message without pydantic's wording ("Value error, ...")."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
 
 
 def parse_latents(spec: str | None, n_latents: int) -> list[int]:
@@ -144,10 +114,11 @@ def parse_latents(spec: str | None, n_latents: int) -> list[int]:
     return sorted(chosen)
 
 
-def create(sessions: sessionmaker[Session], kind: str, params: dict[str, Any]) -> Job:
+def create(sessions: sessionmaker[Session], kind: str, params: dict[str, Any],
+           settings: Settings | None = None, *, web: bool = False) -> Job:
     """Validate and store a queued job without sending it (``submit`` sends it; ``saelab
-    explain --now`` runs it in process)."""
-    parsed = validate(kind, params)
+    explain --now`` runs it in process). ``settings``/``web``: see ``validate``."""
+    parsed = validate(kind, params, settings, web=web)
     with sessions.begin() as session:
         job = Job(kind=kind, params=parsed.model_dump(exclude_none=True), state="queued",
                   progress=0.0, message="queued")
@@ -155,12 +126,12 @@ def create(sessions: sessionmaker[Session], kind: str, params: dict[str, Any]) -
     return job
 
 
-def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any]
-           ) -> Job:
+def submit(sessions: sessionmaker[Session], celery, kind: str, params: dict[str, Any],
+           settings: Settings | None = None, *, web: bool = False) -> Job:
     """Validate, store and queue a job; returns its row."""
     from app.queue import send_job
 
-    job = create(sessions, kind, params)
+    job = create(sessions, kind, params, settings, web=web)
     parsed = JobParams(**job.params)
     try:
         send_job(celery, kind, job.id, parsed.queue)
@@ -201,16 +172,23 @@ def recent(session: Session, limit: int = 50, state: str | None = None) -> list[
 
 def cancel(sessions: sessionmaker[Session], job_id: int, settings: Settings) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop (its worker sees
-    the flag within a heartbeat, stops and removes the job's partial artifacts)."""
+    the flag within a heartbeat, stops and removes the job's partial artifacts). Each is one
+    conditional UPDATE, so a worker claiming the job at the same moment either finds it
+    cancelled or has claimed it first (and then gets the flag); files go after the commit."""
+    now = _now()
     with sessions.begin() as session:
+        queued = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == "queued")
+            .values(state="cancelled", message="cancelled", finished_at=now)).rowcount
+        running = 0 if queued else session.execute(
+            update(Job).where(Job.id == job_id, Job.state == "running")
+            .values(cancel_requested=True, message="cancelling")).rowcount
+    if queued:
+        remove_artifacts(settings, job_id)
+    with sessions() as session:
         job = get(session, job_id)
-        if job.state not in ACTIVE:
-            raise JobFinished(f"job {job_id} is already {job.state}")
-        if job.state == "queued":
-            job.state, job.message, job.finished_at = "cancelled", "cancelled", _now()
-            remove_artifacts(settings, job_id)
-        else:
-            job.cancel_requested, job.message = True, "cancelling"
+    if not (queued or running):
+        raise JobFinished(f"job {job_id} is already {job.state}")
     return job
 
 

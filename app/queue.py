@@ -10,6 +10,8 @@ progress and outputs live in its row of the store, so no result backend is confi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
 
 from app.settings import Settings, get_settings
@@ -26,6 +28,9 @@ EMBEDDED_POLL_S = 0.1
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    if settings.broker_url.startswith("sqla+sqlite:///"):  # a fresh data dir: make its home
+        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).expanduser().parent.mkdir(
+            parents=True, exist_ok=True)
     if settings.broker_url.startswith("sqla+"):
         # kombu hands every transport option of this transport to create_engine, so the
         # polling interval can only be set on the transport class itself

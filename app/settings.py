@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+CommaList = Annotated[list[str], NoDecode]
+"""A list read from the environment as comma-separated items."""
 
 
 class Settings(BaseSettings):
@@ -32,9 +38,23 @@ class Settings(BaseSettings):
     only one worker can claim the job."""
     max_attempts: int = 3
     """Runs of a job (the first and resumptions after lost workers) before it fails."""
-    admin_token: str = ""
+    admin_token: str = Field("", repr=False)
     """When set, submitting and cancelling jobs (web and API) needs it: an
     ``Authorization: Bearer <token>`` header, or the cookie set by the explorer's sign-in."""
+    signin_ttl_s: float = 12 * 3600.0
+    """How long a sign-in lasts; changing the token ends every sign-in at once."""
+    allowed_hosts: CommaList = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    """Host headers the explorer answers (others get 400: a page elsewhere cannot reach a
+    loopback server through DNS rebinding); ``*`` answers any."""
+    allowed_paths: CommaList = Field(default_factory=list)
+    """Roots besides the data dir that job parameters may name (datasets, models,
+    captures, SAEs)."""
+    hub_access: bool = False
+    """Let jobs submitted over the web name hub models and datasets (downloads)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body the explorer reads (413 beyond)."""
+    explain_max_usd: float | None = None
+    """Spend cap of one Claude/OpenAI explain job: it stops with a message when reached."""
     host: str = "127.0.0.1"
     """Where ``saelab serve`` listens."""
     port: int = 8000
@@ -60,6 +80,13 @@ class Settings(BaseSettings):
     """Its API key (local servers usually take any)."""
     openai_model: str = ""
     """The model the server is asked for unless a job names another."""
+
+    @field_validator("allowed_hosts", "allowed_paths", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     def model_post_init(self, __context) -> None:
         self.data_dir = self.data_dir.expanduser()

@@ -138,3 +138,22 @@ document.addEventListener("htmx:afterSettle", (event) => {
   drawPlots(event.detail.elt.parentElement || document);
   tokenPicker(event.detail.elt.parentElement || document);
 });
+
+// The job form shows only the fields the chosen kind reads.
+function showFieldsOfKind(form) {
+  const kind = form.querySelector("select[name=kind]").value;
+  form.querySelectorAll("[data-kinds]").forEach((field) => {
+    field.hidden = !field.dataset.kinds.split(" ").includes(kind);
+  });
+}
+document.addEventListener("change", (event) => {
+  if (event.target.matches("#job-form select[name=kind]")) showFieldsOfKind(event.target.form);
+});
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("job-form");
+  if (form) showFieldsOfKind(form);
+});
+document.addEventListener("htmx:afterSwap", () => {
+  const form = document.getElementById("job-form");
+  if (form) showFieldsOfKind(form);
+});

@@ -3,6 +3,7 @@ loaded once per session (slow end-to-end tests)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 TINY_VOCAB = 512
+# FastAPI's TestClient sends "Host: testserver"; the security tests set their own list
+os.environ.setdefault("SAELAB_ALLOWED_HOSTS", "127.0.0.1,localhost,::1,testserver")
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 

@@ -157,3 +157,20 @@ def test_progress_callback_counts_rows_without_a_bar(tiny_model, text_file, tmp_
     assert len(calls) >= 2 and calls[0][0] > 0
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     assert calls[-1] == (min(manifest.rows, calls[-1][1]), calls[-1][1])
+
+
+@pytest.mark.parametrize("stop, kept", [("interrupted", True), ("error", False)])
+def test_an_interrupted_capture_leaves_its_partial_files(tiny_model, text_file, tmp_path,
+                                                         stop, kept):
+    """A progress callback raising ``Interrupted`` (a job another worker owns now) stops
+    the capture without deleting the partial directory; any other error removes it."""
+    from training.data.stop import Interrupted
+
+    def callback(done: int, total: int) -> None:
+        if done > 100:
+            raise Interrupted() if stop == "interrupted" else RuntimeError("boom")
+
+    with pytest.raises(Interrupted if stop == "interrupted" else RuntimeError):
+        capture(tiny_model, _cfg(text_file), tmp_path / "acts", progress=False,
+                on_tokens=callback)
+    assert (tmp_path / ".acts.partial").exists() == kept

@@ -56,3 +56,10 @@ def test_docker_compose_config() -> None:
     proc = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_published_explorer_requires_an_admin_token() -> None:
+    """Compose refuses to start the web service without SAELAB_ADMIN_TOKEN (``${VAR:?}``)."""
+    env = _services()["web"]["environment"]
+    assert env["SAELAB_ADMIN_TOKEN"].startswith("${SAELAB_ADMIN_TOKEN:?")
+    assert "SAELAB_ALLOWED_HOSTS" in env

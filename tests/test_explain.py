@@ -175,7 +175,8 @@ def llama_server(tmp_path_factory):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
+                    raise RuntimeError(f"llama_cpp.server exited: "
+                                       f"{log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -209,3 +210,45 @@ def test_a_wrong_key_for_the_openai_server_is_fatal(store_copy, llama_server) ->
     result, job = _explain(env, sae_id, "--latents", "10-13", "--explainer", "openai")
     assert result.exit_code == 1 and job["state"] == "failed"
     assert "authentication failed (401)" in job["message"]
+
+
+def test_steer_eval_records_steerability_on_the_latents(store_copy, tmp_path) -> None:
+    env, sessions, sae_id = store_copy
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Describe a quiet morning.\n\nWrite two lines about rain.\n")
+    result = runner.invoke(app, ["steer-eval", str(sae_id), "--latents", "10,11",
+                                 "--strengths", "1,6", "--prompts", str(prompts), "--now",
+                                 "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["index"] for r in records] == [10, 11]
+    for record in records:
+        assert record["prompts"] == 2 and 0 <= record["steerability"] <= 1
+        assert [s["strength"] for s in record["strengths"]] == [1.0, 6.0]
+        assert record["best_strength"] in (None, 1.0, 6.0)
+        assert all(s["loss_baseline"] is not None for s in record["strengths"])
+    with sessions() as session:
+        stored = {lat.index: lat for lat in session.scalars(select(Latent).where(
+            Latent.sae_id == sae_id, Latent.index.in_([10, 11])))}
+    assert stored[10].steerability == records[0]["steerability"]
+    assert stored[11].steer_eval["strengths"][1]["strength"] == 6.0
+    listed = runner.invoke(app, ["features", str(sae_id), "--sort", "steerability",
+                                 "--limit", "2", "--json"], env=env)
+    assert {r["index"] for r in json.loads(listed.stdout)} == {10, 11}
+    bad = runner.invoke(app, ["steer-eval", str(sae_id), "--strengths", "a,b", "--now"],
+                        env=env)
+    assert bad.exit_code == 2 and "strengths" in bad.output
+
+
+def test_a_spend_cap_stops_the_job_and_keeps_what_it_paid_for(store_copy) -> None:
+    env, sessions, sae_id = store_copy
+    with FakeAnthropic(_answer) as api:
+        env = {**env, "ANTHROPIC_API_KEY": "sk-test", "SAELAB_ANTHROPIC_BASE_URL": api.url,
+               "SAELAB_CLAUDE_MODEL": "claude-capped", "SAELAB_EXPLAIN_MAX_USD": "0.00001"}
+        result, job = _explain(env, sae_id, "--latents", "10-13")
+    assert result.exit_code == 1 and job["state"] == "failed"
+    assert "spend cap" in job["message"] and "after 1 latents" in job["message"]
+    with sessions() as session:
+        kept = session.scalars(select(Explanation).where(
+            Explanation.source == "claude-capped")).all()
+    assert len(kept) == 1 and kept[0].usage["cost_usd"] > 0

@@ -307,3 +307,21 @@ def test_a_worker_that_lost_its_job_stops_writing(tmp_path) -> None:
         row = session.get(Job, job.id)
         assert (row.state, row.message) == ("queued", "resuming")
     sessions.kw["bind"].dispose()
+
+
+def test_cancel_during_explain_keeps_the_stored_sae(stack, tiny_llama_dir) -> None:
+    """The store points at the SAE once it is analysed: cancelling a later stage keeps it
+    (and its capture) instead of deleting what the explorer shows."""
+    if stack.kind != "embedded":
+        pytest.skip("one broker is enough: this is about the files a cancel removes")
+    stack.start_worker()
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{
+        "--explain-count": 40, "--explainer": "local"}))
+    stack.wait(job_id, lambda j: j.stage == "explain" and j.state == "running")
+    assert stack.cli("jobs", "cancel", job_id).exit_code == 0
+    job = stack.wait(job_id, _ended)
+    assert job.state == "cancelled" and "kept the finished stages" in job.message
+    assert (Path(job.result["sae"]) / "cfg.json").is_file() and Path(job.result["acts"]).is_dir()
+    with stack.sessions() as session:
+        sae = session.get(Sae, job.result["sae_id"])
+        assert sae is not None and Path(sae.path) == Path(job.result["sae"]).resolve()

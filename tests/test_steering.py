@@ -318,3 +318,50 @@ def test_a_masked_position_keeps_its_hidden_state(sae, hidden) -> None:
     edited = edit(hidden, mask)
     assert torch.equal(edited[:, 0], hidden[:, 0])
     torch.testing.assert_close(edited[:, 1:], edit(hidden)[:, 1:])
+
+
+# -- steer-eval ---------------------------------------------------------------------------
+def test_per_row_clamp_sets_each_rows_latent_and_leaves_the_baseline(sae, hidden) -> None:
+    from training.inference.steer_eval import per_row_clamp
+    from training.inference.steering import latent_values
+
+    f, g = 5, 9
+    three = torch.cat([hidden[:1]] * 3)  # row 0 baseline, row 1 clamps f, row 2 clamps g
+    edit = per_row_clamp(sae, torch.tensor([-1, f, g]), torch.tensor([0.0, 3.0, 1.5]))
+    edited = edit(three)
+    assert torch.equal(edited[0], three[0])
+    for row, (feature, target) in enumerate([(f, 3.0), (g, 1.5)], start=1):
+        z = latent_values(sae, edited[row].reshape(-1, D), torch.tensor([feature]))
+        expected = steering_edit(sae, [Steer(feature, "clamp", target)], {feature: 1.0})
+        torch.testing.assert_close(edited[row], expected(three[row:row + 1])[0])
+        assert z.shape == (three.shape[1], 1)
+
+
+def test_steer_eval_reads_every_reply_back_per_strength(tiny_model, sae) -> None:
+    from training.inference.steer_eval import SteerEvalConfig, steer_eval
+
+    cfg = SteerEvalConfig(prompts=("the cat", "a dog ran"), strengths=(0.5, 20.0),
+                          max_tokens=6, temperature=0.0)
+    last = tiny_model.n_layers - 1
+    records = steer_eval(tiny_model, sae, last, [3, 7], {3: 2.0, 7: 1.0}, cfg)
+    assert [r.index for r in records] == [3, 7]
+    for record in records:
+        assert record.prompts == 2 and [s.strength for s in record.strengths] == [0.5, 20.0]
+        weak, strong = record.strengths
+        assert weak.loss_baseline == strong.loss_baseline  # one shared baseline reply
+        assert strong.loss_steered != strong.loss_baseline  # clamping at 20× changed it
+        assert record.steerability == max(s.steered_share for s in record.strengths)
+
+
+def test_steerability_counts_prompts_whose_concept_rose_within_the_fluency_bound() -> None:
+    from training.inference.steer_eval import SteerEvalConfig, _record, _Reply
+
+    cfg = SteerEvalConfig(strengths=(1.0, 4.0), rise=0.1, fluency_bound=1.0)
+    base = _Reply(concept=0.02, loss=2.0)
+    figures = {(5, 1.0): [(base, _Reply(0.05, 2.1)), (base, _Reply(0.5, 2.2))],
+               (5, 4.0): [(base, _Reply(0.6, 2.5)), (base, _Reply(0.9, 3.5)),
+                          (base, _Reply(0.9, None))]}
+    record = _record(5, figures, SteerEvalConfig(strengths=(1.0, 4.0), prompts=("a", "b")))
+    assert [s.steered_share for s in record.strengths] == [0.5, 1 / 3]
+    assert record.steerability == 0.5 and record.best_strength == 1.0
+    assert cfg.rise == 0.1 and record.strengths[1].loss_steered == 3.0

@@ -140,3 +140,17 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])
     assert result.exit_code == 2 and result.output.count("error:") == 1
+
+
+def test_concurrent_upgrades_of_a_fresh_database_are_safe(db_url) -> None:
+    """Six processes migrating one empty database at once (workers, the web and the CLI
+    starting together) all succeed and leave it at the newest revision."""
+    env = {**os.environ, "SAELAB_DATABASE_URL": db_url}
+    procs = [subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()",
+                               "db", "upgrade"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), [err[-500:] for _, err in outcomes]
+    engine = make_engine(db_url)
+    assert current_revision(engine) == "0005"
+    engine.dispose()

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.store import persist
 from app.store.db import make_engine, session_factory
+from app.store.explanations import NewExplanation, save_explanations
 from app.store.models import Example, Latent
 
 pytestmark = pytest.mark.slow
@@ -64,8 +65,21 @@ def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url, tm
     assert _counts(db_url) == (latents, examples)
     monkeypatch.undo()
 
+    # Explanations and steerability belong to the SAE's latents: a re-analysis keeps them.
+    engine = make_engine(db_url)
+    with session_factory(engine).begin() as session:
+        kept = session.scalars(select(Latent).where(Latent.index == rows[0]["index"])).one()
+        kept.steerability = 0.5
+    save_explanations(session_factory(engine), [NewExplanation(
+        kept.id, "a paid label", "claude-test", "key", detection=0.9, fuzzing=0.8,
+        detection_n=20, fuzzing_n=20, usage={"cost_usd": 0.01})])
+    engine.dispose()
     again = _run(data_dir, "analyze", "--sae", sae, "--tokens", 2048, "--db", db_url)
     assert again.exit_code == 0, again.output
+    shown = json.loads(_run(data_dir, "feature", summary["sae_id"], rows[0]["index"],
+                            "--json", "--db", db_url).stdout)
+    assert shown["explanation"] == "a paid label" and shown["steerability"] == 0.5
+    assert shown["explanations"][0]["detection_n"] == 20
     assert json.loads(again.stdout.strip().splitlines()[-1])["sae_id"] == summary["sae_id"]
     assert _counts(db_url)[0] == 1024  # replaced, not appended
     saes = json.loads(_run(data_dir, "saes", "--json", "--db", db_url).stdout)

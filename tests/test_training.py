@@ -333,3 +333,49 @@ def test_default_loss_curve_has_every_step_of_a_short_run(acts_dir, tmp_path) ->
     assert [int(line.split(",")[0]) for line in curve] == list(range(1, 13))
     with pytest.raises(ValueError, match="log_every"):
         _train_cfg(log_every=0)
+
+
+def test_replacing_an_sae_folder_never_leaves_neither(tmp_path) -> None:
+    from training.sae.folder import replace_dir
+
+    old, new = tmp_path / "sae", tmp_path / "new"
+    old.mkdir()
+    (old / "cfg.json").write_text("old")
+    new.mkdir()
+    (new / "cfg.json").write_text("new")
+    replace_dir(new, old)
+    assert (old / "cfg.json").read_text() == "new" and not new.exists()
+    # a crash between renaming the old folder aside and the new one in: the next call
+    # puts the old one back first, then replaces it
+    (tmp_path / ".sae.old").mkdir()
+    (tmp_path / ".sae.old" / "cfg.json").write_text("older")
+    import shutil
+
+    shutil.rmtree(old)
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "cfg.json").write_text("newer")
+    replace_dir(newer, old)
+    assert (old / "cfg.json").read_text() == "newer"
+    assert not (tmp_path / ".sae.old").exists() and not newer.exists()
+
+
+def test_an_interrupted_run_leaves_its_partial_files(acts_dir, tmp_path) -> None:
+    """Before its first checkpoint a failed run removes its partial directory, but an
+    ``Interrupted`` one (its job is another worker's now) leaves it to the new owner."""
+    from training.data.stop import Interrupted
+
+    def stop_at(kind):
+        def callback(stats) -> None:
+            if stats.step == 3:
+                raise kind()
+        return callback
+
+    with pytest.raises(Interrupted):
+        train(acts_dir, tmp_path / "a", _sae_cfg(), _train_cfg(), progress=False,
+              on_step=stop_at(Interrupted))
+    assert (tmp_path / ".a.partial").exists()
+    with pytest.raises(RuntimeError):
+        train(acts_dir, tmp_path / "b", _sae_cfg(), _train_cfg(), progress=False,
+              on_step=stop_at(RuntimeError))
+    assert not (tmp_path / ".b.partial").exists()

@@ -144,7 +144,8 @@ def test_probe_page_and_api_agree_with_the_engine(client, explorer_data, embedde
     direct = probe_text(embedded_model, sae, int(cfg["hook_layer"]), text)
     feature = direct.top_features(1)[0][0]
     api = client.post("/api/v1/probe", json={"sae_id": sae_id, "text": text,
-                                             "feature": feature}).json()
+                                             "feature": feature, "rank": "raw",
+                                             "include_sinks": True}).json()
     assert api["tokens"] == direct.tokens
     assert api["activations"] == pytest.approx(direct.activations_of(feature), abs=1e-4)
     assert api["top_features"][0]["index"] == feature

@@ -105,7 +105,7 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
                                    f"({len(indices) - len(todo)} already done)")
     pool = _negative_pool(sae_path, capture, model_name, settings) if (
         params.score and todo) else None
-    work = _Work(run, explainer, key, sae_id, pool, params.score)
+    work = _Work(run, explainer, key, sae_id, pool, params.score, settings.explain_max_usd)
     summary = work.offline(todo) if kind == "maxact" else work.llm(todo)
     if todo and not summary["explained"]:
         first = next(iter(summary["failed"].values()))
@@ -119,9 +119,10 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
 class _Work:
     """One explain stage's latents, explained chunk by chunk and stored as they come."""
 
-    def __init__(self, run: JobRun, explainer, key: str, sae_id: int, pool, score: bool):
+    def __init__(self, run: JobRun, explainer, key: str, sae_id: int, pool, score: bool,
+                 max_usd: float | None = None):
         self.run, self.explainer, self.key, self.sae_id = run, explainer, key, sae_id
-        self.pool, self.score = pool, score
+        self.pool, self.score, self.max_usd = pool, score, max_usd
         self.totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
         self.failed: dict[str, str] = {}
         self.started, self.done = time.monotonic(), 0
@@ -155,7 +156,17 @@ class _Work:
             if fatal is not None:
                 raise ValueError(f"explainer {self.explainer.name} ({self.explainer.model}) "
                                  f"cannot go on: {'; '.join(fatal.errors)}")
+            self._check_spend()
         return self._summary(len(todo))
+
+    def _check_spend(self) -> None:
+        """Stop once the job's spend reaches ``SAELAB_EXPLAIN_MAX_USD`` (what is explained
+        so far is kept; a re-run continues after it)."""
+        spent = self.totals["cost_usd"]
+        if self.max_usd is not None and spent >= self.max_usd:
+            raise ValueError(f"the explain job reached its spend cap: {spent:.4f} USD of "
+                             f"SAELAB_EXPLAIN_MAX_USD={self.max_usd:g} after {self.done} "
+                             "latents (their labels are kept; run it again to go on)")
 
     def _load(self, indices: list[int], negatives: int) -> list[tuple]:
         """(record, negatives, stored data) of each latent, read in one query."""

@@ -16,11 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.models import Job
+from training.data.stop import Interrupted
 
 WRITE_EVERY_S = 1.0
+WRITE_ATTEMPTS = 6
+"""Tries of a progress write (backoff 0.25 s doubling: about 16 s in all)."""
 SERIES_POINTS = 500
 """Loss-curve points kept per job (steps are thinned to about this many)."""
 LOG_LINES = 200
@@ -28,6 +32,11 @@ LOG_LINES = 200
 
 class JobCancelled(Exception):
     """Raised inside a stage when the job's cancel flag is set."""
+
+
+class JobLost(JobCancelled, Interrupted):
+    """Raised inside a stage when another worker owns the job now: the engine leaves its
+    partial files alone (they are the new owner's), and so does this worker."""
 
 
 class _LogTail(logging.Handler):
@@ -88,6 +97,9 @@ class JobRun:
                                           .where(Job.id == self.job_id))
                 if flag:
                     self.cancelled.set()
+            except OperationalError as exc:  # busy or away: the next beat tries again
+                logging.getLogger(__name__).warning("heartbeat of job %d: %s", self.job_id,
+                                                    str(exc.orig or exc).splitlines()[0])
             except Exception:  # a flaky database must not kill the job; the next beat retries
                 logging.getLogger(__name__).exception("heartbeat of job %d", self.job_id)
 
@@ -101,6 +113,8 @@ class JobRun:
     def progress(self, done: float, total: float, **stats: float) -> None:
         """Report ``done`` of ``total`` units in the current stage (tokens), with live
         figures; raises ``JobCancelled`` if the job is to stop."""
+        if self.lost.is_set():
+            raise JobLost
         if self.cancelled.is_set():
             raise JobCancelled
         fraction = min(max(done / total, 0.0), 1.0) if total else 0.0
@@ -129,8 +143,28 @@ class JobRun:
                 return
             pending, self._pending, self._last_write = self._pending, {}, now
         pending["log"] = "\n".join(self._log.lines)
-        with self.sessions.begin() as session:
-            self._write(session, **pending)
+        try:
+            self._retrying(pending)
+        except OperationalError:
+            if force:
+                raise
+            with self._lock:  # a database that stays away: the next update sends these
+                self._pending = {**pending, **self._pending}
+
+    def _retrying(self, values: dict[str, Any]) -> None:
+        """Write ``values``, retrying a transient database error (a locked SQLite file, a
+        dropped connection) with backoff before giving up."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self.sessions.begin() as session:
+                    self._write(session, **values)
+                return
+            except OperationalError:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                logging.getLogger(__name__).warning(
+                    "job %d: database busy, retrying its progress write", self.job_id)
+                time.sleep(0.25 * 2**attempt)
 
     def _write(self, session: Session, **values: Any) -> None:
         """Update the row if it is still this worker's running job; else mark it lost."""

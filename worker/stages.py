@@ -15,7 +15,7 @@ from pathlib import Path
 
 from app.jobs import JobParams
 from app.settings import Settings
-from worker.runtime import SERIES_POINTS, JobCancelled, JobRun
+from worker.runtime import SERIES_POINTS, JobRun
 
 
 def load_model(params: JobParams, settings: Settings):
@@ -94,9 +94,8 @@ def _total_steps(spec: dict) -> int:
 
 def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
                        on_step) -> None:
-    """torchrun with ``nproc`` processes; follows rank 0's step file, stops it on cancel."""
-    from training.train.trainer import StepStats
-
+    """torchrun with ``nproc`` processes; follows rank 0's step file (reading only what is
+    new), and stops torchrun on every way out: cancel, a lost job, any error."""
     spec_path, result_path = directory / "train-spec.json", directory / "train-result.json"
     steps_path = directory / "train-steps.jsonl"
     steps_path.unlink(missing_ok=True)
@@ -109,24 +108,50 @@ def _train_distributed(run: JobRun, spec: dict, nproc: int, directory: Path,
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
                                 preexec_fn=_die_with_parent)
-        seen = 0
         try:
-            while proc.poll() is None or seen < _line_count(steps_path):
-                lines = steps_path.read_text().splitlines() if steps_path.exists() else []
-                for line in lines[seen:]:
-                    on_step(StepStats(**json.loads(line)))
-                seen = len(lines)
-                time.sleep(0.2)
-        except JobCancelled:
-            proc.terminate()
-            proc.wait(timeout=60)
-            raise
+            _follow_steps(proc, steps_path, on_step)
+        finally:
+            _stop(proc)
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     if "error" in result:
         raise ValueError(result["error"])
     if proc.returncode != 0 or not result:
         tail = stderr_path.read_text()[-2000:].strip()
         raise RuntimeError(f"distributed training (nproc {nproc}) failed: {tail}")
+
+
+def _follow_steps(proc: subprocess.Popen, steps_path: Path, on_step) -> None:
+    """Report each line rank 0 appends to the step file until torchrun ends (a partial
+    last line waits for its newline)."""
+    from training.train.trainer import StepStats
+
+    offset, pending = 0, ""
+    while True:
+        running = proc.poll() is None
+        if steps_path.exists():
+            with steps_path.open() as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            *lines, pending = (pending + chunk).split("\n")
+            for line in lines:
+                if line.strip():
+                    on_step(StepStats(**json.loads(line)))
+        if not running:
+            return
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End torchrun (and so its ranks) if it still runs: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def evaluate_stage(lm, sae, store, sae_dir: Path, tokens: int) -> None:
@@ -151,10 +176,6 @@ def _die_with_parent() -> None:
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,

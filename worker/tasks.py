@@ -99,8 +99,14 @@ def run_job(job_id: int, sessions=None) -> str:
 def _end(run: JobRun, settings: Settings, exc: Exception, result: dict) -> str:
     """Record a cancelled or failed job (removing what it should not keep)."""
     if isinstance(exc, JobCancelled):
-        remove_artifacts(settings, run.job_id)
-        run.finish("cancelled", "cancelled by request", result={})
+        kept = [name for name in ("acts", "sae") if name in result]
+        if "sae_id" in result:  # the store points at the SAE (and its capture): keep both
+            remove_artifacts(settings, run.job_id, keep_finished=True)
+            run.finish("cancelled", f"cancelled by request; kept the finished stages' "
+                                    f"outputs ({', '.join(kept)})", result=result)
+        else:
+            remove_artifacts(settings, run.job_id)
+            run.finish("cancelled", "cancelled by request", result={})
         return "cancelled"
     log.error("job %d failed", run.job_id, exc_info=exc)
     remove_artifacts(settings, run.job_id, keep_finished=True)

@@ -238,9 +238,10 @@ def bench_web(
 def bench_explain(
     sae_id: SaeIdOpt = None,
     db: DbOpt = None,
-    latents: Annotated[str, typer.Option("--latents", help="latents to explain")] = "0-31",
-    explainer: Annotated[str, typer.Option("--explainer", help="auto, claude or local")]
-    = "local",
+    latents: Annotated[str, typer.Option("--latents", help="latents to explain, or all")]
+    = "0-31",
+    explainer: Annotated[str, typer.Option("--explainer", help="maxact, auto, claude, "
+                                           "openai or local")] = "local",
 ) -> None:
     """Explanations per minute and their scores: runs an explain job here (latents already
     explained with the same settings are skipped and not counted)."""
@@ -250,4 +251,25 @@ def bench_explain(
         settings = _store_settings(db)
         sae = _store_sae(settings, sae_id)
         result = run(settings, sae["id"], latents, explainer)
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("steer-eval")
+def bench_steer_eval(
+    sae_id: SaeIdOpt = None,
+    db: DbOpt = None,
+    latents: Annotated[int, typer.Option("--latents", help="the most active non-sink "
+                                         "latents to steer-evaluate")] = 32,
+    strengths: Annotated[str, typer.Option("--strengths")] = "1,2,4,8",
+) -> None:
+    """Steer-eval latents per minute and the distribution of their steerability (a
+    steer_eval job run here)."""
+    from app.bench.explain import bench_steer_eval as run
+
+    with cli_errors():
+        if latents < 1:
+            raise ValueError("--latents must be positive")
+        settings = _store_settings(db)
+        sae = _store_sae(settings, sae_id)
+        result = run(settings, sae["id"], latents, strengths)
     typer.echo(json.dumps(result))

@@ -55,7 +55,7 @@ def run_job_here(sessions, kind: str, params: dict):
     from app import jobs
     from worker.tasks import run_job
 
-    job = jobs.create(sessions, kind, params)
+    job = jobs.create(sessions, kind, params, get_settings())
     run_job(job.id, sessions)
     with sessions() as session:
         return jobs.get(session, job.id)
@@ -68,4 +68,4 @@ def queue_or_run(sessions, kind: str, params: dict, now: bool):
     from app import jobs
     from app.queue import make_celery
 
-    return jobs.submit(sessions, make_celery(), kind, params)
+    return jobs.submit(sessions, make_celery(), kind, params, get_settings())

@@ -50,7 +50,7 @@ def steer_eval(
         "--prompts", help="a text file of neutral prompts, one per line [default: eight "
         "built-in ones]")] = None,
     strengths: Annotated[str, typer.Option(
-        "--strengths", help="clamp strengths in units of each latent's max")] = "2,4,8,16",
+        "--strengths", help="clamp strengths in units of each latent's max")] = "1,2,4,8",
     now: NowOpt = False,
     queue: QueueOpt = None,
     db: DbOpt = None,

@@ -23,7 +23,8 @@ def _celery():
 
 @jobs_app.command("submit")
 def submit(
-    kind: Annotated[str, typer.Argument(help="capture, train, analyze or pipeline")],
+    kind: Annotated[str, typer.Argument(help="capture, train, analyze, explain, steer_eval "
+                                        "or pipeline")],
     model: Annotated[str | None, typer.Option("--model")] = None,
     layer: Annotated[int | None, typer.Option("--layer")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset")] = None,
@@ -39,6 +40,11 @@ def submit(
     analyze_tokens: Annotated[int | None, typer.Option("--analyze-tokens")] = None,
     acts: Annotated[str | None, typer.Option("--acts", help="capture dir (train)")] = None,
     sae: Annotated[str | None, typer.Option("--sae", help="SAE dir (analyze)")] = None,
+    explain_count: Annotated[int | None, typer.Option(
+        "--explain-count", help="pipeline: LLM labels for this many latents")] = None,
+    explainer: Annotated[str | None, typer.Option("--explainer")] = None,
+    steer_eval_count: Annotated[int | None, typer.Option(
+        "--steer-eval-count", help="pipeline: steer-evaluate this many latents")] = None,
     queue: Annotated[str | None, typer.Option("--queue")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow it until it ends")] = False,
     db: DbOpt = None,
@@ -51,7 +57,7 @@ def submit(
 
     with cli_errors():
         sessions = open_sessions(db)
-        job = jobs.submit(sessions, _celery(), kind, given)
+        job = jobs.submit(sessions, _celery(), kind, given, get_settings())
         if wait:
             job = _follow(sessions, job.id)
     _print(job, as_json)

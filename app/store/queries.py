@@ -22,7 +22,8 @@ def search_explanations(session: Session, sae_id: int, query: str, limit: int = 
                         ) -> list[Latent]:
     """Latents of SAE ``sae_id`` whose explanation holds every word of ``query``
     (SQLite FTS5 / PostgreSQL full-text search, best match first)."""
-    words = [w for w in query.replace('"', " ").split() if w]
+    # quotes and NUL bytes are never syntax here: every word is matched as a plain word
+    words = [w for w in query.replace('"', " ").replace("\x00", " ").split() if w]
     if not words:
         return []
     dialect = session.get_bind().dialect.name

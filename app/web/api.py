@@ -173,7 +173,7 @@ def list_jobs(session: SessionDep, limit: int = Query(50, ge=1, le=500),
 def submit_job(body: JobRequest, request: Request) -> dict:
     try:
         job = jobs.submit(request.app.state.sessions, celery_app(request), body.kind,
-                          body.params)
+                          body.params, request.app.state.settings, web=True)
     except jobs.JobError as exc:
         raise views.job_error(exc) from None
     return job_record(job)

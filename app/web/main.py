@@ -13,9 +13,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from app.jobs import plain
 from app.settings import Settings, get_settings
 from app.web import api, api_search, pages, pages_jobs
 from app.web.engine import EngineBusy, EngineInputError, InferenceEngine
+from app.web.guards import HostAndBodyGuard, SigninLimiter, without_paths
 from app.web.render import STATIC, Renderer
 from app.web.security import csrf_token, is_admin, set_csrf_cookie, verify_csrf
 
@@ -44,6 +46,9 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.include_router(pages.router)
     app.include_router(pages_jobs.router)
     app.middleware("http")(_csrf_cookie)
+    app.add_middleware(HostAndBodyGuard, allowed_hosts=settings.allowed_hosts,
+                       max_body_bytes=settings.max_body_bytes)
+    app.state.signin_limiter = SigninLimiter()
     _error_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)
@@ -100,12 +105,15 @@ def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
         where = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
-        parts.append(f"{'.'.join(where) or 'request'}: {error.get('msg', 'invalid')}")
+        parts.append(f"{'.'.join(where) or 'request'}: {plain(error.get('msg', 'invalid'))}")
     return "; ".join(parts)
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
-    """JSON for the API, a fragment for HTMX, an error page otherwise."""
+    """JSON for the API, a fragment for HTMX, an error page otherwise; server paths are
+    left out for clients that are not signed in when a token is set."""
+    if request.app.state.settings.admin_token and not getattr(request.state, "admin", False):
+        message = without_paths(message)
     if request.url.path.startswith("/api/"):
         return JSONResponse({"detail": message}, status_code=status)
     if not hasattr(request.state, "csrf_token"):

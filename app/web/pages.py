@@ -207,13 +207,24 @@ def signin_page(request: Request, render: RenderDep) -> Response:
 
 @router.post("/signin")
 def signin(request: Request, render: RenderDep, settings: SettingsDep,
-           token: Annotated[str, Form()] = "") -> Response:
+           token: Annotated[str, Form(max_length=1000)] = "") -> Response:
+    """Sets the sign-in cookie; failed attempts are rate-limited per client address."""
     if not settings.admin_token:
         return RedirectResponse("/", status_code=303)
+    limiter, client = request.app.state.signin_limiter, _client(request)
+    wait = limiter.blocked(client)
+    if wait is not None:
+        return render(request, "signin.html", {
+            "error": f"too many failed attempts: try again in {wait:.0f} s"}, status=429)
     if not same(token, settings.admin_token):
+        limiter.failed(client)
         return render(request, "signin.html", {"error": "that is not the admin token"},
                       status=401)
     response = RedirectResponse("/jobs", status_code=303)
     response.set_cookie(ADMIN_COOKIE, admin_cookie_value(token), httponly=True,
-                        samesite="strict")
+                        samesite="strict", max_age=int(settings.signin_ttl_s))
     return response
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

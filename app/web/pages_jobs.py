@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app import jobs
+from app.job_params import FIELDS_OF
 from app.web import views
 from app.web.deps import RenderDep, SessionDep, SettingsDep, celery_app
 from app.web.security import require_admin
@@ -15,7 +16,13 @@ from app.web.security import require_admin
 router = APIRouter(include_in_schema=False)
 
 FORM_FIELDS = ("model", "layer", "dataset", "tokens", "latents", "k", "arch", "nproc",
-               "acts", "sae", "sae_id", "latent_range", "explainer", "explain_count")
+               "acts", "sae", "sae_id", "latent_range", "explainer", "explain_count",
+               "steer_eval_count", "strengths")
+
+
+KINDS_OF = {name: [kind for kind, fields in FIELDS_OF.items() if name in fields]
+            for name in FORM_FIELDS}
+"""The job kinds that read each form field (the form shows a field for those only)."""
 
 
 def form_defaults(settings) -> dict[str, str]:
@@ -26,7 +33,9 @@ def form_defaults(settings) -> dict[str, str]:
             "latents": str(defaults.latents), "k": str(defaults.k), "arch": defaults.arch,
             "nproc": str(defaults.nproc), "acts": "", "sae": "", "sae_id": "",
             "latent_range": "", "explainer": defaults.explainer,
-            "explain_count": str(defaults.explain_count)}
+            "explain_count": str(defaults.explain_count),
+            "steer_eval_count": str(defaults.steer_eval_count),
+            "strengths": defaults.strengths}
 
 
 @router.get("/jobs")
@@ -34,7 +43,7 @@ def jobs_page(request: Request, session: SessionDep, render: RenderDep,
               settings: SettingsDep) -> Response:
     return render(request, "jobs.html", {"jobs": jobs.recent(session, 50),
                                          "form": form_defaults(settings), "errors": {},
-                                         "kinds": jobs.KINDS})
+                                         "kinds": jobs.KINDS, "kinds_of": KINDS_OF})
 
 
 @router.post("/jobs", dependencies=[Depends(require_admin)])
@@ -42,15 +51,17 @@ async def submit_job(request: Request, render: RenderDep, settings: SettingsDep,
                      kind: Annotated[str, Form()] = "pipeline") -> Response:
     raw = await request.form()
     form = {name: str(raw.get(name, "")).strip() for name in FORM_FIELDS}
-    params = {name: value for name, value in form.items() if value}
+    wanted = FIELDS_OF.get(kind, FORM_FIELDS)  # the other kinds' fields are hidden
+    params = {name: value for name, value in form.items() if value and name in wanted}
     try:
-        job = jobs.submit(request.app.state.sessions, celery_app(request), kind, params)
+        job = jobs.submit(request.app.state.sessions, celery_app(request), kind, params,
+                          request.app.state.settings, web=True)
     except jobs.JobError as exc:
         status = views.job_error(exc).status_code
         errors = exc.fields or {"kind": str(exc)}
         return render(request, "jobs.html", {"form": {**form, "kind": kind}, "errors": errors,
-                                             "kinds": jobs.KINDS}, status=status,
-                      block="job_form")
+                                             "kinds": jobs.KINDS, "kinds_of": KINDS_OF},
+                      status=status, block="job_form")
     target = f"/jobs/{job.id}"
     if request.headers.get("HX-Request") == "true":
         return Response(status_code=204, headers={"HX-Redirect": target})
@@ -61,7 +72,10 @@ async def submit_job(request: Request, render: RenderDep, settings: SettingsDep,
 def job_page(request: Request, job_id: int, session: SessionDep,
              render: RenderDep) -> Response:
     job = views.job_or_404(session, job_id)
-    return render(request, "job.html", {"job": job, "active": job.state in jobs.ACTIVE})
+    shown = FIELDS_OF.get(job.kind, ())
+    params = {k: v for k, v in (job.params or {}).items() if k in shown or k == "queue"}
+    return render(request, "job.html", {"job": job, "active": job.state in jobs.ACTIVE,
+                                        "params": params})
 
 
 @router.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_admin)])

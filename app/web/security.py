@@ -8,8 +8,9 @@ cannot read it. JSON bodies are exempt: a browser cannot send ``application/json
 cross-site without a CORS preflight, which this app never grants.
 
 Mutations (queueing and cancelling jobs) also need the admin token when the settings set
-one: ``Authorization: Bearer <token>``, or the cookie the sign-in page sets (a hash of the
-token, never the token itself).
+one: ``Authorization: Bearer <token>``, or the cookie the sign-in page sets: its issue time
+and an HMAC of that time keyed by the token (never the token itself), so it expires after
+``signin_ttl_s`` and every sign-in ends when the operator changes the token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 
 from fastapi import HTTPException, Request, Response
 
@@ -59,8 +61,18 @@ async def verify_csrf(request: Request) -> None:
                                  "and try again")
 
 
-def admin_cookie_value(token: str) -> str:
-    return hashlib.sha256(f"saelab-admin:{token}".encode()).hexdigest()
+def admin_cookie_value(token: str, issued: float | None = None) -> str:
+    """``<issued>.<HMAC-SHA256(token, "saelab-admin:<issued>")>``."""
+    issued = int(time.time() if issued is None else issued)
+    mac = hmac.new(token.encode(), f"saelab-admin:{issued}".encode(), hashlib.sha256)
+    return f"{issued}.{mac.hexdigest()}"
+
+
+def valid_admin_cookie(cookie: str, token: str, ttl_s: float) -> bool:
+    issued, _, _mac = cookie.partition(".")
+    if not issued.isdecimal() or time.time() - int(issued) > ttl_s:
+        return False
+    return same(cookie, admin_cookie_value(token, int(issued)))
 
 
 def is_admin_bearer(request: Request) -> bool:
@@ -76,7 +88,8 @@ def is_admin(request: Request) -> bool:
     if not token:
         return True
     cookie = request.cookies.get(ADMIN_COOKIE, "")
-    return is_admin_bearer(request) or same(cookie, admin_cookie_value(token))
+    ttl = request.app.state.settings.signin_ttl_s
+    return is_admin_bearer(request) or valid_admin_cookie(cookie, token, ttl)
 
 
 def require_admin(request: Request) -> None:

@@ -30,6 +30,7 @@ from training.data.corpus import iter_texts
 from training.data.hooks import block_output
 from training.data.models import LoadedModel, parse_dtype
 from training.data.packing import pack_contexts
+from training.data.stop import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = 
     """Capture ``cfg.tokens`` activations of block ``cfg.layer`` into ``out``.
 
     ``on_tokens(rows captured, rows asked for)`` is called after every forward batch; an
-    exception raised there stops the capture (and removes its partial directory)."""
+    exception raised there stops the capture (and removes its partial directory, unless it
+    is ``Interrupted``)."""
     out = Path(out)
     lm.check_layer(cfg.layer)
     _check_context(lm, cfg.context)
@@ -93,7 +95,7 @@ def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = 
     manifest = _resume_or_start(partial, lm, cfg)
     try:
         _fill(lm, cfg, partial, manifest, progress, on_tokens)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         log.warning("capture interrupted; run the same command again to resume from %s", partial)
         raise
     except BaseException as exc:

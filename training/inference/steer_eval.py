@@ -40,7 +40,7 @@ NEUTRAL_PROMPTS = (
     "Write a letter to a friend you have not seen in years.",
     "Describe the view from a mountain top.",
 )
-DEFAULT_STRENGTHS = (2.0, 4.0, 8.0, 16.0)
+DEFAULT_STRENGTHS = (1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)

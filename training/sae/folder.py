@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -82,11 +83,48 @@ def write_folder(directory: Path, cfg: dict, tensors: dict[str, torch.Tensor],
             os.link(tmp / WEIGHTS_FILE, tmp / SAELENS_WEIGHTS_FILE)
         else:
             save_file(saelens_tensors, str(tmp / SAELENS_WEIGHTS_FILE))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` in place of ``target`` so that a crash never leaves neither:
+    swapped atomically (Linux ``renameat2(RENAME_EXCHANGE)``), or else the old one renamed
+    aside first (``.<name>.old``, restored by the next ``replace_dir``), then ``new``
+    renamed in; the old one is deleted last."""
+    new, target = Path(new), Path(target)
+    aside = target.parent / f".{target.name}.old"
+    if aside.exists() and not target.exists():  # a crash between the two renames
+        os.replace(aside, target)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # it holds the old folder now
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step where the system can (Linux 3.15+); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                     _RENAME_EXCHANGE) == 0
 
 
 def load_sae(directory: Path, device: torch.device | str = "cpu"

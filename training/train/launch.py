@@ -42,6 +42,7 @@ def _step_writer(path: Path) -> StepCallback:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _die_with_parent()
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     dist = DistContext.from_environment()
     try:
@@ -55,6 +56,16 @@ def main(argv: list[str]) -> int:
     if dist.is_main:
         result_path.write_text(json.dumps(metrics))
     return 0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this rank when its parent (torchrun's agent, or the CLI) dies,
+    however it dies: a rank must not train on as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__":

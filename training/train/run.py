@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from training.data.activations import ActivationStore, estimate_input_scale
+from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder, fvu_loss, variance_sum
-from training.sae.folder import save_sae
+from training.sae.folder import replace_dir, save_sae
 from training.train.distributed import DistContext
 from training.train.trainer import StepStats, TrainConfig, Trainer
 
@@ -75,8 +76,9 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
             trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))
         if dist.is_main:
             _finish(trainer, store, out, work, metrics, history)
-    except BaseException:
-        if dist.is_main and not (work / CHECKPOINT).is_file():
+    except BaseException as exc:
+        if dist.is_main and not isinstance(exc, Interrupted) and not (
+                work / CHECKPOINT).is_file():
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing
         raise
     dist.barrier()
@@ -205,9 +207,7 @@ def _finish(trainer: Trainer, store: ActivationStore, out: Path, work: Path, met
     final = work / "sae"
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_curve(final / "loss_curve.csv", history)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(final, out)
+    replace_dir(final, out)
     shutil.rmtree(work, ignore_errors=True)
 
 

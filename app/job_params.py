@@ -1,0 +1,134 @@
+"""What a job runs on: one validated record per job (its row keeps it as JSON), with an
+upper bound on every size a request can set, and the checks that can be made at
+submission instead of failing later in a worker (paths inside the allowed roots, captures
+and SAEs that exist, a layer the model has, no hub downloads from the web)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.paths import PathRefused, checked_path, checked_source
+from app.settings import Settings
+
+PATH = 4096
+"""Longest path or name a parameter may hold."""
+EMBEDDED_LAYERS = 30
+"""Decoder blocks of the embedded model (SmolLM2-135M)."""
+
+
+class JobParams(BaseModel):
+    """What a job runs on; defaults finish in minutes on the embedded model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, max_length=PATH, description="model [default: settings]")
+    layer: int | None = Field(None, ge=0, le=1024, description="decoder block")
+    dataset: str = Field("embedded", max_length=PATH)
+    tokens: int = Field(65_536, ge=1, le=10**10, description="activations to capture")
+    context: int = Field(128, ge=2, le=32_768)
+    latents: int = Field(2048, ge=2, le=1 << 21, description="SAE latents n")
+    k: int = Field(32, ge=1, le=4096)
+    arch: Literal["topk", "batchtopk"] = "topk"
+    nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
+    batch: int = Field(4096, ge=1, le=1 << 20)
+    lr: float | None = Field(None, gt=0, lt=1)
+    train_tokens: int | None = Field(None, ge=1, le=10**11, description="[default: one pass]")
+    checkpoint_every: int = Field(50, ge=0, le=10**7)
+    analyze_tokens: int = Field(65_536, ge=1, le=10**10)
+    eval_tokens: int = Field(4096, ge=0, le=10**8, description="held-out tokens to evaluate "
+                             "the SAE spliced into the model on (0: skip)")
+    acts: str | None = Field(None, max_length=PATH, description="capture directory (train, "
+                             "analyze)")
+    sae: str | None = Field(None, max_length=PATH, description="SAE directory (analyze)")
+    sae_id: int | None = Field(None, ge=1, le=2**62, description="SAE in the store (explain, "
+                               "steer_eval)")
+    latent_range: str | None = Field(None, max_length=10_000, pattern=(
+        r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$"),
+        description="latents to explain, e.g. '0-99' or '3,7,10-20' [default: all]")
+    explain_count: int = Field(0, ge=0, le=100_000, description="pipeline: besides the "
+                               "maxact label of every live latent, LLM labels for this many "
+                               "latents sampled across densities")
+    explainer: Literal["auto", "maxact", "claude", "openai", "local"] = Field(
+        "auto", description="auto: Claude with an API key, else an OpenAI-compatible server "
+        "when one is configured, else the local model; maxact: offline labels")
+    explainer_model: str | None = Field(None, max_length=300, description="the LLM "
+                                        "explainer's model [default: settings]")
+    score: bool = Field(True, description="score explanations (detection, fuzzing)")
+    steer_eval_count: int = Field(0, ge=0, le=4096, description="pipeline: measure the "
+                                  "steerability of this many of the most active non-sink "
+                                  "latents")
+    strengths: str = Field("1,2,4,8", max_length=200, pattern=(
+        r"^\s*-?\d+(\.\d+)?(\s*,\s*-?\d+(\.\d+)?){0,15}\s*$"),
+        description="steer_eval: up to 16 clamp strengths in units of each latent's max")
+    prompts: list[str] | None = Field(None, max_length=64, description="steer_eval: neutral "
+                                      "prompts [default: eight built-in ones]")
+    queue: str | None = Field(None, max_length=64, pattern=r"^[\w.@-]+$")
+
+
+_CAPTURE = ("model", "layer", "dataset", "tokens", "context")
+_TRAIN = ("latents", "k", "arch", "nproc", "batch", "lr", "train_tokens", "checkpoint_every")
+FIELDS_OF: dict[str, tuple[str, ...]] = {
+    "capture": _CAPTURE,
+    "train": ("acts", *_TRAIN),
+    "analyze": ("sae", "acts", "model", "analyze_tokens", "eval_tokens"),
+    "explain": ("sae_id", "latent_range", "explainer", "explainer_model", "score"),
+    "steer_eval": ("sae_id", "latent_range", "strengths", "prompts"),
+    "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "explain_count",
+                 "explainer", "explainer_model", "steer_eval_count"),
+}
+"""The parameters each kind of job reads (what its form shows and its page lists)."""
+
+
+def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web: bool
+                        ) -> dict[str, str]:
+    """What can be known wrong at submission, by field; resolves the paths in ``parsed``
+    (web requests: inside the allowed roots only, hub ids only with hub access)."""
+    problems: dict[str, str] = {}
+    for name in ("model", "dataset"):
+        value = getattr(parsed, name)
+        if value is not None and web:
+            try:
+                setattr(parsed, name, checked_source(name, value, settings,
+                                                     hub=settings.hub_access))
+            except PathRefused as exc:
+                problems[name] = exc.problem
+    for name, marker, what in (("acts", "manifest.json", "a capture"),
+                               ("sae", "cfg.json", "an SAE folder")):
+        value = getattr(parsed, name)
+        if value is None:
+            continue
+        try:
+            path = checked_path(name, value, settings) if web else Path(value).expanduser()
+        except PathRefused as exc:
+            problems[name] = exc.problem
+            continue
+        if not (path / marker).is_file():
+            problems[name] = f"{value} is not {what} (no {marker} there)"
+        setattr(parsed, name, str(path))
+    if any(len(p) > 2000 or not p.strip() for p in parsed.prompts or []):
+        problems["prompts"] = "each prompt must hold text, at most 2,000 characters"
+    if parsed.layer is not None and "model" not in problems:
+        blocks = model_layers(parsed.model or settings.default_model, settings)
+        if blocks is not None and parsed.layer >= blocks:
+            problems["layer"] = f"{parsed.layer} is out of range: the model has {blocks} " \
+                                f"decoder blocks (0 to {blocks - 1})"
+    return problems
+
+
+def model_layers(model: str, settings: Settings) -> int | None:
+    """Decoder blocks of a model known without loading it: the embedded one, or a local
+    checkpoint's config.json; None for a hub id."""
+    if model == "smollm2-135m":
+        return EMBEDDED_LAYERS
+    config = Path(model).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    blocks = data.get("num_hidden_layers") or (data.get("text_config") or {}).get(
+        "num_hidden_layers")
+    return int(blocks) if isinstance(blocks, int) else None

@@ -1,0 +1,71 @@
+"""The JSON API fuzzed by schemathesis from its own OpenAPI schema, against a real server
+(uvicorn in a thread) on a copy of the analysed embedded SAE with the real model: every
+operation, a bounded number of generated requests each, and not one 5xx. The run's
+figures (operations, requests, statuses) go to ``test-artifacts/schemathesis.json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from app.settings import Settings
+from app.web.engine import InferenceEngine
+from app.web.main import create_app
+from app.web.serve import serve_in_thread
+
+pytestmark = pytest.mark.slow
+EXAMPLES = 12
+"""Generated requests per operation (CI time stays a couple of minutes)."""
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+SEEN: Counter = Counter()
+
+
+@pytest.fixture(scope="module")
+def live_server(explorer_data, embedded_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    db = root / "store.db"
+    shutil.copy(explorer_data["db_url"].removeprefix("sqlite:///"), db)
+    cfg = Settings(data_dir=root / "data", database_url=f"sqlite:///{db}",
+                   broker_url=f"sqla+sqlite:///{root / 'broker.db'}")
+    engine = InferenceEngine(cfg)
+    engine.preload_model(embedded_model.name, embedded_model)
+    with serve_in_thread(create_app(cfg, engine), "127.0.0.1", 0) as base:
+        yield base
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "schemathesis.json").write_text(json.dumps({
+        "operations": len({k.split(" ", 2)[1] + " " + k.split(" ", 2)[2]
+                           for k in SEEN if k.startswith("op ")}),
+        "requests": sum(n for k, n in SEEN.items() if k.startswith("op ")),
+        "statuses": {k.removeprefix("status "): n for k, n in SEEN.items()
+                     if k.startswith("status ")},
+        "server_errors": sum(n for k, n in SEEN.items() if k.startswith("status 5"))},
+        indent=2))
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_server):
+    return schemathesis.openapi.from_url(f"{live_server}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_request_gets_a_server_error(case) -> None:
+    if case.path == "/api/v1/steer" and isinstance(case.body, dict):
+        # bounded decoding: the schema allows 512 new tokens per reply
+        tokens = case.body.get("max_tokens")
+        if isinstance(tokens, int) and tokens > 8:
+            case.body["max_tokens"] = 8
+    response = case.call(timeout=120)
+    SEEN[f"op {case.method} {case.path}"] += 1
+    SEEN[f"status {response.status_code}"] += 1
+    assert response.status_code < 500, (case.method, case.path, case.body,
+                                        response.text[:500])

@@ -74,7 +74,7 @@ _TRAIN = ("latents", "k", "arch", "nproc", "batch", "lr", "train_tokens", "check
 FIELDS_OF: dict[str, tuple[str, ...]] = {
     "capture": _CAPTURE,
     "train": ("acts", *_TRAIN),
-    "analyze": ("sae", "acts", "model", "analyze_tokens", "eval_tokens"),
+    "analyze": ("sae", "acts", "model", "layer", "dataset", "analyze_tokens", "eval_tokens"),
     "explain": ("sae_id", "latent_range", "explainer", "explainer_model", "score"),
     "steer_eval": ("sae_id", "latent_range", "strengths", "prompts"),
     "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "explain_count",

@@ -46,6 +46,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue="gpu",
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # progress bars on stderr (model loading, ...) stay in the worker's own output
+        # instead of landing in job logs as "WARNING celery.redirected" lines
+        worker_redirect_stdouts=False,
     )
     return app
 

@@ -51,26 +51,31 @@ def live_server(explorer_data, embedded_model, tmp_path_factory):
 def test_no_request_gets_a_server_error(live_server) -> None:
     """Every operation of the schema, ``EXAMPLES`` generated requests each (hypothesis
     drives schemathesis' strategies directly: its pytest plugin does not follow pytest 9)."""
-    from hypothesis import given
-
     schema = schemathesis.openapi.from_url(f"{live_server}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     failures: list[tuple] = []
     for operation in operations:
-        @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def check(case, operation=operation) -> None:
-            _bounded(case)
-            response = case.call(base_url=live_server, timeout=120)
-            SEEN[f"op {case.method} {operation.path}"] += 1
-            SEEN[f"status {response.status_code}"] += 1
-            if response.status_code >= 500:
-                failures.append((case.method, case.path, case.body, response.text[:300]))
-
-        check()
+        _fuzz(operation, live_server, failures)
     assert not failures, failures[:5]
+
+
+def _fuzz(operation, base_url: str, failures: list) -> None:
+    """``EXAMPLES`` generated requests to one operation; 5xx answers go to ``failures``."""
+    from hypothesis import given
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case) -> None:
+        _bounded(case)
+        response = case.call(base_url=base_url, timeout=120)
+        SEEN[f"op {case.method} {operation.path}"] += 1
+        SEEN[f"status {response.status_code}"] += 1
+        if response.status_code >= 500:
+            failures.append((case.method, case.path, case.body, response.text[:300]))
+
+    check()
 
 
 def _bounded(case) -> None:

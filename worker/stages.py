@@ -179,18 +179,25 @@ def _die_with_parent() -> None:
 
 
 def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,
-                  acts: str | None) -> int:
-    """Analyse every latent of the SAE and persist it; returns the SAE's store id."""
+                  acts: str | None, directory: Path | None = None) -> int:
+    """Analyse every latent of the SAE and persist it; returns the SAE's store id. Without
+    a capture (an imported SAE) the job's dataset is captured first, at the SAE's layer."""
     from app.store.persist import save_analysis, token_texts
     from training.analysis.latents import analyse_capture, checked_capture
     from training.sae.folder import load_sae
 
     sae, cfg = load_sae(Path(sae_dir))
+    if cfg.get("hook_layer") is None and params.layer is not None:
+        cfg["hook_layer"] = params.layer
+    if cfg.get("hook_layer") is None:
+        raise ValueError(f"sae: {sae_dir} does not say which layer it reads: give layer")
     lm = load_model(JobParams(**{**params.model_dump(), "model": params.model or cfg.get(
         "model_name")}), settings)
     source = acts or cfg.get("activations")
     if not source:
-        raise ValueError(f"sae: {sae_dir} does not name its capture; give acts")
+        if directory is None:
+            raise ValueError(f"sae: {sae_dir} does not name its capture; give acts")
+        source = _capture_for_analysis(run, params, lm, int(cfg["hook_layer"]), directory)
     store = checked_capture(sae, lm.name, lm.d_model, Path(source),
                             sae_label=f"sae: {sae_dir}", acts_label="acts:")
     started = time.monotonic()
@@ -207,3 +214,17 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
     return save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg, model_name=lm.name,
                          d_model=lm.d_model, n_layers=lm.n_layers, result=result,
                          token_text=token_texts(lm.tokenizer, result))
+
+
+def _capture_for_analysis(run: JobRun, params: JobParams, lm, layer: int,
+                          directory: Path) -> str:
+    """``params.analyze_tokens`` activations of ``params.dataset`` at ``layer``, into the
+    job's directory (reused when the job resumes)."""
+    from training.data.capture import CaptureConfig, capture
+
+    run.update(force=True, message=f"capturing {params.dataset} at layer {layer} to analyse")
+    out = directory / "acts"
+    capture(lm, CaptureConfig(layer=layer, tokens=params.analyze_tokens,
+                              dataset=params.dataset, context=params.context),
+            out, progress=False)
+    return str(out)

@@ -132,7 +132,7 @@ def _run_stages(run: JobRun, kind: str, params: JobParams, settings: Settings,
         elif name == "analyze" and "sae_id" not in result:
             result["sae_id"] = stages.analyze_stage(
                 run, params, settings, result.get("sae") or params.sae,
-                result.get("acts") or params.acts)
+                result.get("acts") or params.acts, directory)
         elif name == "label" and "label" not in result:
             result["label"] = explain_stage(run, params, settings, result["sae_id"],
                                             kind="maxact")

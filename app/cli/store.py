@@ -11,7 +11,13 @@ import typer
 
 from app.cli.common import DbOpt, DeviceOpt, ModelOpt, app, cli_errors, load_lm, open_sessions
 from app.settings import get_settings
-from app.store.records import example_record, explanation_record, latent_record, sae_record
+from app.store.records import (
+    example_record,
+    explanation_record,
+    job_record,
+    latent_record,
+    sae_record,
+)
 
 
 @app.command()
@@ -198,3 +204,39 @@ def import_(
         data = read_export(file)
         sae_id = import_sae(open_sessions(db), data, path=path)
     typer.echo(json.dumps({"sae_id": sae_id, "features": len(data["features"])}))
+
+
+@app.command("import-sae")
+def import_sae_folder(
+    folder: Annotated[Path, typer.Argument(help="a saelab, SAELens or sparsify SAE folder")],
+    model: ModelOpt = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="the block whose output it "
+                                              "reads [default: the folder's]")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="text to analyse it on (it is "
+                                         "captured at the SAE's layer)")] = "embedded",
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to analyse")] = 131_072,
+    now: Annotated[bool, typer.Option("--now", help="run here instead of queueing it")]
+    = False,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Bring an SAE trained elsewhere into the lab: checked now, then analysed (an analyze
+    job capturing --dataset) so the explorer, probing and steering work on it."""
+    from app.cli.common import queue_or_run
+    from training.sae.folder import load_sae
+
+    with cli_errors():
+        _, cfg = load_sae(folder)
+        model = model or cfg.get("model_name")
+        if not model:
+            raise ValueError(f"{folder} does not name its model: give --model")
+        if layer is None and cfg.get("hook_layer") is None:
+            raise ValueError(f"{folder} does not say which layer it reads: give --layer")
+        params = {"sae": str(folder.resolve()), "model": model, "dataset": dataset,
+                  "analyze_tokens": tokens,
+                  **({"layer": layer} if layer is not None else {})}
+        job = queue_or_run(open_sessions(db), "analyze", params, now)
+    typer.echo(json.dumps(job_record(job)) if as_json else
+               f"job {job.id} {job.state}: {job.message or ''}")
+    if job.state in ("failed", "cancelled"):
+        raise typer.Exit(1)

@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     settings = settings or get_settings()
     app = FastAPI(title="saelab", version="0.1.0", dependencies=[Depends(verify_csrf)],
                   description="Browse SAE features, probe text, steer chat, queue jobs.",
-                  lifespan=_lifespan)
+                  lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.sessions = open_store(settings.database_url)
     app.state.engine = engine or InferenceEngine(settings)
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> PlainTextResponse:
         return PlainTextResponse("ok")
+
+    _offline_docs(app)
 
     return app
 
@@ -76,6 +79,29 @@ async def _csrf_cookie(request: Request, call_next) -> Response:
     response = await call_next(request)
     set_csrf_cookie(request, response)
     return response
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc from the vendored assets (FastAPI's default
+    pages load them from a CDN, so they are blank offline), and the favicon."""
+    vendor = "/static/vendor"
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="saelab API",
+                                   swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{vendor}/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon.svg")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title="saelab API",
+                              redoc_js_url=f"{vendor}/redoc.standalone.js",
+                              redoc_favicon_url="/static/favicon.svg", with_google_fonts=False)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return RedirectResponse("/static/favicon.svg", status_code=301)
 
 
 def _error_handlers(app: FastAPI) -> None:

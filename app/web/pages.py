@@ -54,7 +54,9 @@ async def sae_page(request: Request, sae_id: int, session: SessionDep, render: R
     else:
         latents = await run_in_threadpool(lambda: list_latents(
             session, sae_id, sort=sort, limit=PAGE, offset=offset))
+    snippets = await run_in_threadpool(views.top_snippets, session, latents)
     context = {"sae": sae, "headline": views.headline(sae), "latents": latents, "sort": sort,
+               "snippets": snippets,
                "q": q, "offset": offset, "page": PAGE, "matches": matches,
                "more": not q.strip() and len(latents) == PAGE}
     if request.headers.get("HX-Request") == "true" and offset:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
@@ -40,10 +40,13 @@ def form_defaults(settings) -> dict[str, str]:
 
 @router.get("/jobs")
 def jobs_page(request: Request, session: SessionDep, render: RenderDep,
-              settings: SettingsDep) -> Response:
-    return render(request, "jobs.html", {"jobs": jobs.recent(session, 50),
-                                         "form": form_defaults(settings), "errors": {},
-                                         "kinds": jobs.KINDS, "kinds_of": KINDS_OF})
+              settings: SettingsDep, kind: Literal[tuple(jobs.KINDS)] = "pipeline"  # type: ignore[valid-type]
+              ) -> Response:
+    """The jobs page; ``?kind=analyze`` opens the form on that kind (an SAE to add)."""
+    form = {**form_defaults(settings), "kind": kind}
+    return render(request, "jobs.html", {"jobs": jobs.recent(session, 50), "form": form,
+                                         "errors": {}, "kinds": jobs.KINDS,
+                                         "kinds_of": KINDS_OF})
 
 
 @router.post("/jobs", dependencies=[Depends(require_admin)])
@@ -75,7 +78,8 @@ def job_page(request: Request, job_id: int, session: SessionDep,
     shown = FIELDS_OF.get(job.kind, ())
     params = {k: v for k, v in (job.params or {}).items() if k in shown or k == "queue"}
     return render(request, "job.html", {"job": job, "active": job.state in jobs.ACTIVE,
-                                        "params": params})
+                                        "params": params,
+                                        "metrics": _sae_metrics(session, job)})
 
 
 @router.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_admin)])
@@ -88,3 +92,12 @@ def cancel_job(request: Request, job_id: int, settings: SettingsDep) -> Response
     if request.headers.get("HX-Request") == "true":
         return Response(status_code=204, headers={"HX-Redirect": target})
     return RedirectResponse(target, status_code=303)
+
+
+def _sae_metrics(session, job) -> dict | None:
+    """The headline metrics of the SAE a finished job stored (None before that)."""
+    from app.store.models import Sae
+
+    sae_id = (job.result or {}).get("sae_id")
+    sae = session.get(Sae, sae_id) if sae_id else None
+    return views.headline(sae) if sae is not None else None

@@ -63,6 +63,15 @@ def example_html(tokens: list[str], activations: list[float], top: float) -> Mar
                   f"{token_spans(tokens, activations, top, peak)}</div>")
 
 
+def snippet_html(tokens: list[str], activations: list[float], width: int = 6) -> Markup:
+    """The peak of a latent's top example with ``width`` tokens each side, highlighted."""
+    if not activations:
+        return Markup("")
+    peak = max(range(len(activations)), key=activations.__getitem__)
+    lo, hi = max(0, peak - width), min(len(tokens), peak + width + 1)
+    return token_spans(tokens[lo:hi], activations[lo:hi], activations[peak], peak - lo)
+
+
 def heat(value: float, top: float) -> str:
     """Inline background for an activation: orange, opacity value/top (0 = none)."""
     if value <= 0 or top <= 0:
@@ -102,7 +111,8 @@ class Renderer:
                                lstrip_blocks=True)
         self.env.filters.update(visible=visible, number=number, percent=percent,
                                 tojson_attr=to_json)
-        self.env.globals.update(token_spans=token_spans, example_html=example_html)
+        self.env.globals.update(token_spans=token_spans, snippet_html=snippet_html,
+                                example_html=example_html)
 
     def __call__(self, request: Request, name: str, context: dict[str, Any] | None = None,
                  status: int = 200, headers: dict[str, str] | None = None,

@@ -154,3 +154,17 @@ def ranked_probe(session: Session, sae_id: int, result: Any, *, by: str = "relat
     maxima = {index: float(peak) for index, peak, _ in rows}
     sinks = {index for index, _, sink in rows if sink}
     return result.ranked_features(maxima, sinks, by=by, sinks_last=sinks_last, limit=limit)
+
+
+def top_snippets(session: Session, latents: list[Latent]) -> dict[int, tuple[list, list]]:
+    """Each listed latent's strongest example (tokens, activations), by latent row id: one
+    query for the page, for the latent list's snippet column."""
+    from app.store.models import Example
+
+    ids = [lat.id for lat in latents]
+    if not ids:
+        return {}
+    rows = session.execute(select(Example.latent_id, Example.tokens, Example.activations)
+                           .where(Example.latent_id.in_(ids), Example.kind == "top",
+                                  Example.rank == 0))
+    return {latent_id: (tokens, acts) for latent_id, tokens, acts in rows}

@@ -6,7 +6,11 @@ Maths (x [B, d] residual-stream activations, n latents)::
     z   = TopK_k(pre)         (topk: per token)
         | top k·B of pre over the whole batch        (batchtopk, training)
         | pre · [pre > θ]                            (batchtopk, inference; θ learned)
+        | pre · [pre > θ_f]                          (jumprelu: a threshold per latent)
     x̂  = W_dec z + b_dec
+
+JumpReLU SAEs (SAELens' ``jumprelu``, and ``gated`` and ReLU ones, which convert to it
+exactly) are imported for analysis and steering, not trained here.
 
 Loss = FVU + α·AuxK where FVU = ‖x − x̂‖² / ‖x − x̄‖² and AuxK is the FVU of the
 reconstruction error e = x − x̂ by the top-k_aux *dead* latents (no activation in the last
@@ -31,8 +35,9 @@ from torch import Tensor, nn
 
 from training.sae.kernels import sparse_decode, sparse_encode
 
-Architecture = Literal["topk", "batchtopk"]
-ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk")
+Architecture = Literal["topk", "batchtopk", "jumprelu"]
+ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu")
+TRAINABLE: tuple[str, ...] = ("topk", "batchtopk")
 
 # Cross-process reductions used by the loss; identity in a single process. Distributed
 # training passes all-reduce / all-gather so that every rank computes the *global*
@@ -182,8 +187,10 @@ class SparseAutoencoder(nn.Module):
         self.w_enc = nn.Parameter(w_dec.clone())  # W_enc = W_decᵀ at init
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        # BatchTopK's inference threshold θ (an EMA of the smallest selected activation).
-        self.register_buffer("threshold", torch.tensor(0.0))
+        # BatchTopK's inference threshold θ (an EMA of the smallest selected activation);
+        # JumpReLU's per-latent thresholds [n]
+        self.register_buffer("threshold", torch.zeros(n) if cfg.architecture == "jumprelu"
+                             else torch.tensor(0.0))
 
     # -- encoding ---------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -197,13 +204,13 @@ class SparseAutoencoder(nn.Module):
         k = self.cfg.k
         if self.cfg.architecture == "topk":
             return top_columns(pre, k)
-        if training:
+        if training and self.cfg.architecture == "batchtopk":
             world = int(gather(pre.new_ones(1)).numel())
             theta = batch_threshold(pre, k * pre.shape[0] * world, gather)
             self._update_threshold(theta)
             keep = (pre >= theta) & (pre > 0)
-        else:
-            keep = pre > self.threshold
+        else:  # θ: BatchTopK's scalar, or JumpReLU's [n]
+            keep = (pre > self.threshold) & (pre > 0)
         return top_columns(pre * keep, max(1, int(keep.sum(1).max())))
 
     def _update_threshold(self, theta: Tensor, decay: float = 0.9) -> None:

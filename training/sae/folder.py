@@ -34,6 +34,7 @@ from training.sae.saelens import (
     saelens_state_dict,
 )
 from training.sae.saelens_read import read_saelens_folder
+from training.sae.sparsify_read import convert_sparsify_sae, is_sparsify
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -129,24 +130,28 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def load_sae(directory: Path, device: torch.device | str = "cpu"
              ) -> tuple[SparseAutoencoder, dict]:
-    """Load a saelab or SAELens folder as an SAE working on raw activations, plus its cfg."""
+    """Load a saelab, SAELens or sparsify folder as an SAE working on raw activations, plus
+    its cfg."""
     directory = Path(directory)
     if not (directory / CFG_FILE).is_file():
         raise SaeLoadError(f"{directory} is not an SAE folder (no {CFG_FILE})")
     try:
         cfg = json.loads((directory / CFG_FILE).read_text())
-        if "n_latents" in cfg and (directory / WEIGHTS_FILE).is_file():
-            tensors = load_file(str(directory / WEIGHTS_FILE))
+        own = (directory / WEIGHTS_FILE).is_file()
+        tensors = load_file(str(directory / WEIGHTS_FILE)) if own else {}
+        if "n_latents" in cfg and own:
             cfg["architecture"] = saelab_architecture(cfg)
+        elif is_sparsify(tensors):
+            cfg, tensors = convert_sparsify_sae(cfg, tensors, directory)
         else:
             cfg, tensors = read_saelens_folder(directory)
     except (ValueError, SafetensorError, OSError) as exc:
         raise SaeLoadError(f"cannot read the SAE in {directory}: {exc}") from exc
     if cfg["architecture"] == "jumprelu":
         _shared_threshold_as_batchtopk(cfg, tensors)
-    if cfg["architecture"] not in ("topk", "batchtopk"):
-        raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE with per-latent "
-                           "thresholds; saelab runs TopK and BatchTopK SAEs")
+    if cfg["architecture"] not in ("topk", "batchtopk", "jumprelu"):
+        raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE; saelab runs "
+                           "TopK, BatchTopK and JumpReLU SAEs")
     sae = _from_tensors(cfg, tensors, directory)
     return sae.to(device).eval(), cfg
 
@@ -166,9 +171,10 @@ def _from_tensors(cfg: dict, tensors: dict[str, torch.Tensor], where: Path) -> S
     sae_cfg = SaeConfig(d_in=d_in, n_latents=n, k=int(cfg.get("k") or 1),
                         architecture=cfg["architecture"])
     sae = SparseAutoencoder(sae_cfg)
+    threshold = (tensors["threshold"] if cfg["architecture"] == "jumprelu"
+                 else torch.tensor(float(cfg.get("threshold") or 0.0)))
     state = {"w_enc": tensors["W_enc"].t(), "b_enc": tensors["b_enc"],
-             "w_dec": tensors["W_dec"], "b_dec": tensors["b_dec"],
-             "threshold": torch.tensor(float(cfg.get("threshold") or 0.0))}
+             "w_dec": tensors["W_dec"], "b_dec": tensors["b_dec"], "threshold": threshold}
     try:
         sae.load_state_dict({key: value.float().contiguous() for key, value in state.items()})
     except RuntimeError as exc:

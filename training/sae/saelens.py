@@ -63,7 +63,7 @@ SAELENS_LAYOUT_VERSION = "6.54.12"
 
 WEIGHT_NAMES: tuple[str, ...] = ("W_enc", "b_enc", "W_dec", "b_dec")
 SUPPORTED_SAELENS_ARCHITECTURES: tuple[str, ...] = ("topk", "jumprelu", "standard",
-                                                     "batchtopk")
+                                                     "batchtopk", "gated")
 
 
 # -- writing ----------------------------------------------------------------------------

@@ -86,13 +86,15 @@ def convert_saelens_sae(raw_cfg: dict[str, Any], state: dict[str, torch.Tensor],
     ``folder`` is only used to look for a saved activation scaler / whitening transform.
     """
     if "encoder.weight" in state:
-        raise ValueError("this looks like an EleutherAI Sparsify checkpoint "
-                         "(encoder.weight), not an SAELens one; it is not supported")
+        raise ValueError("this is an EleutherAI sparsify checkpoint (encoder.weight), not an "
+                         "SAELens one: load_sae reads it as such")
     cfg, layout = _normalise_layout(raw_cfg)
     arch, (d_in, d_sae) = _checked_architecture(cfg), _dims(cfg)
     metadata: dict[str, Any] = cfg["metadata"]
     hook_layer, hook_name = _residual_hook(cfg, metadata)
     rest = {name: value.detach().to("cpu", torch.float64) for name, value in state.items()}
+    if arch == "gated":
+        arch = _gated_as_jumprelu(rest)
     weights = _pop_weights(rest, d_in, d_sae)
     threshold = _pop_threshold(rest, cfg, arch, d_sae)
     finetuning_scale = _pop_finetuning_scale(rest, cfg)
@@ -147,6 +149,22 @@ def _residual_hook(cfg: dict[str, Any], metadata: dict[str, Any]) -> tuple[int, 
     if metadata.get("hook_head_index") is not None:
         raise ValueError("per-head SAEs (hook_head_index) are not supported")
     return _resid_post_hook(cfg, metadata)
+
+
+def _gated_as_jumprelu(rest: dict[str, torch.Tensor]) -> str:
+    """A gated SAE as the JumpReLU SAE it equals. Its code is [x̃·W_enc + b_gate > 0] ·
+    ReLU(x̃·W_mag + b_mag) with W_mag = W_enc·exp(r_mag) (x̃ = x − b_dec); the gate holds
+    exactly when x̃·W_mag + b_mag > b_mag − exp(r_mag)·b_gate, so W_enc' = W_mag,
+    b_enc' = b_mag and the per-latent threshold θ = b_mag − exp(r_mag)·b_gate."""
+    missing = [n for n in ("W_enc", "b_gate", "r_mag", "b_mag") if n not in rest]
+    if missing:
+        raise ValueError(f"gated SAE weights lack {', '.join(missing)}")
+    scale = rest.pop("r_mag").exp()
+    b_gate, b_mag = rest.pop("b_gate"), rest.pop("b_mag")
+    rest["W_enc"] = rest["W_enc"] * scale
+    rest["b_enc"] = b_mag
+    rest["threshold"] = b_mag - scale * b_gate
+    return "jumprelu"
 
 
 def _pop_weights(rest: dict[str, torch.Tensor], d_in: int, d_sae: int) -> Weights:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from training.sae.autoencoder import SaeConfig, SparseAutoencoder
+from training.sae.autoencoder import TRAINABLE, SaeConfig, SparseAutoencoder
 from training.train.distributed import DistContext
 
 
@@ -114,6 +114,9 @@ class Trainer:
     def __init__(self, sae_cfg: SaeConfig, cfg: TrainConfig, total_steps: int,
                  dist: DistContext | None = None, device: torch.device | None = None) -> None:
         self.dist = dist or DistContext()
+        if sae_cfg.architecture not in TRAINABLE:
+            raise ValueError(f"--arch {sae_cfg.architecture}: saelab trains "
+                             f"{' and '.join(TRAINABLE)} SAEs (JumpReLU ones are imported)")
         if cfg.batch % self.dist.world:
             raise ValueError(f"--batch {cfg.batch} is not divisible by --nproc {self.dist.world}")
         self.cfg = cfg

@@ -415,14 +415,10 @@ def test_bfloat16_weights_become_float32(tmp_path: Path) -> None:
 
 
 # --- (c) what we refuse ----------------------------------------------------------------
-def _gated(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
-            "b_gate": t["b_enc"], "r_mag": t["b_enc"], "b_mag": t["b_enc"]}
-
-
 @pytest.mark.parametrize(("layout", "tensors", "message"), [
-    ({**V6_TOPK_INFERENCE, "architecture": "gated"}, "gated", "unsupported SAELens architecture"),
-    ({**V5_JUMPRELU, "architecture": "gated"}, "gated", "unsupported SAELens architecture"),
+    ({**V6_TOPK_INFERENCE, "architecture": "matching_pursuit"}, "plain",
+     "unsupported SAELens architecture"),
+    ({**V6_TOPK_INFERENCE, "architecture": "gated"}, "plain", "gated SAE weights lack"),
     ({**V6_TOPK_INFERENCE, "normalize_activations": "layer_norm"}, "plain", "cannot be folded"),
     ({**V6_TOPK_INFERENCE, "normalize_activations": "constant_norm_rescale"}, "plain",
      "cannot be folded"),
@@ -440,7 +436,7 @@ def _gated(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ({**V5_TOPK, "d_sae": D_SAE * 2}, "plain", "W_enc has shape"),
     (V5_JUMPRELU, "plain", "lack a 'threshold'"),
     (V6_TOPK_INFERENCE, "extra", "unexpected tensors"),
-    (V6_TOPK_INFERENCE, "sparsify", "Sparsify"),
+    (V6_TOPK_INFERENCE, "sparsify", "sparsify checkpoint"),
     (V6_TOPK_INFERENCE, "missing", "lack b_dec"),
 ])
 def test_unsupported_folders_raise(tmp_path: Path, layout: dict[str, Any], tensors: str,
@@ -448,7 +444,6 @@ def test_unsupported_folders_raise(tmp_path: Path, layout: dict[str, Any], tenso
     t = _tensors(20)
     stored = {
         "plain": t,
-        "gated": _gated(t),
         "extra": {**t, "b_mag": t["b_enc"]},
         "sparsify": {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
                      "W_dec": t["W_dec"], "b_dec": t["b_dec"]},

@@ -28,7 +28,7 @@ if not Path(CHROMIUM).exists():
 
 
 @pytest.fixture(scope="module")
-def live(explorer_data, embedded_model, tmp_path_factory):
+def live(explorer_data, embedded_model, tiny_llama_dir, tmp_path_factory):
     """A live explorer on a copy of the analysed store, and a worker on its broker."""
     from app.web.engine import InferenceEngine
     from app.web.main import create_app
@@ -41,7 +41,8 @@ def live(explorer_data, embedded_model, tmp_path_factory):
            "SAELAB_BROKER_URL": f"sqla+sqlite:///{root / 'broker.db'}",
            "SAELAB_HEARTBEAT_S": "0.5"}
     settings = Settings(data_dir=root / "data", database_url=env["SAELAB_DATABASE_URL"],
-                        broker_url=env["SAELAB_BROKER_URL"])
+                        broker_url=env["SAELAB_BROKER_URL"],
+                        allowed_paths=[str(tiny_llama_dir.parent)])  # the job form's model
     engine = InferenceEngine(settings)
     engine.preload_model(embedded_model.name, embedded_model)
     log = (root / "worker.log").open("w")
@@ -50,7 +51,7 @@ def live(explorer_data, embedded_model, tmp_path_factory):
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with serve_in_thread(create_app(settings, engine), "127.0.0.1", 0) as url:
-            yield {"url": url, **explorer_data}
+            yield {"url": url, **explorer_data, "env": env}
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
@@ -169,3 +170,28 @@ def test_submit_a_job_and_watch_it_finish(page, live, tiny_llama_dir) -> None:
     page.get_by_role("link", name="open the SAE").click()
     page.wait_for_url("**/saes/*")
     assert page.locator("#latent-list tbody tr").count() >= 50
+
+
+def test_offline_labels_and_their_scores_show(page, live) -> None:
+    """Every live latent labelled offline, each score shown with its sample size."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    result = CliRunner().invoke(app, ["explain", str(live["sae_id"]), "--explainer",
+                                      "maxact", "--latents", "0-40", "--now"],
+                                env=live["env"])
+    assert result.exit_code == 0, result.output
+    page.goto(f"{live['url']}/saes/{live['sae_id']}")
+    labels = page.locator("#latent-list tbody tr:not(.more) td:nth-child(2)")
+    assert labels.nth(5).inner_text().strip(), "a live latent without a label"
+    assert page.locator("#latent-list .snippet .tok.peak").count() >= 40
+    page.locator("#latent-list a", has_text="7").first.click()
+    page.wait_for_url("**/features/7")
+    table = page.locator("#explanations")
+    assert "maxact-1" in table.inner_text() and "(n=" in table.inner_text()
+    assert "Steerability not measured" in page.locator("#steerability").inner_text()
+    _shot(page, "feature-scored")
+    page.goto(f"{live['url']}/docs")
+    page.locator(".swagger-ui .opblock").first.wait_for(timeout=30_000)
+    _shot(page, "api-docs")

@@ -365,3 +365,16 @@ def test_steerability_counts_prompts_whose_concept_rose_within_the_fluency_bound
     assert [s.steered_share for s in record.strengths] == [0.5, 1 / 3]
     assert record.steerability == 0.5 and record.best_strength == 1.0
     assert cfg.rise == 0.1 and record.strengths[1].loss_steered == 3.0
+
+
+def test_a_cap_limits_the_component_along_the_decoder_direction(sae, hidden) -> None:
+    f = 7
+    u = (sae.w_dec[f] / sae.w_dec[f].norm()).detach()
+    along = hidden.reshape(-1, D) @ u
+    limit = float(along.median())  # half the positions above it
+    value = limit / float(sae.w_dec[f].detach().norm())  # max_f = 1: v·max·‖W_dec[f]‖ = limit
+    edited = steering_edit(sae, [Steer(f, "cap", value)], {f: 1.0})(hidden).reshape(-1, D)
+    after = edited @ u
+    torch.testing.assert_close(after, torch.clamp(along, max=limit), atol=1e-4, rtol=1e-4)
+    rest = hidden.reshape(-1, D) - along[:, None] * u
+    torch.testing.assert_close(edited - after[:, None] * u, rest, atol=1e-4, rtol=1e-4)

@@ -64,13 +64,13 @@ def _fill(engine) -> int:
 def test_upgrade_from_empty_and_round_trip(db_url) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     assert set(inspect(engine).get_table_names()) >= TABLES
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert not TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     engine.dispose()
 
 
@@ -117,7 +117,7 @@ def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     engine.dispose()
 
 
@@ -135,7 +135,7 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
-    assert result.exit_code == 0 and "revision 0005" in result.stdout, result.output
+    assert result.exit_code == 0 and "revision 0006" in result.stdout, result.output
     result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])
@@ -152,5 +152,5 @@ def test_concurrent_upgrades_of_a_fresh_database_are_safe(db_url) -> None:
     outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _ in outcomes), [err[-500:] for _, err in outcomes]
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     engine.dispose()

@@ -284,10 +284,14 @@ def test_saelens_relu_and_shared_jumprelu_folders_load(tmp_path) -> None:
     cfg["architecture"] = "jumprelu"
     (tmp_path / "jump").mkdir()
     (tmp_path / "jump" / "cfg.json").write_text(json.dumps(cfg))
-    save_file({**tensors, "threshold": torch.rand(32)},
+    thresholds = torch.rand(32)
+    save_file({**tensors, "threshold": thresholds},
               str(tmp_path / "jump" / "sae_weights.safetensors"))
-    with pytest.raises(SaeLoadError, match="per-latent"):
-        load_sae(tmp_path / "jump")
+    jump, _ = load_sae(tmp_path / "jump")  # per-latent thresholds: a JumpReLU SAE
+    assert jump.cfg.architecture == "jumprelu" and torch.equal(jump.threshold, thresholds)
+    x = torch.randn(50, tensors["W_enc"].shape[0])
+    pre = torch.relu((x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"])
+    torch.testing.assert_close(jump.dense_latents(x), pre * (pre > thresholds))
 
 
 def test_disk_full_while_saving_leaves_nothing(acts_dir, tmp_path, monkeypatch) -> None:

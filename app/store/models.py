@@ -12,7 +12,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -114,6 +125,12 @@ class Latent(Base):
     not measured)."""
     steer_eval: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     """The steer-eval record: best strength, bound, prompts, per-strength figures."""
+    cofiring: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
+    """[[latent index, Jaccard, P(other | this)], ...]: the latents firing on the same
+    tokens most often, over the analysis' co-firing sample."""
+    map_x: Mapped[float | None] = mapped_column(Float)
+    map_y: Mapped[float | None] = mapped_column(Float)
+    """Feature-map position (UMAP of the decoder directions)."""
     sae: Mapped[Sae] = relationship(back_populates="latents")
     examples: Mapped[list[Example]] = relationship(back_populates="latent",
                                                    cascade="all, delete-orphan",
@@ -213,3 +230,43 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SteerPreset(Base):
+    """A saved steering: an SAE and its latent edits, usable as a model name
+    (``preset-<id>``) by the OpenAI-compatible API and reloadable on the steer page."""
+
+    __tablename__ = "steer_presets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    latents: Mapped[list[Any]] = mapped_column(default=list)
+    """[{"index", "mode", "value"}, ...] as on the steer page."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LatentList(Base):
+    """A named list of latents (of any SAEs), each with a note."""
+
+    __tablename__ = "latent_lists"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    items: Mapped[list[ListItem]] = relationship(back_populates="list",
+                                                 cascade="all, delete-orphan",
+                                                 passive_deletes=True, order_by="ListItem.id")
+
+
+class ListItem(Base):
+    __tablename__ = "list_items"
+    __table_args__ = (UniqueConstraint("list_id", "sae_id", "latent_index",
+                                       name="uq_list_item"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    list_id: Mapped[int] = mapped_column(ForeignKey("latent_lists.id", ondelete="CASCADE"),
+                                         index=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    latent_index: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    list: Mapped[LatentList] = relationship(back_populates="items")

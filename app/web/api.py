@@ -39,7 +39,7 @@ class ProbeRequest(BaseModel):
 
 class SteerFeature(BaseModel):
     index: int = Field(ge=0)
-    mode: Literal["clamp", "add"] = "clamp"
+    mode: Literal["clamp", "add", "cap"] = "clamp"
     value: float = Field(ge=-1000, le=1000, description="in units of the latent's max "
                          "activation: the clamp target, or the added strength")
 
@@ -192,3 +192,34 @@ def cancel_job(job_id: int, request: Request) -> dict:
     except jobs.JobError as exc:
         raise views.job_error(exc) from None
     return job_record(job)
+
+
+class PresetRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    sae_id: int = Field(ge=1, le=2**62)
+    features: list[SteerFeature] = Field(min_length=1, max_length=32)
+
+
+@router.get("/presets")
+def presets(session: SessionDep) -> list[dict]:
+    """Saved steering presets; each is also a model name (``preset-<id>``) of /v1."""
+    from app.store.presets import list_presets
+
+    return [_preset_record(p) for p in list_presets(session)]
+
+
+@router.post("/presets", status_code=201, dependencies=[Depends(require_admin)])
+def create_preset(body: PresetRequest, request: Request, session: SessionDep) -> dict:
+    from app.store.presets import create_preset as store_preset
+
+    sae = views.sae_or_404(session, body.sae_id)
+    views.latent_maxima(session, sae.id, [f.index for f in body.features])  # 422: unknown
+    session.close()
+    preset = store_preset(request.app.state.sessions, body.name, sae.id,
+                          [f.model_dump() for f in body.features])
+    return _preset_record(preset)
+
+
+def _preset_record(preset) -> dict:
+    return {"id": preset.id, "model": f"preset-{preset.id}", "name": preset.name,
+            "sae_id": preset.sae_id, "latents": preset.latents}

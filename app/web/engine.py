@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +129,40 @@ class InferenceEngine:
             steering_edit,
         )
 
+        def produce(lm, sae):
+            edit = steering_edit(sae, steers, maxima, rows=STEERED_ROWS)
+            yield from generate_pair(lm, handle.layer, edit, chat_prompt_ids(lm, prompt),
+                                     sampling)
+
+        async for item in self.stream(handle, produce):
+            yield item
+
+    async def complete(self, handle: SaeHandle, ids_of: Callable[[Any], list[int]],
+                       steers: list, maxima: dict[int, float], sampling
+                       ) -> AsyncIterator[str | dict]:
+        """Text pieces of one (steered) reply to ``ids_of(lm)``, then one dict: ``usage``
+        (prompt, completion and total tokens) and ``finish_reason`` (stop or length)."""
+        from training.inference.sampling import decode_rows
+        from training.inference.steering import steering_edit
+
+        def produce(lm, sae):
+            ids = ids_of(lm)
+            edit = steering_edit(sae, steers, maxima) if steers else None
+            counts = [0]
+            for _, piece in decode_rows(lm, ids, 1, sampling, layer=handle.layer, edit=edit,
+                                        counts=counts):
+                yield piece
+            yield {"usage": {"prompt_tokens": len(ids), "completion_tokens": counts[0],
+                             "total_tokens": len(ids) + counts[0]},
+                   "finish_reason": "length" if counts[0] >= sampling.max_tokens else "stop"}
+
+        async for item in self.stream(handle, produce):
+            yield item
+
+    async def stream(self, handle: SaeHandle, produce: Callable[[Any, Any], Iterator[T]]
+                     ) -> AsyncIterator[T]:
+        """What ``produce(lm, sae)`` yields, computed on the engine thread and handed to the
+        event loop piece by piece; a bad input arrives as ``EngineInputError``."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -139,12 +173,12 @@ class InferenceEngine:
                 return
             try:
                 lm, sae = self.sae(handle)
-                edit = steering_edit(sae, steers, maxima, rows=STEERED_ROWS)
-                for piece in generate_pair(lm, handle.layer, edit,
-                                           chat_prompt_ids(lm, prompt), sampling):
+                for piece in produce(lm, sae):
                     if stop.is_set():
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except ValueError as exc:  # the model cannot take this input
+                loop.call_soon_threadsafe(queue.put_nowait, EngineInputError(str(exc)))
             except Exception as exc:  # delivered to the stream as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 

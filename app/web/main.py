@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from app.jobs import plain
 from app.settings import Settings, get_settings
-from app.web import api, api_search, pages, pages_jobs
+from app.web import api, api_search, openai_api, pages, pages_jobs
 from app.web.engine import EngineBusy, EngineInputError, InferenceEngine
 from app.web.guards import HostAndBodyGuard, SigninLimiter, without_paths
 from app.web.render import STATIC, Renderer
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)
     app.include_router(api_search.router)
+    app.include_router(openai_api.router)
     app.include_router(pages.router)
     app.include_router(pages_jobs.router)
     app.middleware("http")(_csrf_cookie)

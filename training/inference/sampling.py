@@ -54,6 +54,9 @@ class Sampling:
     steer_special: bool = False
     """Let an edit change position 0 and special tokens too (they are left alone by
     default: the SAE never saw them)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the row already produced it (as in
+    OpenAI's API), in [-2, 2]."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or math.isinf(self.temperature):
@@ -63,6 +66,9 @@ class Sampling:
                              f"(got {self.max_tokens})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise ValueError(f"frequency_penalty must be in [-2, 2] (got "
+                             f"{self.frequency_penalty})")
 
 
 class IncrementalText:
@@ -119,14 +125,16 @@ def stop_token_ids(lm: LoadedModel) -> frozenset[int]:
 
 def decode_rows(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling, *,
                 layer: int | None = None, edit: Edit | None = None,
-                ignore_eos: bool = False) -> Iterator[tuple[int, str]]:
+                ignore_eos: bool = False, counts: list[int] | None = None
+                ) -> Iterator[tuple[int, str]]:
     """Decode ``rows`` replies to ``prompt_ids`` as one batch; yields (row, text piece).
 
     ``edit`` maps block ``layer``'s output h [rows, T, d] to h' on every forward call
     (restricting it to some rows is the edit's business). A row stops at a stop token
     (unless ``ignore_eos``, which benchmarks use to get a fixed length) or after
     ``sampling.max_tokens`` tokens; the batch runs on, silently, until every row stopped.
-    Bad arguments raise ValueError here, before the first token is asked for.
+    ``counts`` (a list of ``rows`` zeros) receives each row's number of new tokens. Bad
+    arguments raise ValueError here, before the first token is asked for.
     """
     _check_prompt(lm, prompt_ids, sampling)
     if edit is not None:
@@ -134,7 +142,7 @@ def decode_rows(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sam
             raise ValueError("an edit needs the layer whose output it edits")
         lm.check_layer(layer)
     stops = frozenset() if ignore_eos else stop_token_ids(lm)
-    return _decode(lm, prompt_ids, rows, sampling, layer, edit, stops)
+    return _decode(lm, prompt_ids, rows, sampling, layer, edit, stops, counts)
 
 
 def decode_ids(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling, *,
@@ -155,8 +163,8 @@ def decode_ids(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Samp
 
 
 def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
-            layer: int | None, edit: Edit | None,
-            stops: frozenset[int]) -> Iterator[tuple[int, str]]:
+            layer: int | None, edit: Edit | None, stops: frozenset[int],
+            counts: list[int] | None = None) -> Iterator[tuple[int, str]]:
     texts = [IncrementalText(lm.tokenizer) for _ in range(rows)]
     live = [True] * rows
     for step, (tokens, fresh) in enumerate(_steps(lm, prompt_ids, rows, sampling, layer, edit,
@@ -166,6 +174,8 @@ def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Samplin
             if not live[row]:
                 continue
             stopped = row not in fresh
+            if not stopped and counts is not None:
+                counts[row] += 1
             piece = "" if stopped else texts[row].push(token)
             if stopped or last:
                 piece += texts[row].flush()
@@ -187,10 +197,16 @@ def _steps(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling
     call = _call_style(lm.model)
     special = torch.tensor(sorted(special_token_ids(lm)), dtype=torch.long, device=lm.device)
     cache = None
+    seen = None
     for step in range(sampling.max_tokens):
         steerable = None if sampling.steer_special else _steerable(inputs, special, step == 0)
         logits, cache = _forward(lm, call, inputs, cache, layer, edit, steerable)
+        if sampling.frequency_penalty:
+            seen = torch.zeros_like(logits) if seen is None else seen
+            logits = logits - sampling.frequency_penalty * seen
         tokens = _next_tokens(logits, sampling, generators)
+        if seen is not None:
+            seen[torch.arange(rows), torch.tensor(tokens, device=seen.device)] += 1
         fresh = {row for row in live if tokens[row] not in stops}
         yield tokens, fresh
         live = fresh

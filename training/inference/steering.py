@@ -5,6 +5,9 @@ max_f its max activation from the analysis, v a steer's value)::
 
     clamp:  h' = h + (v·max_f − z_f(h))·W_dec[f]      z_f(h): the SAE's sparse code of h
     add:    h' = h + (v·max_f)·W_dec[f]
+    cap:    h' = h − max(0, h·u_f − v·max_f·‖W_dec[f]‖)·u_f      u_f = W_dec[f]/‖W_dec[f]‖
+            (the component of h along the latent's direction limited to what the latent
+            at v × its max contributes; h is left alone below that)
 
 A clamp adds a delta rather than replacing h by the reconstruction x̂, so the SAE's error
 term h − x̂ stays in the residual stream: with v·max_f = z_f the model runs unchanged.
@@ -36,8 +39,8 @@ from training.sae.autoencoder import SparseAutoencoder
 __all__ = ["STEERED_ROWS", "Sampling", "Steer", "chat_prompt_ids", "generate",
            "generate_pair", "steering_edit"]
 
-SteerMode = Literal["clamp", "add"]
-STEER_MODES: tuple[str, ...] = ("clamp", "add")
+SteerMode = Literal["clamp", "add", "cap"]
+STEER_MODES: tuple[str, ...] = ("clamp", "add", "cap")
 STEERED_ROWS = slice(1, 2)
 """The rows an edit for ``generate_pair`` must be restricted to (row 0 is the baseline)."""
 
@@ -56,13 +59,15 @@ class Steer:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Steers as tensors on the SAE's device: features [s], targets v·max [s], a 0/1
-    clamp mask [s] and the decoder rows [s, d]."""
+    """Steers as tensors on the SAE's device: features [s], targets v·max [s], 0/1 masks
+    [s] of the clamps and the caps, the decoder rows [s, d] and their norms [s]."""
 
     features: Tensor
     targets: Tensor
     clamp: Tensor
+    cap: Tensor
     rows: Tensor
+    norms: Tensor
 
 
 def steering_edit(sae: SparseAutoencoder, steers: Sequence[Steer],
@@ -119,20 +124,30 @@ def _plan(sae: SparseAutoencoder, steers: Sequence[Steer],
     w_dec = sae.w_dec.detach()
     features = torch.tensor([s.feature for s in steers], device=w_dec.device)
     targets = [s.value * float(max_activations[s.feature]) for s in steers]
+
+    def mask(mode: str) -> Tensor:
+        return torch.tensor([s.mode == mode for s in steers], dtype=w_dec.dtype,
+                            device=w_dec.device)
+
+    rows = w_dec[features]
     return _Plan(features=features,
                  targets=torch.tensor(targets, dtype=w_dec.dtype, device=w_dec.device),
-                 clamp=torch.tensor([s.mode == "clamp" for s in steers], dtype=w_dec.dtype,
-                                    device=w_dec.device),
-                 rows=w_dec[features])
+                 clamp=mask("clamp"), cap=mask("cap"), rows=rows,
+                 norms=rows.norm(dim=1).clamp_min(1e-12))
 
 
 def _delta(sae: SparseAutoencoder, x: Tensor, plan: _Plan) -> Tensor:
     """Σ_s coef_s·W_dec[f_s] for x [N, d] -> [N, d] (SAE dtype); coef = v·max − z_f for a
-    clamp, v·max for an add. The SAE is only run when some steer clamps."""
+    clamp, v·max for an add, −max(0, x·u − v·max·‖W_dec[f]‖)/‖W_dec[f]‖ for a cap. The SAE
+    is only run when some steer clamps."""
     x = x.to(device=plan.rows.device, dtype=plan.rows.dtype)
-    coef = plan.targets.expand(x.shape[0], -1)
+    coef = (plan.targets * (1 - plan.cap)).expand(x.shape[0], -1)
     if bool(plan.clamp.any()):
         coef = coef - latent_values(sae, x, plan.features) * plan.clamp
+    if bool(plan.cap.any()):
+        along = (x @ plan.rows.t()) / plan.norms  # x·u_f [N, s]
+        excess = torch.relu(along - plan.targets * plan.norms)
+        coef = coef - excess / plan.norms * plan.cap
     return coef @ plan.rows
 
 
@@ -145,19 +160,29 @@ def latent_values(sae: SparseAutoencoder, x: Tensor, features: Tensor) -> Tensor
     return (enc.values.unsqueeze(-1) * match).sum(1)
 
 
+def conversation_ids(lm: LoadedModel, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """The ids of a conversation (``{"role", "content"}`` messages) awaiting the
+    assistant's next turn: the chat template when the tokenizer has one, else BOS + the
+    contents one per line."""
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise ValueError("the messages are empty")
+    tokenizer = lm.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([dict(m) for m in messages],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        return [int(token) for token in ids]
+    text = "\n".join(m["content"] for m in messages)
+    return [lm.bos_id, *tokenizer.encode(text, add_special_tokens=False)]
+
+
 def chat_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     """The ids of ``prompt`` as a user turn awaiting the assistant's reply: the tokenizer's
     chat template when it has one, else BOS + the text."""
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    tokenizer = lm.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, Mapping):
-            ids = ids["input_ids"]
-        return [int(token) for token in ids]
-    return [lm.bos_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    return conversation_ids(lm, [{"role": "user", "content": prompt}])
 
 
 def generate_pair(lm: LoadedModel, layer: int, edit: Edit | None,

@@ -39,6 +39,8 @@ class JobParams(BaseModel):
     train_tokens: int | None = Field(None, ge=1, le=10**11, description="[default: one pass]")
     checkpoint_every: int = Field(50, ge=0, le=10**7)
     analyze_tokens: int = Field(65_536, ge=1, le=10**10)
+    feature_map: bool = Field(True, description="analyze: lay the latents out in 2-D "
+                              "(UMAP of the decoder directions) for the feature map")
     eval_tokens: int = Field(4096, ge=0, le=10**8, description="held-out tokens to evaluate "
                              "the SAE spliced into the model on (0: skip)")
     acts: str | None = Field(None, max_length=PATH, description="capture directory (train, "
@@ -74,10 +76,12 @@ _TRAIN = ("latents", "k", "arch", "nproc", "batch", "lr", "train_tokens", "check
 FIELDS_OF: dict[str, tuple[str, ...]] = {
     "capture": _CAPTURE,
     "train": ("acts", *_TRAIN),
-    "analyze": ("sae", "acts", "model", "layer", "dataset", "analyze_tokens", "eval_tokens"),
+    "analyze": ("sae", "acts", "model", "layer", "dataset", "analyze_tokens", "eval_tokens",
+                "feature_map"),
     "explain": ("sae_id", "latent_range", "explainer", "explainer_model", "score"),
     "steer_eval": ("sae_id", "latent_range", "strengths", "prompts"),
-    "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "explain_count",
+    "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "feature_map",
+                 "explain_count",
                  "explainer", "explainer_model", "steer_eval_count"),
 }
 """The parameters each kind of job reads (what its form shows and its page lists)."""

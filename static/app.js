@@ -21,8 +21,7 @@ function drawPlots(root) {
       const centers = edges.slice(0, -1).map((e, i) => (e + edges[i + 1]) / 2);
       const widths = edges.slice(0, -1).map((e, i) => edges[i + 1] - e);
       traces = [{ type: "bar", x: centers, y: data.counts || [], width: widths, marker: { color: "#d95f00" } }];
-      layout.xaxis.type = "log";
-      traces[0].x = centers;
+      if (data.values) traces = [{ type: "histogram", x: data.values, marker: { color: "#2458d6" } }];
     } else if (el.dataset.plot === "bar") {
       traces = [{ type: "bar", x: data.x || [], y: data.y || [], marker: { color: "#2458d6" } }];
     } else {
@@ -156,4 +155,101 @@ document.addEventListener("DOMContentLoaded", () => {
 document.addEventListener("htmx:afterSwap", () => {
   const form = document.getElementById("job-form");
   if (form) showFieldsOfKind(form);
+});
+
+
+// The feature map: every placed latent as one WebGL point.
+async function drawFeatureMap() {
+  const el = document.getElementById("feature-map");
+  if (!el) return;
+  const data = await (await fetch(el.dataset.src)).json();
+  const sae = el.dataset.sae;
+  const labels = data.label.map((l, i) => `#${data.index[i]} ${l || "(no label)"}`);
+  const colourOf = {
+    density: data.density.map((d) => Math.log10(Math.max(d, 1e-7))),
+    label: data.label.map((l) => (l ? 1 : 0)),
+    steerability: data.steerability.map((s) => (s === null ? -0.1 : s)),
+    sink: data.sink.map((s) => (s ? 1 : 0)),
+  };
+  const draw = () => {
+    const colour = document.getElementById("map-colour").value;
+    const query = document.getElementById("map-search").value.trim().toLowerCase();
+    const hits = data.label.map((l) => !!query && (l || "").toLowerCase().includes(query));
+    const trace = {
+      type: "scattergl", mode: "markers", x: data.x, y: data.y, text: labels,
+      hoverinfo: "text", customdata: data.index,
+      marker: { size: hits.map((h) => (h ? 9 : 4)), color: colourOf[colour],
+                colorscale: "Viridis", showscale: true,
+                opacity: query ? hits.map((h) => (h ? 1 : 0.15)) : 0.8 },
+    };
+    Plotly.react(el, [trace], { margin: { l: 20, r: 20, t: 10, b: 20 }, height: 640,
+                                xaxis: { visible: false }, yaxis: { visible: false } },
+                 { responsive: true, displaylogo: false });
+    const count = document.getElementById("map-count");
+    count.textContent = query ? `${hits.filter(Boolean).length} of ${data.x.length} match`
+                              : `${data.x.length} latents`;
+  };
+  draw();
+  el.on("plotly_click", (event) => {
+    const point = event.points && event.points[0];
+    if (point) window.location.href = `/saes/${sae}/features/${point.customdata}`;
+  });
+  document.getElementById("map-colour").addEventListener("change", draw);
+  document.getElementById("map-search").addEventListener("input", draw);
+  el.dataset.state = "drawn";
+}
+document.addEventListener("DOMContentLoaded", drawFeatureMap);
+
+
+// The strength sweep: one column per strength, each streamed from /v1/chat/completions.
+async function streamColumn(form, strength, out) {
+  const body = {
+    model: form.dataset.model, stream: true, seed: Number(form.seed.value),
+    max_tokens: Number(form.max_tokens.value), temperature: Number(form.temperature.value),
+    messages: [{ role: "user", content: form.prompt.value }],
+    steer: { sae: Number(form.dataset.sae),
+             latents: strength === 0 ? [] : [{ index: Number(form.dataset.index),
+                                              mode: form.mode.value, value: strength }] },
+  };
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  if (!response.ok) { out.textContent = (await response.json()).detail; return; }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const events = buffer.split("\n\n");
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { out.textContent += ` [${chunk.error.message}]`; return; }
+      out.textContent += chunk.choices[0].delta.content || "";
+    }
+  }
+}
+
+document.addEventListener("submit", async (event) => {
+  if (event.target.id !== "sweep-form") return;
+  event.preventDefault();
+  const form = event.target;
+  const strengths = form.strengths.value.split(",").map(Number).filter((v) => !Number.isNaN(v));
+  const columns = document.getElementById("sweep-columns");
+  columns.innerHTML = "";
+  columns.dataset.state = "streaming";
+  const outs = strengths.map((strength) => {
+    const section = document.createElement("section");
+    section.innerHTML = `<h2>${strength === 0 ? "unsteered" : `${form.mode.value} ${strength}×`}</h2>`;
+    const pre = document.createElement("pre");
+    pre.className = "reply";
+    section.appendChild(pre);
+    columns.appendChild(section);
+    return pre;
+  });
+  await Promise.all(strengths.map((s, i) => streamColumn(form, s, outs[i])));
+  columns.dataset.state = "done";
 });

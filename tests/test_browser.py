@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--enable-unsafe-swiftshader"]  # software WebGL for the feature map
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (scripts/setup.sh --dev "
@@ -195,3 +196,46 @@ def test_offline_labels_and_their_scores_show(page, live) -> None:
     page.goto(f"{live['url']}/docs")
     page.locator(".swagger-ui .opblock").first.wait_for(timeout=30_000)
     _shot(page, "api-docs")
+
+
+def test_feature_map_compare_lists_and_sweep(page, live, embedded_sae) -> None:
+    from app.store.db import open_store
+    from app.store.persist import save_feature_map
+    from training.analysis.feature_map import decoder_map
+    from training.sae.folder import load_sae
+
+    sessions = open_store(live["env"]["SAELAB_DATABASE_URL"])
+    save_feature_map(sessions, live["sae_id"], decoder_map(load_sae(embedded_sae["sae"])[0].w_dec))
+    sessions.kw["bind"].dispose()
+    page.goto(f"{live['url']}/saes/{live['sae_id']}/map")
+    page.wait_for_selector("#feature-map[data-state=drawn]", timeout=60_000)
+    assert page.locator("#feature-map canvas").count() >= 1
+    assert page.locator("#map-count").inner_text() == "1024 latents"
+    page.fill("#map-search", "punctuation")
+    page.wait_for_function("document.getElementById('map-count').textContent.includes('1 of')")
+    _shot(page, "feature-map")
+
+    page.goto(f"{live['url']}/compare?a={live['sae_id']}&b={live['sae_id']}")
+    assert "0.0%" in page.locator("#compare-summary").inner_text()  # an SAE matches itself
+    page.locator("#compare-rows tbody tr").first.wait_for()
+    _shot(page, "compare")
+
+    page.goto(f"{live['url']}/lists")
+    page.fill("#new-list input[name=name]", "first look")
+    page.click("#new-list button[type=submit]")
+    page.wait_for_url("**/lists/*")
+    page.goto(f"{live['url']}/saes/{live['sae_id']}/features/3")
+    page.click("#add-to-list-link")
+    page.fill("#add-to-list input[name=note]", "worth a second look")
+    page.click("#add-to-list button[type=submit]")
+    page.wait_for_url("**/lists/*")
+    assert "worth a second look" in page.locator("#list-items").inner_text()
+    _shot(page, "list")
+
+    page.goto(f"{live['url']}/steer/sweep?sae={live['sae_id']}&feature=3&strengths=0,4,16")
+    page.fill("#sweep-form input[name=max_tokens]", "12")
+    page.click("#sweep-send")
+    page.wait_for_selector("#sweep-columns[data-state=done]", timeout=120_000)
+    replies = page.locator("#sweep-columns pre.reply").all_inner_texts()
+    assert len(replies) == 3 and all(replies) and len(set(replies)) > 1
+    _shot(page, "sweep")

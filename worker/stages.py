@@ -211,9 +211,22 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
         run.update(force=True, message="evaluating the SAE spliced into the model")
         evaluate_stage(lm, sae, store, Path(sae_dir), params.eval_tokens)
     run.update(force=True, message=f"saving {sae.cfg.n_latents} latents to the store")
-    return save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg, model_name=lm.name,
-                         d_model=lm.d_model, n_layers=lm.n_layers, result=result,
-                         token_text=token_texts(lm.tokenizer, result))
+    sae_id = save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg,
+                           model_name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,
+                           result=result, token_text=token_texts(lm.tokenizer, result))
+    if params.feature_map:
+        map_stage(run, sae, sae_id)
+    return sae_id
+
+
+def map_stage(run: JobRun, sae, sae_id: int) -> None:
+    """Lay the latents out in 2-D from their decoder directions, for the feature map."""
+    from app.store.persist import save_feature_map
+    from training.analysis.feature_map import decoder_map
+
+    run.update(force=True, message=f"laying out the feature map of {sae.cfg.n_latents} "
+                                   "latents")
+    save_feature_map(run.sessions, sae_id, decoder_map(sae.w_dec))
 
 
 def _capture_for_analysis(run: JobRun, params: JobParams, lm, layer: int,

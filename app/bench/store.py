@@ -18,6 +18,7 @@ import torch
 from app.store.db import make_engine, session_factory, upgrade
 from app.store.persist import save_analysis
 from app.store.queries import get_latent, latents_by_index, list_latents, list_saes
+from training.analysis.cofiring import CoFiring
 from training.analysis.examples import ExampleSet
 from training.analysis.sinks import SinkReport
 
@@ -44,7 +45,8 @@ def synthetic_analysis(n: int, examples: int, seed: int = 0) -> tuple[Any, dict[
         neighbour_ids=ids, neighbour_cosines=vals, examples=per_latent,
         sinks=SinkReport(sink=torch.zeros(n, dtype=torch.bool), scale_ratio=torch.ones(n),
                          position_share=torch.zeros(n), token_share=torch.zeros(n),
-                         median_max=1.0))
+                         median_max=1.0),
+        cofiring=CoFiring(ids=ids, jaccard=vals, conditional=vals, tokens=16_384))
     return result, {i: f"tok{i}" for i in range(5100)}
 
 

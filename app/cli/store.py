@@ -29,6 +29,8 @@ def analyze(
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="capture this dataset first instead of using --acts")] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens to analyse")] = 131_072,
+    feature_map: Annotated[bool, typer.Option("--map/--no-map", help="lay the latents out "
+                                              "for the feature map (UMAP)")] = True,
     db: DbOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -52,6 +54,11 @@ def analyze(
         sae_id = save_analysis(sessions, sae_dir=sae, sae_cfg=cfg, model_name=lm.name,
                                d_model=lm.d_model, n_layers=lm.n_layers, result=result,
                                token_text=token_texts(lm.tokenizer, result))
+        if feature_map:
+            from app.store.persist import save_feature_map
+            from training.analysis.feature_map import decoder_map
+
+            save_feature_map(sessions, sae_id, decoder_map(sae_module.w_dec))
     typer.echo(json.dumps({"sae_id": sae_id, "latents": len(result.density),
                            "tokens": result.tokens}))
 

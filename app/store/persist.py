@@ -72,6 +72,7 @@ def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, result: Any) 
     if evaluated:
         sae.metrics["eval"] = evaluated
     sae.analysed_tokens = result.tokens
+    sae.metrics["cofiring_tokens"] = result.cofiring.tokens
     sae.dead_share = float((result.density == 0).double().mean())
     session.flush()
     return sae
@@ -83,8 +84,10 @@ def _latent_rows(sae_id: int, result: Any, token_text: dict[int, str]) -> list[d
         return [[token_text.get(int(i), ""), round(float(v), 5)] for i, v in zip(
             ids.tolist(), values.tolist(), strict=True)]
 
-    sinks = result.sinks
+    sinks, cofire = result.sinks, result.cofiring
     scales, counts = result.histogram_scale.tolist(), result.histogram_counts.tolist()
+    partners = list(zip(cofire.ids.tolist(), cofire.jaccard.tolist(),
+                        cofire.conditional.tolist(), strict=True))
     return [{
         "sae_id": sae_id, "index": f, "density": float(result.density[f]),
         "mean_activation": float(result.mean_activation[f]),
@@ -96,6 +99,8 @@ def _latent_rows(sae_id: int, result: Any, token_text: dict[int, str]) -> list[d
             result.neighbour_ids[f].tolist(), result.neighbour_cosines[f].tolist(),
             strict=True)],
         "sink": bool(sinks.sink[f]), "sink_reason": sink_reason(sinks, f),
+        "cofiring": [[j, round(jac, 4), round(cond, 4)] for j, jac, cond in
+                     zip(*partners[f], strict=True) if j >= 0],
     } for f in range(len(result.density))]
 
 
@@ -132,6 +137,17 @@ def _insert_examples(session: Session, latent_ids: list[int], result: Any,
             batch = []
     if batch:
         session.execute(insert(Example.__table__), batch)
+
+
+def save_feature_map(sessions: sessionmaker[Session], sae_id: int, positions: Any) -> None:
+    """Store each latent's feature-map position (``positions`` [n, 2], latent order)."""
+    with sessions.begin() as session:
+        ids = dict(session.execute(select(Latent.index, Latent.id).where(
+            Latent.sae_id == sae_id)).all())
+        rows = [{"id": ids[f], "map_x": float(x), "map_y": float(y)}
+                for f, (x, y) in enumerate(positions.tolist()) if f in ids]
+        if rows:
+            session.execute(update(Latent), rows)
 
 
 def display_name(sae_dir: Path, cfg: dict) -> str:

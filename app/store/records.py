@@ -28,7 +28,9 @@ def latent_record(latent: Latent) -> dict[str, Any]:
             "histogram": latent.histogram, "top_logits": latent.top_logits,
             "bottom_logits": latent.bottom_logits, "neighbours": latent.neighbours,
             "sink": latent.sink, "sink_reason": latent.sink_reason,
-            "steerability": latent.steerability, "steer_eval": latent.steer_eval}
+            "steerability": latent.steerability, "steer_eval": latent.steer_eval,
+            "cofiring": latent.cofiring,
+            "map": None if latent.map_x is None else [latent.map_x, latent.map_y]}
 
 
 def example_record(example: Example) -> dict[str, Any]:

@@ -16,7 +16,15 @@ from starlette.exceptions import HTTPException
 
 from app.jobs import plain
 from app.settings import Settings, get_settings
-from app.web import api, api_search, openai_api, pages, pages_jobs
+from app.web import (
+    api,
+    api_search,
+    openai_api,
+    pages,
+    pages_explore,
+    pages_jobs,
+    pages_lists,
+)
 from app.web.engine import EngineBusy, EngineInputError, InferenceEngine
 from app.web.guards import HostAndBodyGuard, SigninLimiter, without_paths
 from app.web.render import STATIC, Renderer
@@ -47,6 +55,8 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.include_router(openai_api.router)
     app.include_router(pages.router)
     app.include_router(pages_jobs.router)
+    app.include_router(pages_lists.router)
+    app.include_router(pages_explore.router)
     app.middleware("http")(_csrf_cookie)
     app.add_middleware(HostAndBodyGuard, allowed_hosts=settings.allowed_hosts,
                        max_body_bytes=settings.max_body_bytes)

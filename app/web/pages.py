@@ -92,10 +92,11 @@ def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
         return render(request, "feature.html", {"latent": latent, "bucket_items": items},
                       block="bucket")
     neighbours = explanations_of(session, sae_id, [int(i) for i, _ in latent.neighbours])
+    cofiring = explanations_of(session, sae_id, [int(i) for i, *_ in latent.cofiring or []])
     return render(request, "feature.html", {
         "sae": sae, "latent": latent, "explanations": explanations_for(session, latent.id),
         "steer": latent.steer_eval, "examples": views.example_groups(session, latent),
-        "neighbours": neighbours})
+        "neighbours": neighbours, "cofiring": cofiring})
 
 
 @router.get("/saes/{sae_id}/probe")
@@ -183,6 +184,19 @@ def steer_page(request: Request, session: SessionDep, render: RenderDep,
         ((preset[0].steer_eval or {}).get("best_strength") or 2.0) if preset else 2.0)
     return render(request, "steer.html", {"saes": saes, "current": current, "preset": preset,
                                           "start_value": start})
+
+
+@router.get("/steer/sweep")
+def sweep_page(request: Request, session: SessionDep, render: RenderDep,
+               sae: Annotated[int, Query(ge=1)], feature: Annotated[int, Query(ge=0)],
+               strengths: Annotated[str, Query(max_length=200)] = "0,1,2,4,8") -> Response:
+    """One prompt answered with the latent at several strengths, side by side."""
+    row = views.sae_or_404(session, sae)
+    found = latents_by_index(session, row.id, [feature])
+    if not found:
+        raise HTTPException(404, f"SAE {row.id} has no latent {feature}")
+    return render(request, "sweep.html", {"sae": row, "latent": found[0],
+                                          "strengths": strengths})
 
 
 @router.get("/steer/search")

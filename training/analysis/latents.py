@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from training.analysis.cofiring import CoFiring, CoFiringCounter
 from training.analysis.effects import decoder_neighbours, logit_effects
 from training.analysis.examples import ExampleSet, WindowTable
 from training.analysis.histogram import FittedHistograms
@@ -57,6 +58,9 @@ class AnalysisConfig:
     neighbours: int = 10
     reservoir: int = 100
     """Firing contexts sampled per latent for the quantile examples."""
+    cofire_tokens: int = 16_384
+    """Tokens (the first analysed) on which co-firing is counted."""
+    cofire_partners: int = 10
     chunk_contexts: int | None = None
     """Contexts encoded at once [default: as many as keep the dense pre-activations
     (C·(T−1) × n floats) near 128 MB, at most 64]."""
@@ -83,6 +87,7 @@ class AnalysisResult:
     neighbour_cosines: Tensor
     examples: ExampleSet
     sinks: SinkReport
+    cofiring: CoFiring
     seconds: dict[str, float]
     """Wall time of each phase: pass, examples, logit_effects, neighbours."""
 
@@ -104,6 +109,7 @@ class _State:
         self.res_pos = torch.zeros(cfg.reservoir, n, dtype=torch.long)
         self.res_val = torch.zeros(cfg.reservoir, n)
         self.windows = WindowTable(cfg.window)
+        self.cofiring = CoFiringCounter(n, cfg.cofire_tokens)
 
     def live_keys(self) -> Tensor:
         """context·n + latent of every kept top and reservoir entry."""
@@ -142,6 +148,7 @@ def _update(state: _State, acts: Tensor, sae: SparseAutoencoder, first_context: 
     cfg, n = state.cfg, state.n
     contexts, positions = acts.shape[:2]
     rows, latents, values = _sparse_codes(sae, acts)
+    state.cofiring.add(rows, latents, contexts * positions)
     state.tokens += contexts * positions
     state.fired += torch.bincount(latents, minlength=n)
     state.total.index_add_(0, latents, values.double())
@@ -281,7 +288,8 @@ def analyse_capture(sae: SparseAutoencoder, store: ActivationStore, unembed: Ten
         mean_activation=(state.total / state.fired.clamp_min(1)).float(),
         max_activation=state.peak, histogram_scale=state.hist.scale,
         histogram_counts=state.hist.counts, **logits, **neighbours, examples=examples,
-        sinks=detect_sinks(state.peak, examples, cfg.window))
+        sinks=detect_sinks(state.peak, examples, cfg.window),
+        cofiring=state.cofiring.result(cfg.cofire_partners))
 
 
 class _Clock:

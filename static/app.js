@@ -80,6 +80,9 @@ async function streamSteer(form) {
     prompt: form.prompt.value, features: steerFeatures(),
     temperature: Number(form.temperature.value), max_tokens: Number(form.max_tokens.value),
     seed: Number(form.seed.value), steer_special: form.steer_special.checked,
+    format: form.format.value, top_p: Number(form.top_p.value),
+    frequency_penalty: Number(form.frequency_penalty.value),
+    top_logprobs: form.alternatives.checked ? 5 : 0,
   };
   send.disabled = true;
   document.getElementById("steer").dataset.state = "streaming";
@@ -114,8 +117,19 @@ function handleEvent(block, out) {
   const lines = block.split("\n");
   const kind = (lines.find((l) => l.startsWith("event: ")) || "event: message").slice(7);
   const data = JSON.parse((lines.find((l) => l.startsWith("data: ")) || "data: {}").slice(6));
-  if (kind === "token") out[data.side].textContent += data.text;
+  if (kind === "token" && data.top) out[data.side].appendChild(pieceWithAlternatives(data));
+  else if (kind === "token") out[data.side].append(data.text);
   if (kind === "error") throw new Error(data.detail);
+}
+
+// One reply piece whose tooltip lists the most likely tokens of the step that made it.
+function pieceWithAlternatives(data) {
+  const span = document.createElement("span");
+  span.className = "piece";
+  span.textContent = data.text;
+  span.title = data.top.map((t) =>
+    `${JSON.stringify(t.token)}  ${(100 * Math.exp(t.logprob)).toFixed(1)}%`).join("\n");
+  return span;
 }
 
 function steerPage() {

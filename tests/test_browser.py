@@ -5,6 +5,7 @@ Screenshots of every page land in ``test-artifacts/screenshots/``."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,7 +146,16 @@ def test_steer_streams_two_different_replies(page, live) -> None:
     steered = page.locator("#reply-steered").inner_text()
     assert page.locator("#steer-error").is_hidden()
     assert baseline and steered and baseline != steered
+    piece = page.locator("#reply-baseline span.piece").filter(has_text=re.compile(r"\w")).first
+    piece.hover()
+    alternatives = piece.get_attribute("title").split("\n")
+    assert len(alternatives) == 5 and all(a.endswith("%") for a in alternatives)
     _shot(page, "steer")
+    page.select_option("select[name=format]", "text")
+    page.fill("textarea[name=prompt]", "Once upon a time")
+    page.click("#send")
+    page.wait_for_selector("#steer[data-state=done]", timeout=120_000)
+    assert page.locator("#reply-baseline").inner_text() not in ("", baseline)
 
 
 def test_submit_a_job_and_watch_it_finish(page, live, tiny_llama_dir) -> None:

@@ -5,6 +5,7 @@ API, probing and streamed steering with the real model, CSRF, the admin token, a
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -162,9 +163,11 @@ def test_probe_page_and_api_agree_with_the_engine(client, explorer_data, embedde
     assert bad.status_code == 422 and "feature" in bad.json()["detail"]
 
 
-def _stream(client, body) -> dict[str, str]:
+def _stream(client, body, tokens: list | None = None) -> dict[str, str]:
+    """The two replies of a steering stream; ``tokens`` receives every token event."""
     replies = {"baseline": "", "steered": ""}
     events = []
+    tokens = [] if tokens is None else tokens
     with client.stream("POST", "/api/v1/steer", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -176,8 +179,33 @@ def _stream(client, body) -> dict[str, str]:
             events.append(kind)
             if kind == "token":
                 replies[data["side"]] += data["text"]
+                tokens.append(data)
     assert events[-1] == "done" and events.count("token") > 2
     return replies
+
+
+def test_steering_streams_text_continuations_with_alternatives(client, explorer_data) -> None:
+    base = {"sae_id": explorer_data["sae_id"], "prompt": "The capital of France is",
+            "temperature": 0, "max_tokens": 12, "seed": 0}
+    chat = _stream(client, base)
+    events: list[dict] = []
+    text = _stream(client, {**base, "format": "text", "top_logprobs": 3}, events)
+    assert text["baseline"] != chat["baseline"], "plain text is continued, not answered"
+    for event in events:
+        logprobs = [t["logprob"] for t in event["top"]]
+        assert len(logprobs) == 3 and logprobs == sorted(logprobs, reverse=True)
+        assert all(v <= 0 for v in logprobs) and sum(math.exp(v) for v in logprobs) <= 1.001
+    # greedy decoding picks the most likely token: a one-token piece is the first alternative
+    assert sum(e["text"] == e["top"][0]["token"] for e in events) >= len(events) - 2
+    assert "top" not in _stream_first_token(client, base)
+    bad = client.post("/api/v1/steer", json={**base, "top_logprobs": 11})
+    assert bad.status_code == 422 and "top_logprobs" in bad.json()["detail"]
+
+
+def _stream_first_token(client, body) -> dict:
+    events: list[dict] = []
+    _stream(client, body, events)
+    return events[0]
 
 
 def test_steering_streams_two_replies(client, explorer_data) -> None:

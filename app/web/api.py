@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -53,6 +54,13 @@ class SteerRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steer_special: bool = Field(False, description="also steer position 0 (BOS) and the "
                                 "chat template's special tokens (left alone by default)")
+    format: Literal["chat", "text"] = Field(
+        "chat", description="chat: the prompt is a user turn in the chat template; text: "
+        "BOS + the prompt, continued as plain text")
+    top_p: float = Field(0.95, gt=0, le=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    top_logprobs: int = Field(0, ge=0, le=10, description="with each token event, this "
+                              "many most likely tokens of its step and their log-probabilities")
 
     @field_validator("prompt")
     @classmethod
@@ -136,27 +144,38 @@ def probe_record(result, feature: int | None, ranked: list) -> dict:
 async def steer(body: SteerRequest, session: SessionDep, engine: EngineDep
                 ) -> StreamingResponse:
     """Baseline and steered replies as server-sent events: ``token`` events with
-    ``{"side": "baseline"|"steered", "text": ...}``, then ``done`` (or ``error``)."""
-    from training.inference.steering import Sampling, Steer
+    ``{"side": "baseline"|"steered", "text": ...}`` (plus ``"top": [{"token", "logprob"}]``
+    with ``top_logprobs``), then ``done`` (or ``error``)."""
+    from training.inference.steering import (
+        Sampling,
+        Steer,
+        chat_prompt_ids,
+        text_prompt_ids,
+    )
 
     row = views.sae_or_404(session, body.sae_id)
     maxima = views.latent_maxima(session, row.id, [f.index for f in body.features])
     steers = [Steer(feature=f.index, mode=f.mode, value=f.value) for f in body.features]
     sampling = Sampling(temperature=body.temperature, max_tokens=body.max_tokens,
-                        seed=body.seed, steer_special=body.steer_special)
+                        seed=body.seed, steer_special=body.steer_special, top_p=body.top_p,
+                        frequency_penalty=body.frequency_penalty)
     engine.check_capacity()
     handle = views.handle(row)
     session.close()  # the stream may last a minute: hold no database connection
-    pieces = engine.steer(handle, body.prompt, steers, maxima, sampling)
+    ids_of = partial(chat_prompt_ids if body.format == "chat" else text_prompt_ids,
+                     prompt=body.prompt)
+    pieces = engine.steer(handle, ids_of, steers, maxima, sampling, top=body.top_logprobs)
     return StreamingResponse(_events(pieces), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(pieces: AsyncIterator[tuple[int, str]]) -> AsyncIterator[str]:
+async def _events(pieces: AsyncIterator[tuple]) -> AsyncIterator[str]:
     try:
-        async for row, text in pieces:
-            side = "steered" if row else "baseline"
-            yield f"event: token\ndata: {json.dumps({'side': side, 'text': text})}\n\n"
+        async for row, text, *top in pieces:
+            event = {"side": "steered" if row else "baseline", "text": text}
+            if top:
+                event["top"] = [{"token": t, "logprob": v} for t, v in top[0]]
+            yield f"event: token\ndata: {json.dumps(event)}\n\n"
     except Exception as exc:  # the stream has started: report in-band
         yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n"
         return

@@ -117,22 +117,18 @@ class InferenceEngine:
 
         return await self.run(work)
 
-    async def steer(self, handle: SaeHandle, prompt: str, steers: list, maxima: dict[int, float],
-                    sampling) -> AsyncIterator[tuple[int, str]]:
-        """(row, text) pieces as the baseline (0) and steered (1) replies are decoded.
+    async def steer(self, handle: SaeHandle, ids_of: Callable[[Any], list[int]],
+                    steers: list, maxima: dict[int, float], sampling, top: int = 0
+                    ) -> AsyncIterator[tuple]:
+        """(row, text) pieces as the baseline (0) and steered (1) replies to ``ids_of(lm)``
+        are decoded; (row, text, alternatives) with ``top`` most likely tokens.
 
         Callers check ``check_capacity()`` before they start streaming a response."""
-        from training.inference.steering import (
-            STEERED_ROWS,
-            chat_prompt_ids,
-            generate_pair,
-            steering_edit,
-        )
+        from training.inference.steering import STEERED_ROWS, generate_pair, steering_edit
 
         def produce(lm, sae):
             edit = steering_edit(sae, steers, maxima, rows=STEERED_ROWS)
-            yield from generate_pair(lm, handle.layer, edit, chat_prompt_ids(lm, prompt),
-                                     sampling)
+            yield from generate_pair(lm, handle.layer, edit, ids_of(lm), sampling, top=top)
 
         async for item in self.stream(handle, produce):
             yield item

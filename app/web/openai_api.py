@@ -109,7 +109,9 @@ def chat_ids(lm, messages: list[dict]) -> list[int]:
 
 
 def text_ids(lm, prompt: str) -> list[int]:
-    return [lm.bos_id, *lm.tokenizer.encode(prompt, add_special_tokens=False)]
+    from training.inference.steering import text_prompt_ids
+
+    return text_prompt_ids(lm, prompt)
 
 
 async def _complete(body: _Common, kind: str, ids_of, session, engine):

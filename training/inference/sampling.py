@@ -136,11 +136,7 @@ def decode_rows(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sam
     ``counts`` (a list of ``rows`` zeros) receives each row's number of new tokens. Bad
     arguments raise ValueError here, before the first token is asked for.
     """
-    _check_prompt(lm, prompt_ids, sampling)
-    if edit is not None:
-        if layer is None:
-            raise ValueError("an edit needs the layer whose output it edits")
-        lm.check_layer(layer)
+    _check_args(lm, prompt_ids, sampling, layer, edit)
     stops = frozenset() if ignore_eos else stop_token_ids(lm)
     return _decode(lm, prompt_ids, rows, sampling, layer, edit, stops, counts)
 
@@ -149,26 +145,38 @@ def decode_ids(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Samp
                layer: int | None = None, edit: Edit | None = None) -> list[list[int]]:
     """The new token ids of each of ``rows`` replies (stop tokens excluded): what
     ``decode_rows`` streams as text, for callers that read the replies back."""
-    _check_prompt(lm, prompt_ids, sampling)
-    if edit is not None:
-        if layer is None:
-            raise ValueError("an edit needs the layer whose output it edits")
-        lm.check_layer(layer)
+    _check_args(lm, prompt_ids, sampling, layer, edit)
     out: list[list[int]] = [[] for _ in range(rows)]
-    for tokens, fresh in _steps(lm, prompt_ids, rows, sampling, layer, edit,
-                                stop_token_ids(lm)):
+    for tokens, fresh, _ in _steps(lm, prompt_ids, rows, sampling, layer, edit,
+                                   stop_token_ids(lm)):
         for row in fresh:
             out[row].append(tokens[row])
     return out
 
 
+def decode_rows_with_top(lm: LoadedModel, prompt_ids: list[int], rows: int,
+                         sampling: Sampling, *, layer: int | None = None,
+                         edit: Edit | None = None, top: int = 5
+                         ) -> Iterator[tuple[int, str, list[tuple[str, float]]]]:
+    """``decode_rows`` that also gives, with each piece, the ``top`` most likely next
+    tokens of the step that made it and their log-probabilities (the distribution it was
+    sampled from before temperature and top-p: the model's own view, frequency penalty
+    included). A piece that completes several tokens (a split UTF-8 character) carries the
+    alternatives of its last token."""
+    if not 1 <= top <= 20:
+        raise ValueError(f"top must be between 1 and 20 (got {top})")
+    _check_args(lm, prompt_ids, sampling, layer, edit)
+    return _decode(lm, prompt_ids, rows, sampling, layer, edit, stop_token_ids(lm), None, top)
+
+
 def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
             layer: int | None, edit: Edit | None, stops: frozenset[int],
-            counts: list[int] | None = None) -> Iterator[tuple[int, str]]:
+            counts: list[int] | None = None, top: int = 0) -> Iterator[tuple]:
+    """(row, piece) — or (row, piece, top alternatives) when ``top`` — per new text."""
     texts = [IncrementalText(lm.tokenizer) for _ in range(rows)]
     live = [True] * rows
-    for step, (tokens, fresh) in enumerate(_steps(lm, prompt_ids, rows, sampling, layer, edit,
-                                                  stops)):
+    steps = _steps(lm, prompt_ids, rows, sampling, layer, edit, stops, top)
+    for step, (tokens, fresh, alternatives) in enumerate(steps):
         last = step == sampling.max_tokens - 1
         for row, token in enumerate(tokens):
             if not live[row]:
@@ -180,17 +188,26 @@ def _decode(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Samplin
             if stopped or last:
                 piece += texts[row].flush()
                 live[row] = False
-            if piece:
+            if piece and top:
+                yield row, piece, _named(lm, alternatives, row)
+            elif piece:
                 yield row, piece
+
+
+def _named(lm: LoadedModel, alternatives, row: int) -> list[tuple[str, float]]:
+    values, ids = alternatives
+    return [(lm.tokenizer.decode([i]), round(v, 4))
+            for i, v in zip(ids[row].tolist(), values[row].tolist(), strict=True)]
 
 
 @torch.inference_mode()
 def _steps(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling,
-           layer: int | None, edit: Edit | None,
-           stops: frozenset[int]) -> Iterator[tuple[list[int], set[int]]]:
-    """Per decoding step: every row's sampled token and the rows for which it is a new
-    reply token (the row was live and the token is not a stop token). Ends when every row
-    has stopped or after ``sampling.max_tokens`` steps."""
+           layer: int | None, edit: Edit | None, stops: frozenset[int], top: int = 0
+           ) -> Iterator[tuple[list[int], set[int], tuple[Tensor, Tensor] | None]]:
+    """Per decoding step: every row's sampled token, the rows for which it is a new reply
+    token (the row was live and the token is not a stop token) and, with ``top``, each
+    row's ``top`` most likely tokens (log-probabilities [R, top], ids [R, top]). Ends when
+    every row has stopped or after ``sampling.max_tokens`` steps."""
     generators = [_generator(lm.device, sampling.seed) for _ in range(rows)]
     live = set(range(rows))
     inputs = torch.tensor([prompt_ids] * rows, device=lm.device)
@@ -208,11 +225,24 @@ def _steps(lm: LoadedModel, prompt_ids: list[int], rows: int, sampling: Sampling
         if seen is not None:
             seen[torch.arange(rows), torch.tensor(tokens, device=seen.device)] += 1
         fresh = {row for row in live if tokens[row] not in stops}
-        yield tokens, fresh
+        alternatives = None
+        if top:
+            best = torch.log_softmax(logits, dim=-1).topk(top, dim=-1)
+            alternatives = (best.values.cpu(), best.indices.cpu())
+        yield tokens, fresh, alternatives
         live = fresh
         if not live:
             return
         inputs = torch.tensor(tokens, device=lm.device).unsqueeze(1)
+
+
+def _check_args(lm: LoadedModel, prompt_ids: list[int], sampling: Sampling,
+                layer: int | None, edit: Edit | None) -> None:
+    _check_prompt(lm, prompt_ids, sampling)
+    if edit is not None:
+        if layer is None:
+            raise ValueError("an edit needs the layer whose output it edits")
+        lm.check_layer(layer)
 
 
 def _check_prompt(lm: LoadedModel, prompt_ids: list[int], sampling: Sampling) -> None:

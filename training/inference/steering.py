@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from training.data.models import LoadedModel
-from training.inference.sampling import Edit, Sampling, decode_rows
+from training.inference.sampling import Edit, Sampling, decode_rows, decode_rows_with_top
 from training.sae.autoencoder import SparseAutoencoder
 
 __all__ = ["STEERED_ROWS", "Sampling", "Steer", "chat_prompt_ids", "generate",
@@ -185,13 +185,25 @@ def chat_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
     return conversation_ids(lm, [{"role": "user", "content": prompt}])
 
 
+def text_prompt_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    """BOS + ``prompt`` as plain text, to be continued (no chat template)."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    return [lm.bos_id, *lm.tokenizer.encode(prompt, add_special_tokens=False)]
+
+
 def generate_pair(lm: LoadedModel, layer: int, edit: Edit | None,
-                  prompt_ids: list[int], sampling: Sampling) -> Iterator[tuple[int, str]]:
-    """Baseline (row 0) and steered (row 1) replies as one batch; yields (row, text piece).
+                  prompt_ids: list[int], sampling: Sampling, *, top: int = 0
+                  ) -> Iterator[tuple]:
+    """Baseline (row 0) and steered (row 1) replies as one batch; yields (row, text piece),
+    or (row, text piece, [(token, logprob)] * top) with ``top`` (see decode_rows_with_top).
 
     ``edit`` must be built with ``rows=STEERED_ROWS`` so that row 0 stays unsteered; with
     None both rows still run (row 1 then repeats row 0), keeping the timing comparable.
     """
+    if top:
+        return decode_rows_with_top(lm, prompt_ids, 2, sampling, layer=layer, edit=edit,
+                                    top=top)
     return decode_rows(lm, prompt_ids, 2, sampling, layer=layer, edit=edit)
 
 

@@ -58,7 +58,8 @@ class JobParams(BaseModel):
         "auto", description="auto: Claude with an API key, else an OpenAI-compatible server "
         "when one is configured, else the local model; maxact: offline labels")
     explainer_model: str | None = Field(None, max_length=300, description="the LLM "
-                                        "explainer's model [default: settings]")
+                                        "explainer's model [default: settings; for local, "
+                                        "the SAE's model]")
     score: bool = Field(True, description="score explanations (detection, fuzzing)")
     steer_eval_count: int = Field(0, ge=0, le=4096, description="pipeline: measure the "
                                   "steerability of this many of the most active non-sink "
@@ -100,6 +101,12 @@ def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web
                                                      hub=settings.hub_access))
             except PathRefused as exc:
                 problems[name] = exc.problem
+    if parsed.explainer == "local" and parsed.explainer_model and web:
+        try:  # the local explainer loads this model: a source like any other
+            parsed.explainer_model = checked_source("explainer_model", parsed.explainer_model,
+                                                    settings, hub=settings.hub_access)
+        except PathRefused as exc:
+            problems["explainer_model"] = exc.problem
     for name, marker, what in (("acts", "manifest.json", "a capture"),
                                ("sae", "cfg.json", "an SAE folder")):
         value = getattr(parsed, name)

@@ -316,11 +316,11 @@ def test_cancel_during_explain_keeps_the_stored_sae(stack, tiny_llama_dir) -> No
         pytest.skip("one broker is enough: this is about the files a cancel removes")
     stack.start_worker()
     job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{
-        "--explain-count": 40, "--explainer": "local"}))
+        "--explain-count": 40, "--explainer": "local", "--explainer-model": "smollm2-135m"}))
     stack.wait(job_id, lambda j: j.stage == "explain" and j.state == "running")
     assert stack.cli("jobs", "cancel", job_id).exit_code == 0
     job = stack.wait(job_id, _ended)
-    assert job.state == "cancelled" and "kept the finished stages" in job.message
+    assert job.state == "cancelled" and "kept the finished stages" in job.message, job.message
     assert (Path(job.result["sae"]) / "cfg.json").is_file() and Path(job.result["acts"]).is_dir()
     with stack.sessions() as session:
         sae = session.get(Sae, job.result["sae_id"])

@@ -124,6 +124,8 @@ def test_steer_and_probe_sizes_are_bounded(client) -> None:
     ({"layer": 3, "model": "/etc"}, "model"),
     ({"layer": 3, "model": "someone/made-up-model"}, "model"),
     ({"layer": 3, "dataset": "someone/some-dataset"}, "dataset"),
+    ({"layer": 3, "explain_count": 2, "explainer": "local", "explainer_model": "/etc"},
+     "explainer_model"),
 ])
 def test_paths_outside_the_allowed_roots_are_refused(client, settings, params, field) -> None:
     answer = _submit(client, params)

@@ -73,7 +73,8 @@ def make_explainer(kind: str, params: JobParams, settings: Settings, model_name:
     from training.autointerp.local import LocalExplainer
     from training.data.models import load_model
 
-    return LocalExplainer(load_model(model_name, data_dir=settings.data_dir))
+    local = params.explainer_model if params.explainer == "local" else None
+    return LocalExplainer(load_model(local or model_name, data_dir=settings.data_dir))
 
 
 def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: int, *,

@@ -43,6 +43,8 @@ def submit(
     explain_count: Annotated[int | None, typer.Option(
         "--explain-count", help="pipeline: LLM labels for this many latents")] = None,
     explainer: Annotated[str | None, typer.Option("--explainer")] = None,
+    explainer_model: Annotated[str | None, typer.Option(
+        "--explainer-model", help="the LLM explainer's model (local: a model source)")] = None,
     steer_eval_count: Annotated[int | None, typer.Option(
         "--steer-eval-count", help="pipeline: steer-evaluate this many latents")] = None,
     queue: Annotated[str | None, typer.Option("--queue")] = None,

@@ -178,6 +178,22 @@ def test_bench_train_without_saelens(env, acts) -> None:
     assert ours["flops_fraction"] > 0 and figures["matmul_gflops"] > 0
 
 
+def test_bench_dead_compares_auxk_windows_on_the_same_run(env, acts) -> None:
+    result = invoke(env, "bench", "dead", "--acts", acts, "--latents", 256, "--k", 4,
+                    "--batch", 512, "--tokens", 4096, "--holdout", 2048, "--windows", "0.25,1")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    runs = figures["runs"]
+    assert [r["dead_tokens"] for r in runs] == [None, 1024, 4096]
+    assert runs[0]["aux_coef"] == 0 and all(r["aux_coef"] > 0 for r in runs[1:])
+    assert all(0 <= r["dead_share"] <= 1 and 0 < r["fvu"] < 2 for r in runs)
+    # a window as long as the run never calls a latent dead, so AuxK never switches on
+    assert runs[2]["fvu"] == runs[0]["fvu"] and runs[2]["dead_share"] == runs[0]["dead_share"]
+    assert runs[1]["fvu"] != runs[0]["fvu"], "a quarter-run window trains the dead latents"
+    bad = invoke(env, "bench", "dead", "--acts", acts, "--windows", "half")
+    _one_line_error(bad, "--windows")
+
+
 def test_bench_train_needs_enough_rows(env, acts) -> None:
 
     result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,

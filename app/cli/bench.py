@@ -131,6 +131,32 @@ def bench_dead(
     typer.echo(json.dumps(result))
 
 
+@bench_app.command("llama32")
+def bench_llama32(
+    shape: Annotated[str, typer.Option("--shape", help="1b or 3b")] = "1b",
+    layer: Annotated[int, typer.Option("--layer")] = 8,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to capture")] = 8192,
+    train_tokens: Annotated[int, typer.Option("--train-tokens")] = 65_536,
+    latents: Annotated[int, typer.Option("--latents")] = 16_384,
+    k: Annotated[int, typer.Option("--k")] = 32,
+    batch: Annotated[int, typer.Option("--batch")] = 4096,
+    device: DeviceOpt = None,
+) -> None:
+    """Capture and training tokens/s and peak memory on Llama 3.2's full shape (its real
+    tokenizer, random weights)."""
+    from training.bench.scale import bench_llama32 as run
+
+    with cli_errors():
+        if min(tokens, train_tokens, latents, k, batch) < 1:
+            raise ValueError("--tokens, --train-tokens, --latents, --k and --batch must be "
+                             "positive")
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
+            result = run(Path(work), shape=shape, layer=layer, tokens=tokens,
+                         train_tokens=train_tokens, latents=latents, k=k, batch=batch,
+                         device=device)
+    typer.echo(json.dumps(result))
+
+
 @bench_app.command("analysis")
 def bench_analysis(
     sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],

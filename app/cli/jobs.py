@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DbOpt, JsonOpt, app, cli_errors, open_sessions
+from app.cli.common import DbOpt, JsonOpt, app, cli_errors, open_sessions, run_job_here
 from app.settings import get_settings
 from app.store.records import job_record
 
@@ -49,18 +49,23 @@ def submit(
         "--steer-eval-count", help="pipeline: steer-evaluate this many latents")] = None,
     queue: Annotated[str | None, typer.Option("--queue")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow it until it ends")] = False,
+    now: Annotated[bool, typer.Option("--now", help="run it here, through the worker's own "
+                                      "code, instead of queueing it")] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Queue a job; prints it (with its id)."""
+    """Queue a job (or run it here with --now); prints it (with its id)."""
     given = {key: value for key, value in locals().items() if value is not None and key not in
-             ("kind", "wait", "db", "as_json")}
+             ("kind", "wait", "now", "db", "as_json")}
     from app import jobs
 
     with cli_errors():
         sessions = open_sessions(db)
-        job = jobs.submit(sessions, _celery(), kind, given, get_settings())
-        if wait:
+        if now:
+            job = run_job_here(sessions, kind, given)
+        else:
+            job = jobs.submit(sessions, _celery(), kind, given, get_settings())
+        if wait and not now:
             job = _follow(sessions, job.id)
     _print(job, as_json)
     if job.state in ("failed", "cancelled"):

@@ -280,8 +280,16 @@ def _call_style(model: torch.nn.Module) -> _CallStyle:
 
 def special_token_ids(lm: LoadedModel) -> frozenset[int]:
     """The tokenizer's special tokens (BOS, EOS, the chat template's markers such as
-    ``<|im_start|>`` or Llama 3's ``<|start_header_id|>`` and ``<|eot_id|>``)."""
-    return frozenset(int(i) for i in getattr(lm.tokenizer, "all_special_ids", []) or [])
+    ``<|im_start|>`` or Llama 3's ``<|start_header_id|>`` and ``<|eot_id|>``).
+
+    ``all_special_ids`` alone misses Llama 3's chat markers: its tokenizer flags them
+    special in ``added_tokens_decoder`` without listing them as additional special tokens,
+    so ``all_special_ids`` holds only BOS, EOS and padding there."""
+    tokenizer = lm.tokenizer
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return frozenset(ids)
 
 
 def _steerable(inputs: Tensor, special: Tensor, prefill: bool) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from training.data import capture as capture_module
 from training.data.activations import ActivationError, ActivationStore, Manifest, read_shard
-from training.data.capture import CaptureConfig, CaptureError, capture
+from training.data.capture import CaptureConfig, CaptureError, capture, capture_layers
 from training.data.corpus import CorpusError
 from training.data.models import ModelLoadError
 
@@ -174,3 +174,61 @@ def test_an_interrupted_capture_leaves_its_partial_files(tiny_model, text_file, 
         capture(tiny_model, _cfg(text_file), tmp_path / "acts", progress=False,
                 on_tokens=callback)
     assert (tmp_path / ".acts.partial").exists() == kept
+
+
+def _rows(folder: Path) -> torch.Tensor:
+    return torch.cat(list(ActivationStore(folder).iter_sequential(10_000)))
+
+
+def test_several_layers_from_one_forward_equal_single_captures(tiny_model, text_file,
+                                                               tmp_path, monkeypatch):
+    blocks_run: list[int] = []
+    for index, block in enumerate(tiny_model.blocks):
+        monkeypatch.setattr(block, "forward", _counting(block.forward, blocks_run, index))
+    singles = {layer: capture(tiny_model, _cfg(text_file, layer=layer),
+                              tmp_path / f"single-{layer}", progress=False)
+               for layer in (0, 2)}
+    forwards_alone = blocks_run.count(2)
+    blocks_run.clear()
+    outs = {0: tmp_path / "many" / "L0", 2: tmp_path / "many" / "L2"}
+    manifests = capture_layers(tiny_model, _cfg(text_file), outs, progress=False)
+    # one forward per batch for both layers, stopped after block 2
+    assert blocks_run.count(0) == blocks_run.count(2) == forwards_alone > 0
+    assert 3 not in blocks_run
+    for layer, single in singles.items():
+        assert manifests[layer].layer == layer and manifests[layer].shards == single.shards
+        assert torch.equal(_rows(outs[layer]), _rows(tmp_path / f"single-{layer}"))
+    assert capture_layers(tiny_model, _cfg(text_file), outs, progress=False)[2].rows == (
+        manifests[2].rows)  # finished: reused
+
+
+def _counting(forward, log: list, index: int):
+    def counted(*args, **kwargs):
+        log.append(index)
+        return forward(*args, **kwargs)
+    return counted
+
+
+def test_layers_interrupted_between_their_shards_resume_together(tiny_model, text_file,
+                                                                 tmp_path, monkeypatch):
+    reference = capture(tiny_model, _cfg(text_file, layer=2), tmp_path / "ref", progress=False)
+    real_write = capture_module._write_shard
+    calls = {"n": 0}
+
+    def write_then_interrupt(*args):
+        real_write(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:  # layer 0's second shard is written, layer 2's is not
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(capture_module, "_write_shard", write_then_interrupt)
+    outs = {0: tmp_path / "L0", 2: tmp_path / "L2"}
+    with pytest.raises(KeyboardInterrupt):
+        capture_layers(tiny_model, _cfg(text_file), outs, progress=False)
+    assert [len(Manifest.load(tmp_path / f".L{i}.partial").shards) for i in (0, 2)] == [1, 1]
+    monkeypatch.setattr(capture_module, "_write_shard", real_write)
+    resumed = capture_layers(tiny_model, _cfg(text_file), outs, progress=False)
+    assert resumed[2].shards == reference.shards
+    assert torch.equal(_rows(outs[2]), _rows(tmp_path / "ref"))
+    with pytest.raises(ModelLoadError, match="layer 9 is out of range"):
+        capture_layers(tiny_model, _cfg(text_file), {1: tmp_path / "a", 9: tmp_path / "b"})

@@ -220,3 +220,16 @@ def test_bad_eval_flags(env, acts, tmp_path, flags, fragment) -> None:
                     "--tokens", 1024, "--out", tmp_path / "sae")
     assert result.exit_code == 0, result.output
     _one_line_error(invoke(env, "eval", "--sae", tmp_path / "sae", *flags), fragment)
+
+
+def test_capture_several_layers_into_one_folder_each(env, corpus, tmp_path) -> None:
+    out = tmp_path / "acts"
+    result = invoke(env, "capture", "--layer", "1,3", "--tokens", 600, "--context", 32,
+                    "--dataset", corpus, "--dtype", "fp32", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert [json.loads((out / f"L{i}" / "manifest.json").read_text())["layer"]
+            for i in (1, 3)] == [1, 3]
+    for bad, flag in (("1,x", "--layer"), ("2,2", "--layer")):
+        _one_line_error(invoke(env, "capture", "--layer", bad, "--tokens", 10,
+                               "--out", tmp_path / "bad"), flag)
+    assert not (tmp_path / "bad").exists()

@@ -18,9 +18,11 @@ from app.cli.common import DatasetOpt, DeviceOpt, ModelOpt, app, cli_errors, loa
 
 @app.command()
 def capture(
-    layer: Annotated[int, typer.Option("--layer", help="decoder block (0-based)")],
+    layer: Annotated[str, typer.Option("--layer", help="decoder block (0-based), or several "
+                                       "as 4,8,12 (one forward, one folder per layer)")],
     tokens: Annotated[int, typer.Option("--tokens", help="activations to capture")],
-    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (with several layers: "
+                                      "OUT/L4, OUT/L8, ...)")],
     model: ModelOpt = None,
     dataset: DatasetOpt = "embedded",
     context: Annotated[int, typer.Option("--context", help="tokens per context")] = 128,
@@ -31,17 +33,32 @@ def capture(
     device: DeviceOpt = None,
 ) -> None:
     """Capture block LAYER's residual-stream activations into sharded safetensors."""
-    from training.data.capture import CaptureConfig
-    from training.data.capture import capture as run_capture
+    from training.data.capture import CaptureConfig, capture_layers
 
     with cli_errors():
-        cfg = CaptureConfig(layer=layer, tokens=tokens, dataset=dataset, context=context,
+        layers = _parse_layers(layer)
+        cfg = CaptureConfig(layer=layers[0], tokens=tokens, dataset=dataset, context=context,
                             dtype=dtype, batch_contexts=batch, split=split,
                             text_column=text_column)
+        outs = {layers[0]: out} if len(layers) == 1 else {
+            index: out / f"L{index}" for index in layers}
         lm = load_lm(model, device)
-        manifest = run_capture(lm, cfg, out)
-    typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
-               f"{manifest.layer} in {len(manifest.shards)} shards -> {out}")
+        manifests = capture_layers(lm, cfg, outs)
+    for index, manifest in manifests.items():
+        typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
+                   f"{manifest.layer} in {len(manifest.shards)} shards -> {outs[index]}")
+
+
+def _parse_layers(text: str) -> list[int]:
+    """``--layer`` as one block or a comma-separated list of distinct blocks."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--layer: expected a block number or a list like 4,8,12 "
+                         f"(got {text!r})") from None
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--layer: {text!r} names a block twice")
+    return layers
 
 
 @app.command()

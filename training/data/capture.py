@@ -16,8 +16,8 @@ import itertools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from training.data.activations import SHARD_KEY, Manifest, shard_name
 from training.data.corpus import iter_texts
-from training.data.hooks import block_output
+from training.data.hooks import block_outputs
 from training.data.models import LoadedModel, parse_dtype
 from training.data.packing import pack_contexts
 from training.data.stop import Interrupted
@@ -85,26 +85,73 @@ def capture(lm: LoadedModel, cfg: CaptureConfig, out: Path, *, progress: bool = 
     ``on_tokens(rows captured, rows asked for)`` is called after every forward batch; an
     exception raised there stops the capture (and removes its partial directory, unless it
     is ``Interrupted``)."""
-    out = Path(out)
-    lm.check_layer(cfg.layer)
+    return capture_layers(lm, cfg, {cfg.layer: Path(out)}, progress=progress,
+                          on_tokens=on_tokens)[cfg.layer]
+
+
+def capture_layers(lm: LoadedModel, cfg: CaptureConfig, outs: Mapping[int, Path], *,
+                   progress: bool = True, on_tokens: Callable[[int, int], None] | None = None
+                   ) -> dict[int, Manifest]:
+    """Capture several blocks' outputs from one forward pass per batch (it stops after the
+    deepest of them): ``outs`` maps each layer to its own capture folder, each one exactly
+    what ``capture`` alone would write (``cfg.layer`` is replaced by each layer)."""
+    if not outs:
+        raise CaptureError("--layer: give at least one layer")
+    cfgs = {layer: replace(cfg, layer=layer) for layer in outs}
+    for layer in outs:
+        lm.check_layer(layer)
     _check_context(lm, cfg.context)
-    finished = _existing(out, lm, cfg)
-    if finished is not None:
-        return finished
-    partial = out.parent / f".{out.name}.partial"
-    manifest = _resume_or_start(partial, lm, cfg)
+    done = {layer: _existing(Path(out), lm, cfgs[layer]) for layer, out in outs.items()}
+    todo = {layer: _Target(Path(out), cfgs[layer]) for layer, out in outs.items()
+            if done[layer] is None}
+    if not todo:
+        return done
+    for target in todo.values():
+        target.manifest = _resume_or_start(target.partial, lm, target.cfg)
+    _align(todo.values(), cfg.contexts_per_shard)
     try:
-        _fill(lm, cfg, partial, manifest, progress, on_tokens)
+        _fill(lm, cfg, todo, progress, on_tokens)
     except (KeyboardInterrupt, Interrupted):
-        log.warning("capture interrupted; run the same command again to resume from %s", partial)
+        log.warning("capture interrupted; run the same command again to resume")
         raise
     except BaseException as exc:
-        shutil.rmtree(partial, ignore_errors=True)
+        for target in todo.values():
+            shutil.rmtree(target.partial, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise CaptureError(f"disk full while writing activations to {out}") from exc
+            raise CaptureError(f"disk full while writing activations to "
+                               f"{', '.join(str(t.out) for t in todo.values())}") from exc
         raise
-    os.replace(partial, out)
-    return manifest
+    for layer, target in todo.items():
+        os.replace(target.partial, target.out)
+        done[layer] = target.manifest
+    return done
+
+
+@dataclass
+class _Target:
+    """One layer's capture in progress: its folder, settings and manifest."""
+
+    out: Path
+    cfg: CaptureConfig
+    manifest: Manifest | None = None
+
+    @property
+    def partial(self) -> Path:
+        return self.out.parent / f".{self.out.name}.partial"
+
+
+def _align(targets: Iterable[_Target], per_shard: int) -> None:
+    """Layers interrupted between their shard writes resume from the shard count they all
+    reached: the shards written after it are dropped (they are written again)."""
+    targets = list(targets)
+    common = min(len(t.manifest.shards) for t in targets)
+    for target in targets:
+        manifest = target.manifest
+        if len(manifest.shards) > common:
+            manifest.shards = manifest.shards[:common]
+            manifest.contexts, manifest.rows = common * per_shard, sum(manifest.shards)
+            manifest.save(target.partial)
+            _drop_stray_files(target.partial, common)
 
 
 def _check_context(lm: LoadedModel, context: int) -> None:
@@ -164,18 +211,22 @@ def _drop_stray_files(partial: Path, complete: int) -> None:
             path.unlink()
 
 
-def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest,
+def _fill(lm: LoadedModel, cfg: CaptureConfig, targets: Mapping[int, _Target],
           progress: bool, on_tokens: Callable[[int, int], None] | None) -> None:
-    """Run the model over the remaining contexts, writing one shard per ``contexts_per_shard``."""
-    done = manifest.contexts
+    """Run the model over the remaining contexts, writing one shard per
+    ``contexts_per_shard`` into every target (all at the same shard count)."""
+    manifests = [t.manifest for t in targets.values()]
+    first = manifests[0]
+    done = first.contexts
     remaining = cfg.contexts_needed - done
     if remaining <= 0:
         return
     contexts = itertools.islice(_contexts(lm, cfg), done, cfg.contexts_needed)
-    bar = tqdm(total=remaining * (cfg.context - 1), unit="tok", desc=f"capture L{cfg.layer}",
+    names = ",".join(f"L{layer}" for layer in targets)
+    bar = tqdm(total=remaining * (cfg.context - 1), unit="tok", desc=f"capture {names}",
                disable=not progress)
     dtype = parse_dtype(cfg.dtype)
-    counted = [manifest.rows]  # not bar.n: a disabled bar counts nothing
+    counted = [first.rows]  # not bar.n: a disabled bar counts nothing
 
     def advance(rows: int) -> None:
         bar.update(rows)
@@ -186,20 +237,27 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, partial: Path, manifest: Manifest
     with bar:
         for group in _batched(contexts, cfg.contexts_per_shard):
             ids = torch.tensor(group, dtype=torch.long)
-            acts = _activations(lm, cfg, ids, advance).to(dtype)
-            _write_shard(partial, len(manifest.shards), acts, ids)
-            manifest.shards.append(acts.shape[0])
-            manifest.contexts += len(group)
-            manifest.rows += acts.shape[0]
-            manifest.save(partial)
-    if manifest.contexts == 0:
+            acts = _activations(lm, list(targets), cfg.batch_contexts, ids, advance)
+            for layer, target in targets.items():
+                _append_shard(target, acts[layer].to(dtype), ids, len(group))
+    if first.contexts == 0:
         raise CaptureError(f"dataset {cfg.dataset!r} yielded no complete context of "
                            f"{cfg.context} tokens")
-    if manifest.rows < cfg.tokens:
-        manifest.exhausted = True
-        manifest.save(partial)
+    if first.rows < cfg.tokens:
+        for target in targets.values():
+            target.manifest.exhausted = True
+            target.manifest.save(target.partial)
         log.warning("dataset %r ran out after %d of the %d tokens asked for", cfg.dataset,
-                    manifest.rows, cfg.tokens)
+                    first.rows, cfg.tokens)
+
+
+def _append_shard(target: _Target, acts: Tensor, ids: Tensor, contexts: int) -> None:
+    manifest = target.manifest
+    _write_shard(target.partial, len(manifest.shards), acts, ids)
+    manifest.shards.append(acts.shape[0])
+    manifest.contexts += contexts
+    manifest.rows += acts.shape[0]
+    manifest.save(target.partial)
 
 
 def _contexts(lm: LoadedModel, cfg: CaptureConfig) -> Iterator[list[int]]:
@@ -212,16 +270,17 @@ def _batched(items: Iterator[list[int]], size: int) -> Iterator[list[list[int]]]
         yield group
 
 
-def _activations(lm: LoadedModel, cfg: CaptureConfig, ids: Tensor,
-                 advance: Callable[[int], None]) -> Tensor:
-    """Non-BOS activations of contexts ids [C, T] -> [C·(T−1), d], on the CPU;
+def _activations(lm: LoadedModel, layers: list[int], batch_contexts: int, ids: Tensor,
+                 advance: Callable[[int], None]) -> dict[int, Tensor]:
+    """Non-BOS activations of contexts ids [C, T] -> {layer: [C·(T−1), d]}, on the CPU;
     ``advance(rows)`` after each forward batch."""
-    chunks = []
-    for batch in ids.split(cfg.batch_contexts):
-        hidden = block_output(lm.model, lm.blocks, cfg.layer, batch.to(lm.device))
-        chunks.append(hidden[:, 1:].reshape(-1, hidden.shape[-1]).float().cpu())
+    chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for batch in ids.split(batch_contexts):
+        hidden = block_outputs(lm.model, lm.blocks, layers, batch.to(lm.device))
+        for layer, h in hidden.items():
+            chunks[layer].append(h[:, 1:].reshape(-1, h.shape[-1]).float().cpu())
         advance(batch.numel() - batch.shape[0])
-    return torch.cat(chunks)
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
 
 
 def _write_shard(partial: Path, index: int, acts: Tensor, ids: Tensor) -> None:

@@ -48,6 +48,37 @@ def block_output(model: nn.Module, blocks: nn.ModuleList, layer: int,
     return captured[0]
 
 
+@torch.inference_mode()
+def block_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
+                  input_ids: Tensor) -> dict[int, Tensor]:
+    """Residual streams after each block of ``layers`` -> {layer: [B, T, d]}, from one
+    forward pass that stops after the deepest of them."""
+    if len(layers) == 1:
+        return {layers[0]: block_output(model, blocks, layers[0], input_ids)}
+    captured: dict[int, Tensor] = {}
+    deepest = max(layers)
+
+    def hook_for(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = _hidden(output)
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in set(layers)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise RuntimeError(f"blocks {missing} did not run during the forward pass")
+    return {layer: captured[layer] for layer in layers}
+
+
 @contextmanager
 def edit_block_output(blocks: nn.ModuleList, layer: int,
                       edit: Callable[[Tensor], Tensor]) -> Iterator[None]:

@@ -157,6 +157,39 @@ def bench_llama32(
     typer.echo(json.dumps(result))
 
 
+@bench_app.command("eval")
+def bench_eval(
+    sae: Annotated[Path | None, typer.Option(
+        "--sae", help="SAE directory [default: a random n=8192, k=32 SAE at --layer of "
+        "--model; the cost does not depend on its weights]")] = None,
+    model: ModelOpt = None,
+    layer: Annotated[int, typer.Option("--layer", help="block, without --sae")] = 15,
+    tokens: Annotated[int, typer.Option("--tokens", help="timed tokens per path")] = 4096,
+    batch: Annotated[int, typer.Option("--batch", help="contexts per batch")] = 8,
+    device: DeviceOpt = None,
+) -> None:
+    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes."""
+    import torch
+
+    from training.bench.evaluation import bench_eval as run
+    from training.sae.autoencoder import SaeConfig, SparseAutoencoder
+    from training.sae.folder import load_sae
+
+    with cli_errors():
+        if tokens < 1 or batch < 1:
+            raise ValueError("--tokens and --batch must be positive")
+        if sae is not None:
+            loaded, cfg = load_sae(sae)
+            model, layer = model or cfg.get("model_name"), int(cfg["hook_layer"])
+        lm = load_lm(model, device)
+        if sae is None:
+            torch.manual_seed(0)
+            loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
+        lm.check_layer(layer)
+        result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
+    typer.echo(json.dumps(result))
+
+
 @bench_app.command("analysis")
 def bench_analysis(
     sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],

@@ -1,8 +1,13 @@
 """Evaluating an SAE spliced into its model.
 
-For each batch of packed contexts three forward passes run: clean, with block L's output
-replaced by the SAE reconstruction, and with it zero-ablated. BOS positions are left
-untouched in both edits (the SAE was not trained on them). Reported:
+For each batch of packed contexts the model runs clean, with block L's output replaced by
+the SAE reconstruction, and with it zero-ablated. The three share the forward up to block
+L: the clean pass records block L's output and the inputs block L+1 received (rotary
+embeddings, mask), and the two edited passes run only blocks L+1.. and the LM head from
+the edited output (``_Suffix``; models whose layout it does not know run three whole
+passes). The losses are computed a chunk of positions at a time, so the [tokens, vocab]
+log-probabilities never exist whole. BOS positions are left untouched in both edits (the
+SAE was not trained on them). Reported:
 
 * FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens.
 * L0: mean active latents per token; dead fraction: latents that never fired.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -87,18 +93,12 @@ class _Totals:
             kl=self.kl / max(1, self.predicted))
 
 
-def _token_losses(logits: Tensor, ids: Tensor) -> Tensor:
-    """Summed next-token CE of logits [B, T, V] against ids [B, T]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                           reduction="sum")
-
-
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
              contexts: Iterable[Tensor], *, total_tokens: int | None = None,
-             progress: bool = True) -> EvalMetrics:
+             progress: bool = True, share_prefix: bool = True) -> EvalMetrics:
     """Metrics of ``sae`` (raw-activation units) at block ``layer`` over batches of contexts
-    [B, T] (BOS first)."""
+    [B, T] (BOS first); ``share_prefix=False`` runs three whole passes (for comparison)."""
     lm.check_layer(layer)
     if sae.cfg.d_in != lm.d_model:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name}'s d={lm.d_model}")
@@ -123,7 +123,7 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
     with bar:
         for ids in contexts:
             ids = ids.to(lm.device)
-            _evaluate_batch(lm, layer, ids, totals, splice, ablate)
+            _evaluate_batch(lm, layer, ids, totals, splice, ablate, share_prefix)
             bar.update(ids.numel() - ids.shape[0])
     if totals.tokens == 0:
         raise ValueError("evaluation saw no tokens")
@@ -137,19 +137,92 @@ def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
-                    splice, ablate) -> None:
-    clean = lm.model(input_ids=ids, use_cache=False).logits
-    with edit_block_output(lm.blocks, layer, splice):
-        spliced = lm.model(input_ids=ids, use_cache=False).logits
-    with edit_block_output(lm.blocks, layer, ablate):
-        ablated = lm.model(input_ids=ids, use_cache=False).logits
-    totals.ce["clean"] += float(_token_losses(clean, ids))
-    totals.ce["sae"] += float(_token_losses(spliced, ids))
-    totals.ce["ablate"] += float(_token_losses(ablated, ids))
-    log_p = F.log_softmax(clean[:, :-1].float(), -1)
-    log_q = F.log_softmax(spliced[:, :-1].float(), -1)
-    totals.kl += float((log_p.exp() * (log_p - log_q)).sum())
-    totals.predicted += ids.shape[0] * (ids.shape[1] - 1)
+                    splice, ablate, share_prefix: bool = True) -> None:
+    suffix = _Suffix.of(lm, layer) if share_prefix else None
+    if suffix is None:
+        clean = lm.model(input_ids=ids, use_cache=False).logits
+        with edit_block_output(lm.blocks, layer, splice):
+            spliced = lm.model(input_ids=ids, use_cache=False).logits
+        with edit_block_output(lm.blocks, layer, ablate):
+            ablated = lm.model(input_ids=ids, use_cache=False).logits
+    else:
+        with suffix.recording():
+            clean = lm.model(input_ids=ids, use_cache=False).logits
+        spliced = suffix.logits(splice(suffix.hidden))
+        ablated = suffix.logits(ablate(suffix.hidden))
+    _add_losses(totals, clean, spliced, ablated, ids)
+
+
+LOSS_CHUNK = 512
+"""Positions whose [chunk, vocab] log-probabilities are computed at once."""
+
+
+def _add_losses(totals: _Totals, clean: Tensor, spliced: Tensor, ablated: Tensor,
+                ids: Tensor) -> None:
+    """Summed next-token CE of the three logits [B, T, V] and KL(clean ‖ spliced), a chunk
+    of predicted positions at a time."""
+    targets = ids[:, 1:].reshape(-1)
+    rows = [logits[:, :-1].reshape(-1, logits.shape[-1]) for logits in (clean, spliced,
+                                                                           ablated)]
+    for start in range(0, targets.numel(), LOSS_CHUNK):
+        part = slice(start, start + LOSS_CHUNK)
+        target = targets[part].unsqueeze(1)
+        log_p = F.log_softmax(rows[0][part].float(), -1)
+        log_q = F.log_softmax(rows[1][part].float(), -1)
+        totals.ce["clean"] -= float(log_p.gather(1, target).sum())
+        totals.ce["sae"] -= float(log_q.gather(1, target).sum())
+        totals.ce["ablate"] += float(F.cross_entropy(rows[2][part].float(), target[:, 0],
+                                                     reduction="sum"))
+        totals.kl += float((log_p.exp() * (log_p - log_q)).sum())
+    totals.predicted += targets.numel()
+
+
+class _Suffix:
+    """The blocks after ``layer``, the final norm and the LM head of a Llama-layout model
+    (``model.model.layers`` / ``.norm``, an output embedding), run from an edited block-L
+    output with the inputs block L+1 saw in the clean pass."""
+
+    def __init__(self, lm: LoadedModel, layer: int, norm, head) -> None:
+        self.lm, self.layer, self.norm, self.head = lm, layer, norm, head
+        self.hidden: Tensor | None = None
+        self.kwargs: dict = {}
+
+    @classmethod
+    def of(cls, lm: LoadedModel, layer: int) -> _Suffix | None:
+        inner = getattr(lm.model, "model", None)
+        norm, head = getattr(inner, "norm", None), lm.model.get_output_embeddings()
+        if getattr(inner, "layers", None) is not lm.blocks or norm is None or head is None:
+            return None
+        if getattr(lm.model.config, "final_logit_softcapping", None):
+            return None
+        return cls(lm, layer, norm, head)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record block L's output and block L+1's keyword inputs during a forward."""
+        def keep_output(_module, _inputs, output):
+            self.hidden = output[0] if isinstance(output, tuple) else output
+
+        def keep_inputs(_module, _args, kwargs):
+            self.kwargs = dict(kwargs)
+
+        blocks = self.lm.blocks
+        handles = [blocks[self.layer].register_forward_hook(keep_output)]
+        if self.layer + 1 < len(blocks):
+            handles.append(blocks[self.layer + 1].register_forward_pre_hook(
+                keep_inputs, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Logits [B, T, V] of the model with block L's output replaced by h [B, T, d]."""
+        for block in self.lm.blocks[self.layer + 1:]:
+            out = block(h, **self.kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head(self.norm(h))
 
 
 def dataset_batches(lm: LoadedModel, dataset: str, *, tokens: int, context: int, batch: int,

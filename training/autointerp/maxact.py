@@ -110,11 +110,12 @@ def simulate(description: Description, tokens: Sequence[str]) -> list[float]:
     wanted = set(description.fires_on)
     loose = {_loose(t) for t in wanted}
     out = []
+    loose.discard("")
     for i, token in enumerate(tokens):
         if not wanted or token in wanted:
             value = 1.0
         else:
-            value = 0.5 if _loose(token) in loose and _loose(token) else 0.0
+            value = 0.5 if token.strip().lower() in loose else 0.0
         if value and (description.after or description.line_start):
             value *= _context(description, tokens, i)
         out.append(value)

@@ -59,7 +59,7 @@ def test_analyze_into_the_store_and_read_back(embedded_sae, data_dir, db_url, tm
     def crash(*_args, **_kwargs):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(persist, "_insert_examples", crash)
+    monkeypatch.setattr(persist, "insert_examples", crash)
     failed = _run(data_dir, "analyze", "--sae", sae, "--tokens", 2048, "--db", db_url)
     assert failed.exit_code == 2 and "disk gone" in failed.output
     assert _counts(db_url) == (latents, examples)

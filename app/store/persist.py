@@ -16,12 +16,10 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.store.bulk import insert_examples
 from app.store.models import Example, Latent, Model, Sae
 from training.analysis.histogram import histogram_of
 from training.analysis.sinks import sink_reason
-
-EXAMPLE_BATCH = 5000
-
 
 EVAL_FILE = "eval.json"
 """Written into an SAE folder by ``saelab demo``/the analyze stage: its metrics spliced into
@@ -40,7 +38,7 @@ def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: di
         ids = _upsert_latents(session, sae.id, result, token_text)
         session.execute(delete(Example).where(Example.latent_id.in_(
             select(Latent.id).where(Latent.sae_id == sae.id))))
-        _insert_examples(session, ids, result, token_text)
+        insert_examples(session, ids, result.examples, token_text)
         return sae.id
 
 
@@ -122,21 +120,6 @@ def _upsert_latents(session: Session, sae_id: int, result: Any,
     found = session.execute(select(Latent.index, Latent.id).where(Latent.sae_id == sae_id))
     ids = {index: latent_id for index, latent_id in found.all()}
     return [ids[f] for f in range(len(rows))]
-
-
-def _insert_examples(session: Session, latent_ids: list[int], result: Any,
-                     token_text: dict[int, str]) -> None:
-    batch: list[dict] = []
-    for f, ex in result.examples.records():
-        batch.append({"latent_id": latent_ids[f], "kind": ex.kind, "bucket": ex.bucket,
-                      "rank": ex.rank, "tokens": [token_text.get(t, "") for t in ex.tokens],
-                      "activations": [round(a, 4) for a in ex.activations],
-                      "context_index": ex.context_index, "position": ex.position})
-        if len(batch) >= EXAMPLE_BATCH:
-            session.execute(insert(Example.__table__), batch)
-            batch = []
-    if batch:
-        session.execute(insert(Example.__table__), batch)
 
 
 def save_feature_map(sessions: sessionmaker[Session], sae_id: int, positions: Any) -> None:

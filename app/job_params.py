@@ -33,6 +33,9 @@ class JobParams(BaseModel):
     latents: int = Field(2048, ge=2, le=1 << 21, description="SAE latents n")
     k: int = Field(32, ge=1, le=4096)
     arch: Literal["topk", "batchtopk"] = "topk"
+    matryoshka: list[int] | None = Field(None, max_length=16, description="Matryoshka "
+                                         "SAE: nested prefix widths, each reconstructing "
+                                         "the input (e.g. [1024, 4096])")
     nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
     batch: int = Field(4096, ge=1, le=1 << 20)
     lr: float | None = Field(None, gt=0, lt=1)
@@ -73,7 +76,8 @@ class JobParams(BaseModel):
 
 
 _CAPTURE = ("model", "layer", "dataset", "tokens", "context")
-_TRAIN = ("latents", "k", "arch", "nproc", "batch", "lr", "train_tokens", "checkpoint_every")
+_TRAIN = ("latents", "k", "arch", "matryoshka", "nproc", "batch", "lr", "train_tokens",
+          "checkpoint_every")
 FIELDS_OF: dict[str, tuple[str, ...]] = {
     "capture": _CAPTURE,
     "train": ("acts", *_TRAIN),

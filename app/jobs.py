@@ -83,6 +83,13 @@ def validate(kind: str, params: dict[str, Any], settings: Settings | None = None
     if kind == "pipeline" and parsed.tokens - min(parsed.tokens // 10, 8192) < parsed.batch:
         fields["tokens"] = (f"{parsed.tokens} leave less than one training batch ({parsed.batch}"
                             " tokens) after the held-out tenth: capture more")
+    if parsed.matryoshka:
+        from training.sae.autoencoder import check_matryoshka_widths
+
+        try:
+            check_matryoshka_widths(parsed.matryoshka, parsed.latents)
+        except ValueError as exc:
+            fields["matryoshka"] = str(exc).removeprefix("--matryoshka: ")
     if parsed.batch % parsed.nproc:
         fields["batch"] = f"{parsed.batch} is not divisible by nproc {parsed.nproc}"
     if settings is not None:

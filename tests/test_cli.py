@@ -242,3 +242,20 @@ def test_bench_eval_compares_shared_prefix_with_whole_passes(env) -> None:
     assert figures["timed_batches"] >= 2 and figures["max_rel_diff"] < 1e-5
     assert figures["whole_passes_tokens_per_s"] > 0 and figures["shared_prefix_tokens_per_s"] > 0
     _one_line_error(invoke(env, "bench", "eval", "--layer", 9), "layer 9")
+
+
+def test_train_a_matryoshka_sae(env, acts, tmp_path) -> None:
+    result = invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8, "--batch", 512,
+                    "--tokens", 4096, "--arch", "batchtopk", "--matryoshka", "32,64",
+                    "--out", tmp_path / "sae")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["matryoshka_widths"] == [32, 64]
+    assert cfg["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+    for bad in ("64,32", "a,b", "200"):
+        _one_line_error(invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8,
+                               "--matryoshka", bad, "--out", tmp_path / "bad"), "--matryoshka")
+    assert not (tmp_path / "bad").exists()
+    job = invoke(env, "jobs", "submit", "train", "--acts", acts, "--latents", 128,
+                 "--matryoshka", "64,32", "--now")
+    assert job.exit_code == 2 and "matryoshka" in job.output

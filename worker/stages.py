@@ -47,7 +47,8 @@ def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
 
     return {"acts": acts, "out": str(out), "resume": resume,
             "sae": {"d_in": Manifest.load(Path(acts)).d_model, "n_latents": params.latents,
-                    "k": params.k, "architecture": params.arch},
+                    "k": params.k, "architecture": params.arch,
+                    "matryoshka_widths": params.matryoshka or []},
             "train": {"batch": params.batch, "tokens": params.train_tokens, "lr": params.lr,
                       "checkpoint_every": params.checkpoint_every}}
 

@@ -32,6 +32,8 @@ def submit(
     latents: Annotated[int | None, typer.Option("--latents")] = None,
     k: Annotated[int | None, typer.Option("--k")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="topk or batchtopk")] = None,
+    matryoshka: Annotated[str | None, typer.Option(
+        "--matryoshka", help="nested prefix widths, e.g. 1024,4096")] = None,
     nproc: Annotated[int | None, typer.Option("--nproc")] = None,
     batch: Annotated[int | None, typer.Option("--batch")] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
@@ -60,6 +62,8 @@ def submit(
     from app import jobs
 
     with cli_errors():
+        if matryoshka is not None:
+            given["matryoshka"] = _widths(matryoshka)
         sessions = open_sessions(db)
         if now:
             job = run_job_here(sessions, kind, given)
@@ -70,6 +74,14 @@ def submit(
     _print(job, as_json)
     if job.state in ("failed", "cancelled"):
         raise typer.Exit(1)
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--matryoshka: expected widths like 1024,4096 (got {text!r})"
+                         ) from None
 
 
 def _follow(sessions, job_id: int):

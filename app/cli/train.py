@@ -49,6 +49,17 @@ def capture(
                    f"{manifest.layer} in {len(manifest.shards)} shards -> {outs[index]}")
 
 
+def _parse_widths(text: str | None) -> list[int]:
+    """``--matryoshka`` as a comma-separated list of widths (checked by SaeConfig)."""
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--matryoshka: expected widths like 1024,4096 (got {text!r})"
+                         ) from None
+
+
 def _parse_layers(text: str) -> list[int]:
     """``--layer`` as one block or a comma-separated list of distinct blocks."""
     try:
@@ -77,6 +88,9 @@ def train(
     dead_tokens: Annotated[int | None, typer.Option(
         "--dead-tokens", help="tokens without firing before a latent counts as dead (and "
         "AuxK trains it) [default: half the run, 2 batches to 10M]")] = None,
+    matryoshka: Annotated[str | None, typer.Option(
+        "--matryoshka", help="nested prefix widths that must each reconstruct the input, "
+        "e.g. 1024,4096 (Matryoshka SAE)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
                                          "checkpoint")] = False,
@@ -88,7 +102,8 @@ def train(
         d_in = Manifest.load(acts).d_model
         spec = {"acts": str(acts), "out": str(out), "resume": resume,
                 "sae": {"d_in": d_in, "n_latents": latents, "k": k, "architecture": arch,
-                        "dead_tokens": dead_tokens},
+                        "dead_tokens": dead_tokens,
+                        "matryoshka_widths": _parse_widths(matryoshka)},
                 "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
                           "checkpoint_every": checkpoint_every}}
         _validate_train_spec(spec, nproc)

@@ -16,6 +16,16 @@ Loss = FVU + α·AuxK where FVU = ‖x − x̂‖² / ‖x − x̄‖² and AuxK
 reconstruction error e = x − x̂ by the top-k_aux *dead* latents (no activation in the last
 ``dead_tokens`` tokens), α = 1/32, k_aux = d/2 by default.
 
+Matryoshka (Bussmann et al. 2025; ``matryoshka_widths`` m_1 < … < m_L < n): the same
+selected latents, and every prefix of the dictionary must reconstruct x on its own::
+
+    x̂_m = Σ_{i selected, i < m} z_i W_dec[i] + b_dec
+    loss = FVU(x̂) + Σ_l FVU(x̂_{m_l}) + α·AuxK
+
+so the first latents learn general directions and later ones refine them (SAELens sums
+the levels' losses the same way). Inference is unchanged: a Matryoshka BatchTopK SAE is
+a BatchTopK SAE, saved as SAELens saves one (JumpReLU with the learned threshold).
+
 Weights are stored latent-major: ``w_enc`` and ``w_dec`` are [n, d], so each latent's
 encoder/decoder vector is a contiguous row (the sparse kernels gather rows). Decoder rows
 are kept unit-norm during training. On disk the SAELens layout is used instead
@@ -24,6 +34,7 @@ are kept unit-norm during training. On disk the SAELens layout is used instead
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -69,6 +80,8 @@ class SaeConfig:
     dead_tokens: int | None = None
     """A latent that has not fired in this many tokens counts as dead (and AuxK trains it);
     None: scaled to the run (``dead_window``), so that short runs can revive latents too."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Nested prefix widths that must each reconstruct the input (empty: a plain SAE)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -85,6 +98,8 @@ class SaeConfig:
             self.k_aux = max(1, self.d_in // 2)
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise ValueError(f"--dead-tokens must be positive (got {self.dead_tokens})")
+        self.matryoshka_widths = check_matryoshka_widths(self.matryoshka_widths,
+                                                         self.n_latents)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +114,18 @@ class SaeConfig:
     def from_dict(cls, data: dict) -> SaeConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def check_matryoshka_widths(widths, n_latents: int) -> tuple[int, ...]:
+    """Strictly increasing prefix widths in [1, n); n itself (the whole SAE) is dropped."""
+    widths = tuple(int(w) for w in widths or ())
+    if widths and widths[-1] == n_latents:
+        widths = widths[:-1]
+    if any(not 1 <= w < n_latents for w in widths) or any(
+            a >= b for a, b in itertools.pairwise(widths)):
+        raise ValueError(f"--matryoshka: widths must increase strictly and stay below "
+                         f"--latents {n_latents} (got {','.join(map(str, widths))})")
+    return widths
 
 
 DEAD_WINDOW_MAX = 10_000_000
@@ -126,12 +153,14 @@ class Encoding(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
-    """What a training step needs: reconstruction [B, d] and the two loss terms (scalars)."""
+    """What a training step needs: reconstruction [B, d] and the loss terms (scalars;
+    ``nested_fvu`` is the Matryoshka prefixes' summed FVU, 0 for a plain SAE)."""
 
     x_hat: Tensor
     fvu: Tensor
     auxk_loss: Tensor
     encoding: Encoding
+    nested_fvu: Tensor
 
 
 def variance_sum(x: Tensor, reduce_sum: SumFn = _identity) -> Tensor:
@@ -250,11 +279,19 @@ class SparseAutoencoder(nn.Module):
         """
         enc = self.encode(x, gather=gather)
         x_hat = self.decode(enc.values, enc.indices)
-        fvu = fvu_loss(x, x_hat, variance_sum(x, reduce_sum))
+        variance = variance_sum(x, reduce_sum)
+        fvu = fvu_loss(x, x_hat, variance)
+        nested = x.new_zeros(())
+        for width in self.cfg.matryoshka_widths:
+            nested = nested + fvu_loss(x, self.decode_prefix(enc, width), variance)
         auxk = x.new_zeros(())
         if dead_mask is not None and bool(dead_mask.any()):
             auxk = self.auxk_loss(x, x - x_hat.detach(), enc.pre, dead_mask, reduce_sum)
-        return ForwardOutput(x_hat, fvu, auxk, enc)
+        return ForwardOutput(x_hat, fvu, auxk, enc, nested)
+
+    def decode_prefix(self, enc: Encoding, width: int) -> Tensor:
+        """x̂ from the selected latents below ``width`` only: [B, d]."""
+        return self.decode(enc.values * (enc.indices < width), enc.indices)
 
     def auxk_loss(self, x: Tensor, residual: Tensor, pre: Tensor, dead_mask: Tensor,
                   reduce_sum: SumFn = _identity) -> Tensor:

@@ -66,6 +66,12 @@ def save_sae(directory: Path, sae: SparseAutoencoder, input_scale: float, *,
         architecture=sae.cfg.architecture, d_in=sae.cfg.d_in, d_sae=sae.cfg.n_latents,
         k=sae.cfg.k, threshold=float(sae.threshold), model_name=model, hook_layer=layer,
         hook_name=cfg["hook_name"], context_size=context))
+    if sae.cfg.matryoshka_widths:  # SAELens' name for the training architecture
+        metadata = cfg["metadata"]
+        metadata["training_architecture"] = f"matryoshka_{sae.cfg.architecture}"
+        metadata["training_architecture_details"] = {
+            **(metadata.get("training_architecture_details") or {}),
+            "matryoshka_widths": [*sae.cfg.matryoshka_widths, sae.cfg.n_latents]}
     cfg.update(extra or {})
     tensors = folded_state(sae, input_scale)
     saelens = saelens_state_dict(sae.cfg.architecture, tensors, float(sae.threshold))

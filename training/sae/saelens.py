@@ -174,7 +174,8 @@ def saelab_architecture(cfg: dict[str, Any]) -> str:
     """saelab's architecture for a cfg.json written with :func:`saelens_cfg_fields`."""
     arch = cfg.get("architecture")
     metadata = cfg.get("metadata") or {}
-    if arch == "jumprelu" and metadata.get("training_architecture") == "batchtopk":
+    if arch == "jumprelu" and metadata.get("training_architecture") in (
+            "batchtopk", "matryoshka_batchtopk"):
         return "batchtopk"
     if arch in ("topk", "batchtopk"):
         return str(arch)

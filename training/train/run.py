@@ -95,7 +95,7 @@ def _check_out(out: Path, acts_dir: Path) -> None:
 
 _FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
           "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
-          "lr": "--lr", "seed": "--seed"}
+          "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka"}
 
 
 def _check_resumable(saved: dict, trainer: Trainer) -> None:

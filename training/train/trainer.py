@@ -153,7 +153,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = self.sae(x, self.dead_mask, reduce_sum=self.dist.sum, gather=self.dist.gather)
-        loss = out.fvu + self.sae.cfg.aux_coef * out.auxk_loss
+        loss = out.fvu + out.nested_fvu + self.sae.cfg.aux_coef * out.auxk_loss
         loss.backward()
         self.dist.sum_gradients_(self.sae)
         self.sae.remove_parallel_decoder_grad_()

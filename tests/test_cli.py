@@ -259,3 +259,29 @@ def test_train_a_matryoshka_sae(env, acts, tmp_path) -> None:
     job = invoke(env, "jobs", "submit", "train", "--acts", acts, "--latents", 128,
                  "--matryoshka", "64,32", "--now")
     assert job.exit_code == 2 and "matryoshka" in job.output
+
+
+def test_train_a_sweep_from_one_read(env, acts, tmp_path) -> None:
+    result = invoke(env, "train", "--acts", acts, "--latents", "64,128", "--k", 8,
+                    "--arch", "topk,batchtopk", "--batch", 512, "--tokens", 2048,
+                    "--out", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.stdout.strip().splitlines()[-1])["sweep"]
+    assert [m["name"] for m in sweep] == ["n64-k8-topk", "n64-k8-batchtopk", "n128-k8-topk",
+                                          "n128-k8-batchtopk"]
+    assert all((tmp_path / "sweep" / m["name"] / "cfg.json").is_file() for m in sweep)
+    for args, flag in ((("--latents", "64,x"), "--latents"), (("--nproc", "2"), "--nproc")):
+        bad = invoke(env, "train", "--acts", acts, "--latents", "64,128", "--k", 8,
+                     "--out", tmp_path / "bad", *args)
+        _one_line_error(bad, flag)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bench_sweep_times_a_sweep_against_separate_runs(env, acts) -> None:
+    result = invoke(env, "bench", "sweep", "--acts", acts, "--latents", "64,128", "--k", 8,
+                    "--batch", 512, "--tokens", 2048)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["saes"] == ["n64-k8-topk", "n128-k8-topk"]
+    assert figures["sweep_s"] > 0 and figures["separate_s"] > 0
+    assert figures["max_fvu_difference"] < 1e-6

@@ -433,3 +433,27 @@ def test_saelens_loads_a_matryoshka_batchtopk_sae(acts_dir, tmp_path) -> None:
 def test_bad_matryoshka_widths_name_the_flag(widths) -> None:
     with pytest.raises(ValueError, match="--matryoshka"):
         _sae_cfg(matryoshka_widths=widths)
+
+
+def test_a_sweep_trains_the_sae_each_separate_run_would(acts_dir, tmp_path) -> None:
+    from training.train.sweep import sweep_configs, train_sweep
+
+    configs = sweep_configs(_sae_cfg(), [32, 64], [4], ["topk", "batchtopk"])
+    assert list(configs) == ["n32-k4-topk", "n32-k4-batchtopk", "n64-k4-topk",
+                             "n64-k4-batchtopk"]
+    steps: list[int] = []
+    results = train_sweep(acts_dir, {tmp_path / name: cfg for name, cfg in configs.items()},
+                          _train_cfg(tokens=256 * 12), progress=False,
+                          on_step=lambda index, stats: steps.append(index))
+    assert steps == [0, 1, 2, 3] * 12
+    for (name, cfg), metrics in zip(list(configs.items())[::3], results[::3], strict=True):
+        alone = train(acts_dir, tmp_path / f"alone-{name}", cfg, _train_cfg(tokens=256 * 12),
+                      progress=False)
+        assert metrics["heldout_fvu"] == pytest.approx(alone["heldout_fvu"], rel=1e-5)
+        ours, _ = load_sae(tmp_path / name)
+        theirs, _ = load_sae(tmp_path / f"alone-{name}")
+        torch.testing.assert_close(ours.w_dec, theirs.w_dec, rtol=1e-5, atol=1e-6)
+    assert [m["sweep_size"] for m in results] == [4] * 4
+    assert not list(tmp_path.glob(".*.partial"))
+    with pytest.raises(ValueError, match="--k 64 is not below --latents 64"):
+        sweep_configs(_sae_cfg(), [64], [4, 64], ["topk"])

@@ -190,6 +190,33 @@ def bench_eval(
     typer.echo(json.dumps(result))
 
 
+@bench_app.command("sweep")
+def bench_sweep(
+    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    latents: Annotated[str, typer.Option("--latents")] = "4096,8192",
+    k: Annotated[str, typer.Option("--k")] = "16,32",
+    arch: Annotated[str, typer.Option("--arch")] = "topk",
+    batch: Annotated[int, typer.Option("--batch")] = 4096,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens per SAE")] = 65_536,
+) -> None:
+    """A sweep from one read vs the same SAEs trained one run at a time (wall time)."""
+    from training.bench.sweep import bench_sweep as run
+
+    with cli_errors():
+        sizes, ks = _int_list(latents, "--latents"), _int_list(k, "--k")
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
+            result = run(acts, Path(work), latents=sizes, ks=ks,
+                         architectures=arch.split(","), batch=batch, tokens=tokens)
+    typer.echo(json.dumps(result))
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected a list like 16,32 (got {text!r})") from None
+
+
 @bench_app.command("analysis")
 def bench_analysis(
     sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],

@@ -75,10 +75,13 @@ def _parse_layers(text: str) -> list[int]:
 @app.command()
 def train(
     acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
-    latents: Annotated[int, typer.Option("--latents", help="dictionary size n")],
-    k: Annotated[int, typer.Option("--k", help="active latents per token")],
-    out: Annotated[Path, typer.Option("--out", help="output SAE directory")],
-    arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk")] = "topk",
+    latents: Annotated[str, typer.Option("--latents", help="dictionary size n (a list such "
+                                         "as 4096,16384 trains a sweep)")],
+    k: Annotated[str, typer.Option("--k", help="active latents per token (or a list)")],
+    out: Annotated[Path, typer.Option("--out", help="output SAE directory (a sweep: one "
+                                      "folder per SAE inside it)")],
+    arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk (or both: "
+                                      "topk,batchtopk)")] = "topk",
     tokens: Annotated[int | None, typer.Option("--tokens", help="training tokens "
                                                "[default: one pass]")] = None,
     batch: Annotated[int, typer.Option("--batch", help="global batch in tokens")] = 4096,
@@ -100,15 +103,45 @@ def train(
 
     with cli_errors():
         d_in = Manifest.load(acts).d_model
+        sizes, ks = _ints(latents, "--latents"), _ints(k, "--k")
+        archs = [a.strip() for a in arch.split(",")]
         spec = {"acts": str(acts), "out": str(out), "resume": resume,
-                "sae": {"d_in": d_in, "n_latents": latents, "k": k, "architecture": arch,
-                        "dead_tokens": dead_tokens,
+                "sae": {"d_in": d_in, "n_latents": sizes[0], "k": ks[0],
+                        "architecture": archs[0], "dead_tokens": dead_tokens,
                         "matryoshka_widths": _parse_widths(matryoshka)},
                 "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
                           "checkpoint_every": checkpoint_every}}
-        _validate_train_spec(spec, nproc)
-        metrics = _run_train(spec, nproc)
+        if len(sizes) * len(ks) * len(archs) > 1:
+            if nproc != 1 or resume:
+                raise ValueError("a sweep (several --latents, --k or --arch) runs in one "
+                                 "process and cannot --resume: drop --nproc/--resume")
+            metrics = _run_sweep(spec, sizes, ks, archs)
+        else:
+            _validate_train_spec(spec, nproc)
+            metrics = _run_train(spec, nproc)
     typer.echo(json.dumps(metrics))
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected a number or a list like 16,32 (got {text!r})"
+                         ) from None
+
+
+def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:
+    """Every combination from one read of --acts, each to OUT/n<n>-k<k>-<arch>."""
+    from training.sae.autoencoder import SaeConfig
+    from training.train.sweep import sweep_configs, train_sweep
+    from training.train.trainer import TrainConfig
+
+    configs = sweep_configs(SaeConfig.from_dict(spec["sae"]), sizes, ks, archs)
+    out = Path(spec["out"])
+    members = {out / name: cfg for name, cfg in configs.items()}
+    results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
+    return {"sweep": [{"name": name, "out": str(out / name), **metrics}
+                      for name, metrics in zip(configs, results, strict=True)]}
 
 
 def _validate_train_spec(spec: dict, nproc: int) -> None:

@@ -133,11 +133,15 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long,
                                               device=self.device)
 
-    def initialise(self, sample: Tensor, input_scale: float) -> None:
-        """Set the input scale and b_dec from a raw sample [N, d] (identical on all ranks)."""
+    def initialise(self, sample: Tensor, input_scale: float, center: Tensor | None = None
+                   ) -> None:
+        """Set the input scale and b_dec from a raw sample [N, d] (identical on all ranks);
+        ``center`` is its scaled geometric median when already computed (a sweep)."""
         self.input_scale = input_scale
         scaled = sample.to(self.device, torch.float32) * input_scale
-        center = geometric_median(scaled) if self.cfg.b_dec_init == "median" else scaled.mean(0)
+        if center is None:
+            center = (geometric_median(scaled) if self.cfg.b_dec_init == "median"
+                      else scaled.mean(0))
         with torch.no_grad():
             self.sae.b_dec.copy_(center)
 

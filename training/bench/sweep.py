@@ -1,0 +1,43 @@
+"""``saelab bench sweep``: a sweep of SAEs from one read against the same SAEs trained one
+run at a time, on the same capture, batches and seed (so both write the same SAEs: the
+figures' largest difference is reported beside the wall times)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.data.activations import ActivationStore
+from training.sae.autoencoder import SaeConfig
+from training.train.run import train
+from training.train.sweep import sweep_configs, train_sweep
+from training.train.trainer import TrainConfig
+
+
+def bench_sweep(acts: Path, work: Path, *, latents: list[int], ks: list[int],
+                architectures: list[str], batch: int = 4096, tokens: int = 65_536
+                ) -> dict[str, Any]:
+    """Wall time of one sweep and of the separate runs, and their held-out FVUs."""
+    store = ActivationStore(acts)
+    configs = sweep_configs(SaeConfig(d_in=store.d_model, n_latents=max(latents), k=min(ks)),
+                            latents, ks, architectures)
+    cfg = TrainConfig(batch=batch, tokens=tokens, checkpoint_every=0)
+    started = time.perf_counter()
+    swept = train_sweep(acts, {work / "sweep" / name: c for name, c in configs.items()}, cfg,
+                        progress=False)
+    sweep_s = time.perf_counter() - started
+    started = time.perf_counter()
+    alone = [train(acts, work / "alone" / name, c, cfg, progress=False)
+             for name, c in configs.items()]
+    alone_s = time.perf_counter() - started
+    diff = max(abs(a["heldout_fvu"] - b["heldout_fvu"]) for a, b in zip(swept, alone,
+                                                                         strict=True))
+    return {"bench": "sweep", "acts": str(acts), "d": store.d_model, "saes": list(configs),
+            "batch": batch, "tokens": tokens, "threads": torch.get_num_threads(),
+            "sweep_s": sweep_s, "separate_s": alone_s, "ratio": sweep_s / alone_s,
+            "heldout_fvu": {name: m["heldout_fvu"] for name, m in zip(configs, swept,
+                                                                      strict=True)},
+            "max_fvu_difference": diff}

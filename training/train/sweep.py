@@ -1,0 +1,125 @@
+"""A sweep: several SAEs trained from one pass over the activations, in one process.
+
+Researchers train families of SAEs (widths × k × architectures) on the same activations.
+Run one by one, each run reads and shuffles the whole capture again; a sweep reads each
+batch once and steps every SAE on it. Every member sees exactly the batches, the seed, the
+input scale and the b_dec start a separate run with the same settings would, so a sweep's
+SAEs are the SAEs those runs would write (tested); each lands in its own folder, written
+the same way (a hidden partial directory, then one rename).
+
+A sweep runs in one process and has no checkpoints: an interrupted sweep starts again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training.data.activations import ActivationStore, estimate_input_scale
+from training.sae.autoencoder import SaeConfig
+from training.train.run import (
+    CURVE_POINTS,
+    TrainError,
+    _check_out,
+    _final_metrics,
+    _finish,
+    partial_dir,
+)
+from training.train.trainer import StepStats, TrainConfig, Trainer, geometric_median
+
+SweepStep = Callable[[int, StepStats], None]
+"""Called with (member index, its step's figures) after every member's step."""
+
+
+def sweep_configs(base: SaeConfig, latents: Sequence[int], ks: Sequence[int],
+                  architectures: Sequence[str]) -> dict[str, SaeConfig]:
+    """Every combination as {folder name: config}, e.g. ``n4096-k32-topk``; a
+    combination with k ≥ n is an error naming it."""
+    configs: dict[str, SaeConfig] = {}
+    for n, k, arch in itertools.product(latents, ks, architectures):
+        if k >= n:
+            raise ValueError(f"--k {k} is not below --latents {n}: drop that combination")
+        configs[f"n{n}-k{k}-{arch}"] = replace(base, n_latents=n, k=k, architecture=arch)
+    if len(configs) != len(list(itertools.product(latents, ks, architectures))):
+        raise ValueError("--latents, --k and --arch must not repeat a value")
+    return configs
+
+
+def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig, *,
+                progress: bool = True, on_step: SweepStep | None = None) -> list[dict]:
+    """Train every ``members`` SAE (its output folder -> its config) on one batch stream;
+    returns each one's metrics, in order."""
+    store = ActivationStore(acts_dir)
+    store.verify()
+    for out, sae_cfg in members.items():
+        if store.d_model != sae_cfg.d_in:
+            raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
+                             f"SAE d_in={sae_cfg.d_in}")
+        _check_out(Path(out), Path(acts_dir))
+    holdout = min(cfg.holdout_rows, len(store) // 10)
+    train_rows = len(store) - holdout
+    total_steps = (cfg.tokens or train_rows) // cfg.batch
+    if total_steps < 1:
+        raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
+                         f"({cfg.batch})")
+    cfg = replace(cfg, checkpoint_every=0)
+    works = [partial_dir(Path(out)) for out in members]
+    try:
+        trainers = _start(store, list(members.values()), cfg, total_steps, train_rows, works)
+        histories, seconds = _loop(trainers, store, train_rows, progress, on_step)
+        results = []
+        for trainer, out, work, history in zip(trainers, members, works, histories,
+                                               strict=True):
+            metrics = _final_metrics(trainer, store, holdout, history,
+                                     total_steps * cfg.batch / max(seconds, 1e-9))
+            metrics["sweep_size"] = len(members)
+            _finish(trainer, store, Path(out), work, metrics, history)
+            results.append(metrics)
+        return results
+    finally:
+        for work in works:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _start(store: ActivationStore, configs: list[SaeConfig], cfg: TrainConfig,
+           total_steps: int, train_rows: int, works: list[Path]) -> list[Trainer]:
+    """A trainer per member, initialised from the one sample a separate run would draw."""
+    sample = store.sample(cfg.init_rows, seed=cfg.seed, limit_rows=train_rows)
+    scale = estimate_input_scale(sample)
+    trainers = [Trainer(sae_cfg, cfg, total_steps) for sae_cfg in configs]
+    center = geometric_median(sample.float() * scale) if cfg.b_dec_init == "median" else None
+    for trainer in trainers:
+        trainer.initialise(sample, scale, center=center)
+    for work in works:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    return trainers
+
+
+def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, progress: bool,
+          on_step: SweepStep | None) -> tuple[list[list[dict]], float]:
+    """Each batch read once, every trainer stepped on it; (histories, seconds)."""
+    cfg, total = trainers[0].cfg, trainers[0].total_steps
+    log_every = cfg.log_every or max(1, total // CURVE_POINTS)
+    histories: list[list[dict]] = [[] for _ in trainers]
+    batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
+    started = time.perf_counter()
+    with tqdm(total=total * cfg.batch, unit="tok", unit_scale=True,
+              desc=f"sweep of {len(trainers)}", disable=not progress) as bar:
+        for step in range(1, total + 1):
+            batch = next(batches)
+            for index, trainer in enumerate(trainers):
+                stats = trainer.step(batch)
+                if step % log_every == 0 or step == total:
+                    histories[index].append(asdict(stats))
+                if on_step is not None:
+                    on_step(index, stats)
+            bar.update(cfg.batch)
+    return histories, time.perf_counter() - started

@@ -285,3 +285,27 @@ def test_bench_sweep_times_a_sweep_against_separate_runs(env, acts) -> None:
     assert figures["saes"] == ["n64-k8-topk", "n128-k8-topk"]
     assert figures["sweep_s"] > 0 and figures["separate_s"] > 0
     assert figures["max_fvu_difference"] < 1e-6
+
+
+def test_capture_with_bf16_weights_is_recorded_and_close(env, corpus, acts, tmp_path) -> None:
+    out = tmp_path / "acts-bf16"
+    result = invoke(env, "capture", "--layer", 2, "--tokens", 600, "--context", 64,
+                    "--dataset", corpus, "--dtype", "fp32", "--precision", "bf16", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["model_dtype"] == "bf16"
+    rough = load_file(str(out / "shard-00000.safetensors"))["activations"]
+    exact = load_file(str(acts / "shard-00000.safetensors"))["activations"][:len(rough)]
+    assert 0 < float((rough - exact).norm() / exact.norm()) < 0.05
+    _one_line_error(invoke(env, "capture", "--layer", 2, "--tokens", 10, "--precision",
+                           "fp8", "--out", tmp_path / "bad"), "--precision")
+
+
+def test_bench_precision_compares_bf16_with_fp32(env, acts) -> None:
+    result = invoke(env, "bench", "precision", "--acts", acts, "--layer", 1, "--latents", 128,
+                    "--tokens", 2048, "--batch", 512)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    capture, training = figures["capture"], figures["train"]
+    assert 0 < capture["relative_error"] < 0.05 and capture["median_row_cosine"] > 0.99
+    assert training["fp32_tokens_per_s"] > 0 and training["bf16_tokens_per_s"] > 0
+    assert 0 < training["bf16_heldout_fvu"] < 2

@@ -457,3 +457,16 @@ def test_a_sweep_trains_the_sae_each_separate_run_would(acts_dir, tmp_path) -> N
     assert not list(tmp_path.glob(".*.partial"))
     with pytest.raises(ValueError, match="--k 64 is not below --latents 64"):
         sweep_configs(_sae_cfg(), [64], [4, 64], ["topk"])
+
+
+def test_bf16_encoder_matmul_trains_close_to_fp32(acts_dir, tmp_path) -> None:
+    runs = {precision: train(acts_dir, tmp_path / precision, _sae_cfg(),
+                             _train_cfg(tokens=256 * 30, precision=precision), progress=False)
+            for precision in ("fp32", "bf16")}
+    assert runs["bf16"]["heldout_fvu"] == pytest.approx(runs["fp32"]["heldout_fvu"], rel=0.15)
+    assert runs["bf16"]["heldout_fvu"] != runs["fp32"]["heldout_fvu"]
+    sae, cfg = load_sae(tmp_path / "bf16")
+    assert cfg["train"]["precision"] == "bf16" and sae.matmul_dtype == torch.float32
+    assert sae.w_enc.dtype == torch.float32
+    with pytest.raises(ValueError, match="--precision"):
+        _train_cfg(precision="fp8")

@@ -15,11 +15,16 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DatasetOpt, DbOpt, DeviceOpt, ModelOpt, app, cli_errors, load_lm
+from app.cli.common import (
+    DatasetOpt,
+    DbOpt,
+    DeviceOpt,
+    ModelOpt,
+    bench_app,
+    cli_errors,
+    load_lm,
+)
 from app.settings import get_settings
-
-bench_app = typer.Typer(help="Benchmarks (print one JSON line).", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
 
 SaeIdOpt = Annotated[int | None, typer.Option("--sae-id", help="SAE in the store "
                                               "[default: the newest]")]
@@ -103,118 +108,6 @@ def _bench_capture(model: str | None, layer: int, rows: int, device: str | None)
     lm = load_lm(model, device)
     capture(lm, CaptureConfig(layer=layer, tokens=rows, dtype="fp32"), out)
     return out
-
-
-@bench_app.command("dead")
-def bench_dead(
-    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
-    latents: Annotated[int, typer.Option("--latents")] = 16_384,
-    k: Annotated[int, typer.Option("--k")] = 16,
-    batch: Annotated[int, typer.Option("--batch")] = 4096,
-    tokens: Annotated[int, typer.Option("--tokens", help="training tokens per run")] = 98_304,
-    holdout: Annotated[int, typer.Option("--holdout", help="held-out rows")] = 16_384,
-    windows: Annotated[str, typer.Option("--windows", help="AuxK dead windows as fractions "
-                                         "of the run")] = "0.1,0.25,0.5",
-) -> None:
-    """Dead latents without AuxK and with AuxK at several dead windows (same run)."""
-    from training.bench.dead import bench_dead as run
-
-    with cli_errors():
-        try:
-            fractions = tuple(float(w) for w in windows.split(","))
-        except ValueError:
-            raise ValueError(f"--windows: expected fractions like 0.1,0.5 (got {windows!r})"
-                             ) from None
-        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
-            result = run(acts, Path(work), n_latents=latents, k=k, batch=batch,
-                         tokens=tokens, holdout=holdout, windows=fractions)
-    typer.echo(json.dumps(result))
-
-
-@bench_app.command("llama32")
-def bench_llama32(
-    shape: Annotated[str, typer.Option("--shape", help="1b or 3b")] = "1b",
-    layer: Annotated[int, typer.Option("--layer")] = 8,
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens to capture")] = 8192,
-    train_tokens: Annotated[int, typer.Option("--train-tokens")] = 65_536,
-    latents: Annotated[int, typer.Option("--latents")] = 16_384,
-    k: Annotated[int, typer.Option("--k")] = 32,
-    batch: Annotated[int, typer.Option("--batch")] = 4096,
-    device: DeviceOpt = None,
-) -> None:
-    """Capture and training tokens/s and peak memory on Llama 3.2's full shape (its real
-    tokenizer, random weights)."""
-    from training.bench.scale import bench_llama32 as run
-
-    with cli_errors():
-        if min(tokens, train_tokens, latents, k, batch) < 1:
-            raise ValueError("--tokens, --train-tokens, --latents, --k and --batch must be "
-                             "positive")
-        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
-            result = run(Path(work), shape=shape, layer=layer, tokens=tokens,
-                         train_tokens=train_tokens, latents=latents, k=k, batch=batch,
-                         device=device)
-    typer.echo(json.dumps(result))
-
-
-@bench_app.command("eval")
-def bench_eval(
-    sae: Annotated[Path | None, typer.Option(
-        "--sae", help="SAE directory [default: a random n=8192, k=32 SAE at --layer of "
-        "--model; the cost does not depend on its weights]")] = None,
-    model: ModelOpt = None,
-    layer: Annotated[int, typer.Option("--layer", help="block, without --sae")] = 15,
-    tokens: Annotated[int, typer.Option("--tokens", help="timed tokens per path")] = 4096,
-    batch: Annotated[int, typer.Option("--batch", help="contexts per batch")] = 8,
-    device: DeviceOpt = None,
-) -> None:
-    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes."""
-    import torch
-
-    from training.bench.evaluation import bench_eval as run
-    from training.sae.autoencoder import SaeConfig, SparseAutoencoder
-    from training.sae.folder import load_sae
-
-    with cli_errors():
-        if tokens < 1 or batch < 1:
-            raise ValueError("--tokens and --batch must be positive")
-        if sae is not None:
-            loaded, cfg = load_sae(sae)
-            model, layer = model or cfg.get("model_name"), int(cfg["hook_layer"])
-        lm = load_lm(model, device)
-        if sae is None:
-            torch.manual_seed(0)
-            loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
-        lm.check_layer(layer)
-        result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
-    typer.echo(json.dumps(result))
-
-
-@bench_app.command("sweep")
-def bench_sweep(
-    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
-    latents: Annotated[str, typer.Option("--latents")] = "4096,8192",
-    k: Annotated[str, typer.Option("--k")] = "16,32",
-    arch: Annotated[str, typer.Option("--arch")] = "topk",
-    batch: Annotated[int, typer.Option("--batch")] = 4096,
-    tokens: Annotated[int, typer.Option("--tokens", help="training tokens per SAE")] = 65_536,
-) -> None:
-    """A sweep from one read vs the same SAEs trained one run at a time (wall time)."""
-    from training.bench.sweep import bench_sweep as run
-
-    with cli_errors():
-        sizes, ks = _int_list(latents, "--latents"), _int_list(k, "--k")
-        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
-            result = run(acts, Path(work), latents=sizes, ks=ks,
-                         architectures=arch.split(","), batch=batch, tokens=tokens)
-    typer.echo(json.dumps(result))
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: expected a list like 16,32 (got {text!r})") from None
 
 
 @bench_app.command("analysis")

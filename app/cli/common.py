@@ -13,6 +13,8 @@ from app.settings import get_settings
 
 app = typer.Typer(help="saelab: sparse autoencoders for Llama-family models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks (print one JSON line).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="'smollm2-135m', a local "
                                               "checkpoint dir or a hub id [default: settings]")]
@@ -34,12 +36,14 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def load_lm(model: str | None, device: str | None):
-    """The model named by --model (default: settings), converted under the data dir."""
-    from training.data.models import load_model
+def load_lm(model: str | None, device: str | None, precision: str = "fp32"):
+    """The model named by --model (default: settings), converted under the data dir, with
+    its weights in ``precision`` (fp32, bf16)."""
+    from training.data.models import load_model, parse_dtype
 
     settings = get_settings()
-    return load_model(model or settings.default_model, data_dir=settings.data_dir, device=device)
+    return load_model(model or settings.default_model, data_dir=settings.data_dir,
+                      device=device, dtype=parse_dtype(precision))
 
 
 def open_sessions(db: str | None):

@@ -30,6 +30,8 @@ def capture(
     batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 16,
     split: Annotated[str, typer.Option("--split", help="HF dataset split")] = "train",
     text_column: Annotated[str, typer.Option("--text-column")] = "text",
+    precision: Annotated[str, typer.Option("--precision", help="the model's weights: fp32 "
+                                           "or bf16")] = "fp32",
     device: DeviceOpt = None,
 ) -> None:
     """Capture block LAYER's residual-stream activations into sharded safetensors."""
@@ -42,7 +44,9 @@ def capture(
                             text_column=text_column)
         outs = {layers[0]: out} if len(layers) == 1 else {
             index: out / f"L{index}" for index in layers}
-        lm = load_lm(model, device)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision: choose fp32 or bf16 (got {precision!r})")
+        lm = load_lm(model, device, precision)
         manifests = capture_layers(lm, cfg, outs)
     for index, manifest in manifests.items():
         typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
@@ -94,6 +98,8 @@ def train(
     matryoshka: Annotated[str | None, typer.Option(
         "--matryoshka", help="nested prefix widths that must each reconstruct the input, "
         "e.g. 1024,4096 (Matryoshka SAE)")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 for the "
+                                           "encoder's matmul (fp32 weights)")] = "fp32",
     nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
                                          "checkpoint")] = False,
@@ -110,7 +116,7 @@ def train(
                         "architecture": archs[0], "dead_tokens": dead_tokens,
                         "matryoshka_widths": _parse_widths(matryoshka)},
                 "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
-                          "checkpoint_every": checkpoint_every}}
+                          "checkpoint_every": checkpoint_every, "precision": precision}}
         if len(sizes) * len(ks) * len(archs) > 1:
             if nproc != 1 or resume:
                 raise ValueError("a sweep (several --latents, --k or --arch) runs in one "

@@ -56,6 +56,8 @@ class Manifest:
     hook_point: str = "resid_post"
     exhausted: bool = False
     """The dataset ran out before the requested token count: this is all of it."""
+    model_dtype: str = "fp32"
+    """The model's weights during the capture (fp32, or bf16 for ``--precision bf16``)."""
     format_version: int = FORMAT_VERSION
 
     @property

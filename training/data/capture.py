@@ -161,8 +161,10 @@ def _check_context(lm: LoadedModel, context: int) -> None:
 
 
 def _params(lm: LoadedModel, cfg: CaptureConfig) -> dict:
+    weights = next(lm.model.parameters()).dtype
     return {"model": lm.name, "layer": cfg.layer, "d_model": lm.d_model, "dtype": cfg.dtype,
-            "context": cfg.context, "dataset": cfg.dataset}
+            "context": cfg.context, "dataset": cfg.dataset,
+            "model_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "fp32")}
 
 
 def _matches(manifest: Manifest, lm: LoadedModel, cfg: CaptureConfig) -> bool:

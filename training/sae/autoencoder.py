@@ -221,11 +221,19 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("threshold", torch.zeros(n) if cfg.architecture == "jumprelu"
                              else torch.tensor(0.0))
 
+    matmul_dtype: torch.dtype = torch.float32
+    """dtype of the encoder's dense matmul (bf16 in ``--precision bf16`` training; the
+    parameters stay fp32 and the result is cast back)."""
+
     # -- encoding ---------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         """ReLU(W_enc (x − b_dec) + b_enc) without grad: [B, d] -> [B, n]."""
         with torch.no_grad():
-            return F.relu(F.linear(x - self.b_dec, self.w_enc, self.b_enc))
+            if self.matmul_dtype == torch.float32:
+                return F.relu(F.linear(x - self.b_dec, self.w_enc, self.b_enc))
+            low = self.matmul_dtype
+            pre = F.linear((x - self.b_dec).to(low), self.w_enc.to(low), self.b_enc.to(low))
+            return F.relu(pre).float()
 
     def select(self, pre: Tensor, *, training: bool, gather: GatherFn = _identity
                ) -> tuple[Tensor, Tensor]:

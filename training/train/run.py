@@ -166,9 +166,11 @@ def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
 @torch.no_grad()
 def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float = 1.0,
                   batch: int = 4096) -> dict[str, float]:
-    """Inference-mode FVU, mean L0 and fraction of latents that never fire on raw rows [N, d]."""
-    was_training = sae.training
+    """Inference-mode FVU, mean L0 and fraction of latents that never fire on raw rows [N, d]
+    (in fp32, as the saved SAE runs, whatever precision it was trained in)."""
+    was_training, matmul_dtype = sae.training, sae.matmul_dtype
     sae.eval()
+    sae.matmul_dtype = torch.float32
     x = rows.float().to(sae.b_dec.device) * input_scale
     err, l0 = 0.0, 0.0
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
@@ -179,6 +181,7 @@ def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float
         l0 += float(active.sum())
         fired[enc.indices[active]] = True
     sae.train(was_training)
+    sae.matmul_dtype = matmul_dtype
     return {"heldout_fvu": err / float(variance_sum(x)), "heldout_l0": l0 / max(1, len(x)),
             "heldout_dead_fraction": 1 - float(fired.float().mean())}
 

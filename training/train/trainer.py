@@ -46,8 +46,13 @@ class TrainConfig:
     step for runs shorter than that]."""
     holdout_rows: int = 8192
     """Final rows of the capture kept out of training for the held-out FVU."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The encoder's dense matmul in bf16 (the weights, the optimiser and every other
+    product stay fp32); ``bench precision`` measures what it costs in FVU."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision: choose fp32 or bf16 (got {self.precision!r})")
         if self.batch < 1:
             raise ValueError("--batch must be positive")
         if self.tokens is not None and self.tokens < self.batch:
@@ -126,6 +131,7 @@ class Trainer:
         # the dead window of this run, fixed now (and saved with the SAE)
         sae_cfg = sae_cfg.for_run(total_steps * cfg.batch, cfg.batch)
         self.sae = SparseAutoencoder(sae_cfg).to(self.device)
+        self.sae.matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.base_lr = cfg.learning_rate(sae_cfg.n_latents)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr)
         self.steps_done = 0

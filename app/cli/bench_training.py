@@ -148,3 +148,25 @@ def bench_precision(
             result["train"] = bench_train_precision(acts, Path(work), n_latents=latents,
                                                     batch=batch, tokens=tokens)
     typer.echo(json.dumps(result))
+
+
+@bench_app.command("stream")
+def bench_stream(
+    model: ModelOpt = None,
+    layer: Annotated[int, typer.Option("--layer")] = 6,
+    tokens: Annotated[int, typer.Option("--tokens", help="training tokens")] = 65_536,
+    latents: Annotated[int, typer.Option("--latents")] = 4096,
+    k: Annotated[int, typer.Option("--k")] = 32,
+    batch: Annotated[int, typer.Option("--batch")] = 4096,
+    buffer_rows: Annotated[int, typer.Option("--buffer-rows")] = 1 << 16,
+) -> None:
+    """Training straight from the model vs capture-then-train on the same tokens."""
+    from training.bench.stream import bench_stream as run
+
+    with cli_errors():
+        lm = load_lm(model, None)
+        lm.check_layer(layer)
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
+            result = run(lm, Path(work), layer=layer, tokens=tokens, n_latents=latents, k=k,
+                         batch=batch, buffer_rows=buffer_rows)
+    typer.echo(json.dumps(result))

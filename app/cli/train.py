@@ -78,12 +78,19 @@ def _parse_layers(text: str) -> list[int]:
 
 @app.command()
 def train(
-    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
     latents: Annotated[str, typer.Option("--latents", help="dictionary size n (a list such "
                                          "as 4096,16384 trains a sweep)")],
     k: Annotated[str, typer.Option("--k", help="active latents per token (or a list)")],
     out: Annotated[Path, typer.Option("--out", help="output SAE directory (a sweep: one "
                                       "folder per SAE inside it)")],
+    acts: Annotated[Path | None, typer.Option("--acts", help="capture directory (without it: "
+                                              "train from --model as it reads)")] = None,
+    model: ModelOpt = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="without --acts: the block")
+                     ] = None,
+    dataset: DatasetOpt = "embedded",
+    buffer_rows: Annotated[int, typer.Option("--buffer-rows", help="without --acts: rows in "
+                                             "the in-memory shuffle buffer")] = 1 << 18,
     arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk (or both: "
                                       "topk,batchtopk)")] = "topk",
     tokens: Annotated[int | None, typer.Option("--tokens", help="training tokens "
@@ -104,28 +111,57 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
                                          "checkpoint")] = False,
 ) -> None:
-    """Train a TopK / BatchTopK SAE on captured activations."""
+    """Train a TopK / BatchTopK SAE on captured activations (or straight from a model)."""
+    options = dict(locals())
+    with cli_errors():
+        metrics = _train(options)
+    typer.echo(json.dumps(metrics))
+
+
+def _train(o: dict) -> dict:
+    """One run, a sweep, or a run streaming from the model, as the options say."""
+    sizes, ks = _ints(o["latents"], "--latents"), _ints(o["k"], "--k")
+    archs = [a.strip() for a in o["arch"].split(",")]
+    spec = {"acts": str(o["acts"]), "out": str(o["out"]), "resume": o["resume"],
+            "sae": {"d_in": 0, "n_latents": sizes[0], "k": ks[0], "architecture": archs[0],
+                    "dead_tokens": o["dead_tokens"],
+                    "matryoshka_widths": _parse_widths(o["matryoshka"])},
+            "train": {key: o[key] for key in ("batch", "tokens", "lr", "seed",
+                                              "checkpoint_every", "precision")}}
+    sweep = len(sizes) * len(ks) * len(archs) > 1
+    if o["acts"] is None:
+        if sweep or o["nproc"] != 1:
+            raise ValueError("training from --model (no --acts) is one SAE in one process: "
+                             "drop the lists and --nproc")
+        return _run_streaming(spec, o)
     from training.data.activations import Manifest
 
-    with cli_errors():
-        d_in = Manifest.load(acts).d_model
-        sizes, ks = _ints(latents, "--latents"), _ints(k, "--k")
-        archs = [a.strip() for a in arch.split(",")]
-        spec = {"acts": str(acts), "out": str(out), "resume": resume,
-                "sae": {"d_in": d_in, "n_latents": sizes[0], "k": ks[0],
-                        "architecture": archs[0], "dead_tokens": dead_tokens,
-                        "matryoshka_widths": _parse_widths(matryoshka)},
-                "train": {"batch": batch, "tokens": tokens, "lr": lr, "seed": seed,
-                          "checkpoint_every": checkpoint_every, "precision": precision}}
-        if len(sizes) * len(ks) * len(archs) > 1:
-            if nproc != 1 or resume:
-                raise ValueError("a sweep (several --latents, --k or --arch) runs in one "
-                                 "process and cannot --resume: drop --nproc/--resume")
-            metrics = _run_sweep(spec, sizes, ks, archs)
-        else:
-            _validate_train_spec(spec, nproc)
-            metrics = _run_train(spec, nproc)
-    typer.echo(json.dumps(metrics))
+    spec["sae"]["d_in"] = Manifest.load(o["acts"]).d_model
+    if sweep:
+        if o["nproc"] != 1 or o["resume"]:
+            raise ValueError("a sweep (several --latents, --k or --arch) runs in one "
+                             "process and cannot --resume: drop --nproc/--resume")
+        return _run_sweep(spec, sizes, ks, archs)
+    _validate_train_spec(spec, o["nproc"])
+    return _run_train(spec, o["nproc"])
+
+
+def _run_streaming(spec: dict, o: dict) -> dict:
+    """Train from --model's block --layer as it reads --dataset (no capture on disk)."""
+    from training.data.capture import CaptureConfig
+    from training.sae.autoencoder import SaeConfig
+    from training.train.stream import StreamConfig, train_streaming
+    from training.train.trainer import TrainConfig
+
+    if o["layer"] is None or o["tokens"] is None:
+        raise ValueError("training without --acts needs --layer and --tokens (and --model)")
+    lm = load_lm(o["model"], None)
+    spec["sae"]["d_in"] = lm.d_model
+    stream = StreamConfig(CaptureConfig(layer=o["layer"], tokens=o["tokens"],
+                                        dataset=o["dataset"], dtype="fp32"),
+                          buffer_rows=o["buffer_rows"])
+    return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]),
+                           TrainConfig.from_dict(spec["train"]), stream, resume=o["resume"])
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -262,6 +262,22 @@ def _append_shard(target: _Target, acts: Tensor, ids: Tensor, contexts: int) -> 
     manifest.save(target.partial)
 
 
+def activation_stream(lm: LoadedModel, cfg: CaptureConfig, *, skip_contexts: int = 0
+                      ) -> Iterator[tuple[Tensor, int]]:
+    """Block ``cfg.layer``'s non-BOS activations of ``cfg.dataset`` straight from the
+    model, one forward batch at a time, without writing anything: (rows [C·(T−1), d] as
+    float32, contexts consumed so far), after skipping the first ``skip_contexts``."""
+    lm.check_layer(cfg.layer)
+    _check_context(lm, cfg.context)
+    contexts = itertools.islice(_contexts(lm, cfg), skip_contexts, None)
+    consumed = skip_contexts
+    for group in _batched(contexts, cfg.batch_contexts):
+        ids = torch.tensor(group, dtype=torch.long)
+        rows = _activations(lm, [cfg.layer], cfg.batch_contexts, ids, lambda _rows: None)
+        consumed += len(group)
+        yield rows[cfg.layer], consumed
+
+
 def _contexts(lm: LoadedModel, cfg: CaptureConfig) -> Iterator[list[int]]:
     texts = iter_texts(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     return pack_contexts(texts, lm.tokenizer, cfg.context, lm.bos_id)

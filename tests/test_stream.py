@@ -1,0 +1,109 @@
+"""Training straight from the tiny random Llama (no capture on disk): the shuffle buffer
+mixes and bounds, a run reaches a working SAE, an interrupted one resumes from its
+checkpoint, and bad settings name their flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from app.cli import app
+from training.data.capture import CaptureConfig
+from training.data.stop import Interrupted
+from training.sae.autoencoder import SaeConfig
+from training.sae.folder import load_sae
+from training.train.run import partial_dir
+from training.train.stream import ShuffleBuffer, StreamConfig, train_streaming
+from training.train.trainer import TrainConfig
+
+runner = CliRunner()
+
+
+def test_the_buffer_mixes_rows_and_serves_each_once() -> None:
+    chunks = [torch.arange(i * 10, (i + 1) * 10).float().unsqueeze(1) for i in range(20)]
+    served = list(ShuffleBuffer(iter(chunks), capacity=40, batch=8, seed=0))
+    values = torch.cat(served).flatten()
+    assert all(len(b) == 8 for b in served) and len(values) == 200
+    assert sorted(values.tolist()) == list(range(200))  # every row exactly once
+    first = served[0].flatten()
+    assert first.max() - first.min() > 10, "a batch mixes rows of several chunks"
+    with pytest.raises(ValueError, match="--buffer-rows"):
+        ShuffleBuffer(iter(chunks), capacity=10, batch=8, seed=0)
+
+
+def _stream(text_file) -> StreamConfig:
+    return StreamConfig(CaptureConfig(layer=1, tokens=1, dataset=str(text_file), context=32,
+                                      dtype="fp32", batch_contexts=8), buffer_rows=2048)
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch": 256, "tokens": 256 * 16, "lr": 3e-3, "warmup_steps": 2,
+                          "holdout_rows": 512, "checkpoint_every": 0, **kw})
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on mat "
+                              f"{i * 7 % 13}." for i in range(3000)))
+    return path
+
+
+def test_streaming_trains_an_sae_from_the_model(tiny_model, text_file, tmp_path) -> None:
+    metrics = train_streaming(tiny_model, tmp_path / "sae", SaeConfig(d_in=64, n_latents=128,
+                                                                      k=8),
+                              _cfg(), _stream(text_file), progress=False)
+    assert metrics["streamed"] and metrics["steps"] == 16 and metrics["heldout_rows"] == 512
+    assert metrics["heldout_fvu"] < 0.5
+    _, cfg = load_sae(tmp_path / "sae")
+    assert cfg["streamed"] and cfg["hook_layer"] == 1 and cfg["activations"] is None
+    assert not partial_dir(tmp_path / "sae").exists()
+
+
+def test_an_interrupted_streaming_run_resumes(tiny_model, text_file, tmp_path) -> None:
+    cfg, out = _cfg(checkpoint_every=4), tmp_path / "sae"
+    sae_cfg = SaeConfig(d_in=64, n_latents=128, k=8)
+
+    def stop_at_6(stats) -> None:
+        if stats.step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), progress=False,
+                        on_step=stop_at_6)
+    assert (partial_dir(out) / "checkpoint.pt").is_file() and not out.exists()
+    steps: list[int] = []
+    metrics = train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), resume=True,
+                              progress=False, on_step=lambda stats: steps.append(stats.step))
+    assert steps == list(range(5, 17)) and metrics["steps"] == 16
+    assert metrics["heldout_fvu"] < 0.6
+
+
+def test_the_command_trains_from_a_model(tiny_llama_dir, text_file, tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    args = ["train", "--layer", "1", "--dataset", str(text_file), "--latents", "128", "--k",
+            "8", "--batch", "256", "--buffer-rows", "2048", "--out", str(tmp_path / "sae")]
+    result = runner.invoke(app, [*args, "--tokens", "2048"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["streamed"]
+    missing = runner.invoke(app, args, env=env)
+    assert missing.exit_code == 2 and "--tokens" in missing.output
+    sweep = runner.invoke(app, [*args[:-6], "--latents", "64,128", "--k", "8", "--tokens",
+                                "2048", "--out", str(tmp_path / "s")], env=env)
+    assert sweep.exit_code == 2 and "--model" in sweep.output
+
+
+def test_bench_stream_compares_with_capture_then_train(tiny_llama_dir, tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    result = runner.invoke(app, ["bench", "stream", "--layer", "1", "--tokens", "2048",
+                                 "--latents", "128", "--k", "8", "--batch", "256",
+                                 "--buffer-rows", "1024"], env=env)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["streaming_s"] > 0 and figures["capture_then_train_s"] > figures["capture_s"]
+    assert 0 < figures["heldout_fvu_stream"] < 2 and 0 < figures["heldout_fvu_disk"] < 2

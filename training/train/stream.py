@@ -1,0 +1,247 @@
+"""Training straight from the model: no activation dump on disk.
+
+For runs whose activations do not fit on disk (a 65k-latent SAE on billions of tokens),
+the model runs as training goes: each forward batch's activations enter a bounded shuffle
+buffer in memory, and training batches are drawn from it. The buffer is filled to
+``buffer_rows``, shuffled, and its first half is served as batches while the second half
+waits and is mixed with the next fill (SAELens' mixing buffer does the same), so a batch
+mixes rows of many contexts and documents, never only consecutive tokens.
+
+The first ``holdout_rows`` rows of the stream are held out (never trained on) for the
+held-out figures; the first fill after them gives the sample for the input scale and
+b_dec. A checkpoint records the trainer and how many contexts the stream has consumed; a
+resumed run skips those contexts and fills a fresh buffer (the rows that were waiting in
+the old one are not seen). The SAE folder is written as a training run writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from training.data.activations import estimate_input_scale
+from training.data.capture import CaptureConfig, activation_stream
+from training.data.models import LoadedModel
+from training.data.stop import Interrupted
+from training.sae.autoencoder import SaeConfig
+from training.sae.folder import replace_dir, save_sae
+from training.train.run import (
+    CHECKPOINT,
+    CURVE_POINTS,
+    StepCallback,
+    TrainError,
+    _write_curve,
+    heldout_stats,
+    partial_dir,
+)
+from training.train.trainer import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Where the activations come from and how many wait in memory."""
+
+    capture: CaptureConfig
+    """Layer, dataset, context and forward batch (``tokens`` is unused here)."""
+    buffer_rows: int = 1 << 18
+    """Rows held in the shuffle buffer (262,144 × d floats: 600 MB at d = 576)."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 2:
+            raise TrainError(f"--buffer-rows must be at least 2 (got {self.buffer_rows})")
+
+
+class ShuffleBuffer:
+    """Training batches [batch, d] drawn from a bounded, mixed pool of streamed rows."""
+
+    def __init__(self, rows: Iterator[Tensor], capacity: int, batch: int, seed: int) -> None:
+        if capacity < 2 * batch:
+            raise TrainError(f"--buffer-rows {capacity} must hold at least two --batch "
+                             f"({batch})")
+        self.rows, self.capacity, self.batch = rows, capacity, batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pool = torch.empty(0)
+        self.exhausted = False
+
+    def _fill(self) -> None:
+        parts, have = [self.pool], len(self.pool)
+        while have < self.capacity and not self.exhausted:
+            chunk = next(self.rows, None)
+            if chunk is None:
+                self.exhausted = True
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        pool = torch.cat([p for p in parts if p.numel()]) if have else self.pool
+        self.pool = pool[torch.randperm(len(pool), generator=self.generator)]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while True:
+            self._fill()
+            serve = len(self.pool) if self.exhausted else len(self.pool) // 2
+            served = (serve // self.batch) * self.batch
+            if served == 0:
+                return
+            for start in range(0, served, self.batch):
+                yield self.pool[start:start + self.batch]
+            self.pool = self.pool[served:]
+
+
+def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig,
+                    stream: StreamConfig, *, resume: bool = False, progress: bool = True,
+                    on_step: StepCallback | None = None) -> dict:
+    """Train an SAE on block ``stream.capture.layer`` of ``lm`` as it reads the dataset;
+    ``cfg.tokens`` training tokens (required). Returns the metrics dict."""
+    if cfg.tokens is None:
+        raise TrainError("--tokens is required when training from the model")
+    if sae_cfg.d_in != lm.d_model:
+        raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
+    out, total_steps = Path(out), cfg.tokens // cfg.batch
+    if out.exists() and not (out / "cfg.json").is_file():
+        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
+    work = partial_dir(out)
+    trainer = Trainer(sae_cfg, cfg, total_steps)
+    try:
+        state = _resume(trainer, work) if resume else _fresh(work)
+        source = activation_stream(lm, stream.capture, skip_contexts=state["contexts"])
+        counted = _Counted(source, state["contexts"])
+        holdout = state.get("holdout")
+        if holdout is None:
+            holdout = _take_rows(counted, cfg.holdout_rows)
+        batches = iter(ShuffleBuffer(counted, stream.buffer_rows, cfg.batch, cfg.seed
+                                     + state["contexts"]))
+        if not resume:
+            first = next(batches, None)
+            if first is None:
+                raise TrainError(f"dataset {stream.capture.dataset!r} yielded no batch")
+            trainer.initialise(first, estimate_input_scale(first))
+            batches = _prepend(first, batches)
+        history = state.get("history", [])
+        seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step)
+        metrics = _metrics(trainer, holdout, history, seconds, state["steps"], cfg.batch)
+        _finish(trainer, lm, stream, out, work, metrics, history)
+        return metrics
+    except BaseException as exc:
+        if not isinstance(exc, Interrupted) and not (work / CHECKPOINT).is_file():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+class _Counted:
+    """The activation stream's rows, remembering how many contexts it has consumed."""
+
+    def __init__(self, source: Iterator[tuple[Tensor, int]], contexts: int) -> None:
+        self.source, self.contexts = source, contexts
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        rows, self.contexts = next(self.source)
+        return rows
+
+
+def _take_rows(rows: Iterator[Tensor], count: int) -> Tensor:
+    taken, have = [], 0
+    while have < count:
+        chunk = next(rows, None)
+        if chunk is None:
+            break
+        taken.append(chunk)
+        have += len(chunk)
+    return torch.cat(taken)[:count] if taken else torch.empty(0)
+
+
+def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
+    yield first
+    yield from rest
+
+
+def _fresh(work: Path) -> dict:
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return {"contexts": 0, "steps": 0}
+
+
+def _resume(trainer: Trainer, work: Path) -> dict:
+    checkpoint = work / CHECKPOINT
+    if not checkpoint.is_file():
+        raise TrainError(f"nothing to resume: no checkpoint in {work}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    trainer.load_state_dict(state["trainer"])
+    log.info("resumed at step %d after %d contexts", trainer.steps_done, state["contexts"])
+    return {**state, "steps": trainer.steps_done}
+
+
+def _loop(trainer: Trainer, batches: Iterator[Tensor], counted: _Counted, holdout: Tensor,
+          work: Path, history: list[dict], progress: bool, on_step: StepCallback | None
+          ) -> float:
+    cfg, total = trainer.cfg, trainer.total_steps
+    log_every = cfg.log_every or max(1, total // CURVE_POINTS)
+    started = time.perf_counter()
+    with tqdm(total=total * cfg.batch, initial=trainer.steps_done * cfg.batch, unit="tok",
+              unit_scale=True, desc="train (streaming)", disable=not progress) as bar:
+        while trainer.steps_done < total:
+            batch = next(batches, None)
+            if batch is None:
+                raise TrainError(f"the dataset ran out after {trainer.steps_done} of "
+                                 f"{total} steps: lower --tokens")
+            stats = trainer.step(batch)
+            bar.update(cfg.batch)
+            if stats.step % log_every == 0 or stats.step == total:
+                history.append(asdict(stats))
+            if on_step is not None:
+                on_step(stats)
+            if cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0:
+                _checkpoint(trainer, work, history, counted.contexts, holdout)
+    return time.perf_counter() - started
+
+
+def _checkpoint(trainer: Trainer, work: Path, history: list[dict], contexts: int,
+                holdout: Tensor) -> None:
+    tmp = work / f".{CHECKPOINT}.tmp"
+    torch.save({"trainer": trainer.state_dict(), "history": history, "contexts": contexts,
+                "holdout": holdout}, tmp)
+    os.replace(tmp, work / CHECKPOINT)
+
+
+def _metrics(trainer: Trainer, holdout: Tensor, history: list[dict], seconds: float,
+             first_step: int, batch: int) -> dict:
+    last = history[-1] if history else {}
+    metrics = {"steps": trainer.steps_done, "tokens": trainer.steps_done * batch,
+               "train_fvu": last.get("fvu"), "l0": last.get("l0"),
+               "dead_fraction": last.get("dead_fraction"), "streamed": True,
+               "tokens_per_s": (trainer.steps_done - first_step) * batch / max(seconds, 1e-9),
+               "input_scale": trainer.input_scale}
+    if len(holdout):
+        stats = heldout_stats(trainer.sae, holdout, trainer.input_scale)
+        metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
+                       heldout_rows=len(holdout))
+    return metrics
+
+
+def _finish(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path, work: Path,
+            metrics: dict, history: list[dict]) -> None:
+    capture = stream.capture
+    save_sae(work / "sae", trainer.sae, trainer.input_scale, model=lm.name,
+             layer=capture.layer, context=capture.context,
+             extra={"train": trainer.cfg.to_dict(), "activations": None, "streamed": True,
+                    "dataset": capture.dataset, "buffer_rows": stream.buffer_rows})
+    final = work / "sae"
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_curve(final / "loss_curve.csv", history)
+    replace_dir(final, out)
+    shutil.rmtree(work, ignore_errors=True)

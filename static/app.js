@@ -22,6 +22,11 @@ function drawPlots(root) {
       const widths = edges.slice(0, -1).map((e, i) => edges[i + 1] - e);
       traces = [{ type: "bar", x: centers, y: data.counts || [], width: widths, marker: { color: "#d95f00" } }];
       if (data.values) traces = [{ type: "histogram", x: data.values, marker: { color: "#2458d6" } }];
+    } else if (el.dataset.plot === "frontier") {
+      const colours = (data.current || []).map((c) => (c ? "#d95f00" : "#2458d6"));
+      traces = [{ type: "scatter", mode: "markers+text", x: data.x || [], y: data.y || [],
+                  text: data.text || [], textposition: "top center", customdata: data.ids || [],
+                  marker: { color: colours, size: 10 } }];
     } else if (el.dataset.plot === "bar") {
       traces = [{ type: "bar", x: data.x || [], y: data.y || [], marker: { color: "#2458d6" } }];
     } else {
@@ -29,6 +34,10 @@ function drawPlots(root) {
       layout.yaxis.type = "log";
     }
     Plotly.react(el, traces, layout, { displayModeBar: false, responsive: true });
+    if (el.dataset.plot === "frontier" && !el.dataset.bound) {
+      el.dataset.bound = "1";
+      el.on("plotly_click", (event) => { window.location = `/saes/${event.points[0].customdata}`; });
+    }
   });
 }
 

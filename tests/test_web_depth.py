@@ -44,9 +44,13 @@ def depth(explorer_data, embedded_sae, embedded_model, tmp_path_factory):
         save_file(weights, str(other / name))
     with sessions.begin() as session:
         first = session.get(Sae, sae_id)
+        first.config = {**(first.config or {}), "activations": "/captures/l3"}
+        first.metrics = {**(first.metrics or {}), "heldout_fvu": 0.2, "l0": 16.0}
         session.add(Sae(model_id=first.model_id, name="perturbed", path=str(other),
                         architecture=first.architecture, layer=first.layer, d_in=first.d_in,
-                        n_latents=first.n_latents, k=first.k))
+                        n_latents=first.n_latents, k=first.k,
+                        config={"activations": "/captures/l3"},
+                        metrics={"heldout_fvu": 0.35, "l0": 8.0}))
     sessions.kw["bind"].dispose()
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{db}",
                         broker_url=f"sqla+sqlite:///{root / 'broker.db'}")
@@ -115,3 +119,13 @@ def test_two_saes_compared_by_decoder_cosine(depth) -> None:
     assert page.text.count("mutual</span>") >= 40
     assert client.get(f"/compare?a={sae_id}&b=999").status_code == 404
     assert "Compare two SAEs" in client.get("/compare").text
+
+
+def test_saes_of_one_capture_show_their_frontier(depth) -> None:
+    client, sae_id = depth
+    page = client.get(f"/saes/{sae_id}").text
+    assert 'data-plot="frontier"' in page and "the L0–FVU frontier" in page
+    table = page.split('id="frontier"')[1]
+    assert table.index("perturbed") < table.index('class="current"'), "sorted by L0"
+    assert "0.3500" in table and "0.2000" in table
+    assert 'data-plot="frontier"' not in client.get(f"/saes/{sae_id + 1}/features/0").text

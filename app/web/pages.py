@@ -63,8 +63,8 @@ async def sae_page(request: Request, sae_id: int, session: SessionDep, render: R
         return render(request, "sae.html", context, block="latent_rows")
     if fragment_name(request) != "latent_list":
         context.update(await run_in_threadpool(lambda: {
-            "curve": views.loss_curve(sae), "density": views.density_histogram(session,
-                                                                               sae_id)}))
+            "curve": views.loss_curve(sae), "frontier": views.frontier(session, sae),
+            "density": views.density_histogram(session, sae_id)}))
     return render(request, "sae.html", context)
 
 

@@ -71,6 +71,28 @@ def headline(sae: Sae) -> dict[str, float | None]:
             "ce_loss_recovered": evaluated.get("ce_loss_recovered")}
 
 
+def frontier(session: Session, sae: Sae) -> list[dict[str, Any]]:
+    """The SAEs trained on the same capture as ``sae`` (a sweep, or runs compared by hand),
+    each with its L0, FVU and CE loss recovered, by L0; empty when it has no sibling."""
+    capture = (sae.config or {}).get("activations")
+    if not capture:
+        return []
+    siblings = session.scalars(select(Sae).where(Sae.model_id == sae.model_id,
+                                                 Sae.layer == sae.layer)).all()
+    points = []
+    for other in siblings:
+        if (other.config or {}).get("activations") != capture:
+            continue
+        figures = headline(other)
+        if figures["explained_variance"] is None or figures["l0"] is None:
+            continue
+        points.append({"id": other.id, "name": other.name, "l0": figures["l0"],
+                       "fvu": 1 - figures["explained_variance"],
+                       "ce_loss_recovered": figures["ce_loss_recovered"],
+                       "current": other.id == sae.id})
+    return sorted(points, key=lambda p: p["l0"]) if len(points) > 1 else []
+
+
 def models_overview(session: Session) -> list[dict[str, Any]]:
     rows = session.execute(select(Model, func.count(Sae.id)).outerjoin(Sae)
                            .group_by(Model.id).order_by(Model.name))

@@ -38,8 +38,10 @@ def make_engine(url: str) -> Engine:
         raise StoreError(f"--db {url!r} is not a database URL: {exc}") from exc
     if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, pool_pre_ping=True)
-    if parsed.drivername.startswith("sqlite"):
+    # a server connection can drop while pooled (pre-ping checks it); a SQLite file cannot
+    sqlite = parsed.drivername.startswith("sqlite")
+    engine = create_engine(parsed, pool_pre_ping=not sqlite)
+    if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         with engine.connect() as conn:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload
 
 from app.jobs import BrokerUnavailable, JobError, JobFinished, JobNotFound
 from app.store.models import Explanation, Job, Latent, Model, Sae
@@ -21,7 +21,7 @@ CURVE_POINTS = 500
 def sae_or_404(session: Session, sae_id: int) -> Sae:
     """The SAE row with its model loaded (pages read ``sae.model`` after routes close the
     session to wait for the engine)."""
-    sae = session.get(Sae, sae_id, options=[selectinload(Sae.model)])
+    sae = session.get(Sae, sae_id, options=[joinedload(Sae.model)])
     if sae is None:
         raise HTTPException(404, f"there is no SAE {sae_id}")
     return sae

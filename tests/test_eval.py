@@ -29,3 +29,14 @@ def test_shared_prefix_equals_three_whole_passes(tiny_model, layer, monkeypatch)
     for name, value in whole.to_dict().items():
         assert getattr(shared, name) == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert shared.kl > 0 and shared.ce_ablate != shared.ce_clean and shared.tokens == 6 * 39
+
+
+def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) -> None:
+    config = tiny_model.model.config
+    assert metrics._Suffix.of(tiny_model, 1) is not None
+    monkeypatch.setattr(config, "layer_types", ["full_attention", "sliding_attention"] * 2,
+                        raising=False)
+    assert metrics._Suffix.of(tiny_model, 1) is None
+    monkeypatch.setattr(config, "layer_types", None, raising=False)
+    monkeypatch.setattr(config, "model_type", "granite", raising=False)
+    assert metrics._Suffix.of(tiny_model, 1) is None

@@ -107,3 +107,41 @@ def test_bench_stream_compares_with_capture_then_train(tiny_llama_dir, tmp_path)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["streaming_s"] > 0 and figures["capture_then_train_s"] > figures["capture_s"]
     assert 0 < figures["heldout_fvu_stream"] < 2 and 0 < figures["heldout_fvu_disk"] < 2
+
+
+def test_a_resume_with_other_settings_names_the_flag(tiny_model, text_file, tmp_path) -> None:
+    cfg, out = _cfg(checkpoint_every=4), tmp_path / "sae"
+    sae_cfg = SaeConfig(d_in=64, n_latents=128, k=8)
+
+    def stop_at_5(stats) -> None:
+        if stats.step == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), progress=False,
+                        on_step=stop_at_5)
+    other = StreamConfig(CaptureConfig(layer=2, tokens=1, dataset=str(text_file), context=32,
+                                       dtype="fp32", batch_contexts=8), buffer_rows=2048)
+    with pytest.raises(ValueError, match="--layer 1 .now 2."):
+        train_streaming(tiny_model, out, sae_cfg, cfg, other, resume=True, progress=False)
+    with pytest.raises(ValueError, match="--latents 128 .now 256."):
+        train_streaming(tiny_model, out, SaeConfig(d_in=64, n_latents=256, k=8), cfg,
+                        _stream(text_file), resume=True, progress=False)
+    assert (partial_dir(out) / "checkpoint.pt").is_file(), "a refused resume keeps the run"
+
+
+def test_a_streamed_sae_is_evaluated_after_the_text_it_read(tiny_llama_dir, text_file,
+                                                           tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    trained = runner.invoke(app, ["train", "--layer", "1", "--dataset", str(text_file),
+                                  "--latents", "128", "--k", "8", "--batch", "256",
+                                  "--buffer-rows", "1024", "--tokens", "1024", "--out",
+                                  str(tmp_path / "sae")], env=env)
+    assert trained.exit_code == 0, trained.output
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["stream_contexts"] > 0
+    evaluated = runner.invoke(app, ["eval", "--sae", str(tmp_path / "sae"), "--dataset",
+                                    str(text_file), "--tokens", "512"], env=env)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["tokens"] >= 512

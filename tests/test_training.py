@@ -470,3 +470,13 @@ def test_bf16_encoder_matmul_trains_close_to_fp32(acts_dir, tmp_path) -> None:
     assert sae.w_enc.dtype == torch.float32
     with pytest.raises(ValueError, match="--precision"):
         _train_cfg(precision="fp8")
+
+
+def test_sweep_members_check_matryoshka_widths_against_their_own_width() -> None:
+    from training.train.sweep import sweep_configs
+
+    for order in ([64, 128], [128, 64]):
+        configs = sweep_configs(_sae_cfg(n_latents=128), order, [4], ["topk"],
+                                matryoshka=(16, 64))
+        assert configs["n64-k4-topk"].matryoshka_widths == (16,)
+        assert configs["n128-k4-topk"].matryoshka_widths == (16, 64)

@@ -178,7 +178,9 @@ def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) ->
     from training.train.sweep import sweep_configs, train_sweep
     from training.train.trainer import TrainConfig
 
-    configs = sweep_configs(SaeConfig.from_dict(spec["sae"]), sizes, ks, archs)
+    base = {**spec["sae"], "n_latents": max(sizes), "k": min(ks), "matryoshka_widths": ()}
+    configs = sweep_configs(SaeConfig.from_dict(base), sizes, ks, archs,
+                            spec["sae"]["matryoshka_widths"])
     out = Path(spec["out"])
     members = {out / name: cfg for name, cfg in configs.items()}
     results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
@@ -267,9 +269,13 @@ def _trained_contexts(cfg: dict, dataset: str, context: int) -> int:
     evaluation runs on text the SAE has not seen."""
     from training.data.activations import Manifest
 
+    if cfg.get("streamed"):  # trained straight from the model: the stream's contexts
+        if cfg.get("dataset") != dataset or not cfg.get("stream_contexts"):
+            return 0
+        return -(-int(cfg["stream_contexts"]) * int(cfg["context_size"]) // context)
     try:
         manifest = Manifest.load(Path(cfg["activations"]))
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return 0
     if manifest.dataset != dataset:
         return 0

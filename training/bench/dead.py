@@ -33,6 +33,7 @@ def bench_dead(acts: Path, work: Path, *, n_latents: int = 16_384, k: int = 16,
     """One run without AuxK, then one per window; dead share and FVU on held-out rows."""
     store = ActivationStore(acts)
     store.verify()
+    holdout = min(holdout, len(store) // 10)  # what train() holds out: never trained on
     if len(store) < tokens + holdout:
         raise ValueError(f"{acts} holds {len(store)} rows; --tokens {tokens} plus "
                          f"--holdout {holdout} are needed")

@@ -177,6 +177,11 @@ def _add_losses(totals: _Totals, clean: Tensor, spliced: Tensor, ablated: Tensor
     totals.predicted += targets.numel()
 
 
+SHARED_PREFIX_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose blocks after L all take the inputs block L+1 took and whose logits
+are the LM head of the final norm, nothing more (others run three whole passes)."""
+
+
 class _Suffix:
     """The blocks after ``layer``, the final norm and the LM head of a Llama-layout model
     (``model.model.layers`` / ``.norm``, an output embedding), run from an edited block-L
@@ -193,8 +198,11 @@ class _Suffix:
         norm, head = getattr(inner, "norm", None), lm.model.get_output_embeddings()
         if getattr(inner, "layers", None) is not lm.blocks or norm is None or head is None:
             return None
-        if getattr(lm.model.config, "final_logit_softcapping", None):
-            return None
+        config = lm.model.config
+        if getattr(config, "model_type", None) not in SHARED_PREFIX_MODELS:
+            return None  # e.g. Granite/Cohere scale the logits after the head
+        if len(set(getattr(config, "layer_types", None) or [])) > 1:
+            return None  # sliding and full attention mixed: masks differ per block
         return cls(lm, layer, norm, head)
 
     @contextmanager

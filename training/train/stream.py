@@ -8,10 +8,13 @@ waits and is mixed with the next fill (SAELens' mixing buffer does the same), so
 mixes rows of many contexts and documents, never only consecutive tokens.
 
 The first ``holdout_rows`` rows of the stream are held out (never trained on) for the
-held-out figures; the first fill after them gives the sample for the input scale and
-b_dec. A checkpoint records the trainer and how many contexts the stream has consumed; a
-resumed run skips those contexts and fills a fresh buffer (the rows that were waiting in
-the old one are not seen). The SAE folder is written as a training run writes it.
+held-out figures; the first training batch gives the sample for the input scale and
+b_dec. A checkpoint records the trainer, the run's settings and how many contexts the
+stream has consumed; a resumed run must use the same settings (layer, dataset, context,
+SAE shape, batch stream), skips those contexts and fills a fresh buffer (the rows that
+were waiting in the old one are not seen). The SAE folder is written as a training run
+writes it, with the contexts the stream consumed (``stream_contexts``), so evaluation can
+start after them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,6 +40,7 @@ from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig
 from training.sae.folder import replace_dir, save_sae
 from training.train.run import (
+    _FLAGS,
     CHECKPOINT,
     CURVE_POINTS,
     StepCallback,
@@ -112,9 +117,9 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
     if out.exists() and not (out / "cfg.json").is_file():
         raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
     work = partial_dir(out)
-    trainer = Trainer(sae_cfg, cfg, total_steps)
+    trainer = Trainer(sae_cfg, cfg, total_steps, device=lm.device)
     try:
-        state = _resume(trainer, work) if resume else _fresh(work)
+        state = _resume(trainer, work, stream) if resume else _fresh(work)
         source = activation_stream(lm, stream.capture, skip_contexts=state["contexts"])
         counted = _Counted(source, state["contexts"])
         holdout = state.get("holdout")
@@ -129,9 +134,10 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
             trainer.initialise(first, estimate_input_scale(first))
             batches = _prepend(first, batches)
         history = state.get("history", [])
-        seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step)
+        seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step,
+                        _settings(trainer, stream))
         metrics = _metrics(trainer, holdout, history, seconds, state["steps"], cfg.batch)
-        _finish(trainer, lm, stream, out, work, metrics, history)
+        _finish(trainer, lm, stream, out, work, metrics, history, counted.contexts)
         return metrics
     except BaseException as exc:
         if not isinstance(exc, Interrupted) and not (work / CHECKPOINT).is_file():
@@ -176,19 +182,38 @@ def _fresh(work: Path) -> dict:
     return {"contexts": 0, "steps": 0}
 
 
-def _resume(trainer: Trainer, work: Path) -> dict:
+def _settings(trainer: Trainer, stream: StreamConfig) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    capture = stream.capture
+    return {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict(), "layer": capture.layer,
+            "dataset": capture.dataset, "context": capture.context}
+
+
+_STREAM_FLAGS = {"layer": "--layer", "dataset": "--dataset", "context": "--context"}
+
+
+def _resume(trainer: Trainer, work: Path, stream: StreamConfig) -> dict:
     checkpoint = work / CHECKPOINT
     if not checkpoint.is_file():
         raise TrainError(f"nothing to resume: no checkpoint in {work}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+    saved, now = state.get("settings", {}), _settings(trainer, stream)
+    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in
+              {**_FLAGS, **_STREAM_FLAGS}.items() if key in saved and saved[key] != now[key]]
+    if differ:
+        raise TrainError("--resume needs the interrupted run's settings: it used "
+                         + ", ".join(differ))
     trainer.load_state_dict(state["trainer"])
     log.info("resumed at step %d after %d contexts", trainer.steps_done, state["contexts"])
     return {**state, "steps": trainer.steps_done}
 
 
 def _loop(trainer: Trainer, batches: Iterator[Tensor], counted: _Counted, holdout: Tensor,
-          work: Path, history: list[dict], progress: bool, on_step: StepCallback | None
-          ) -> float:
+          work: Path, history: list[dict], progress: bool, on_step: StepCallback | None,
+          settings: dict) -> float:
     cfg, total = trainer.cfg, trainer.total_steps
     log_every = cfg.log_every or max(1, total // CURVE_POINTS)
     started = time.perf_counter()
@@ -206,15 +231,15 @@ def _loop(trainer: Trainer, batches: Iterator[Tensor], counted: _Counted, holdou
             if on_step is not None:
                 on_step(stats)
             if cfg.checkpoint_every and stats.step % cfg.checkpoint_every == 0:
-                _checkpoint(trainer, work, history, counted.contexts, holdout)
+                _checkpoint(trainer, work, history, counted.contexts, holdout, settings)
     return time.perf_counter() - started
 
 
 def _checkpoint(trainer: Trainer, work: Path, history: list[dict], contexts: int,
-                holdout: Tensor) -> None:
+                holdout: Tensor, settings: dict) -> None:
     tmp = work / f".{CHECKPOINT}.tmp"
     torch.save({"trainer": trainer.state_dict(), "history": history, "contexts": contexts,
-                "holdout": holdout}, tmp)
+                "holdout": holdout, "settings": settings}, tmp)
     os.replace(tmp, work / CHECKPOINT)
 
 
@@ -234,12 +259,13 @@ def _metrics(trainer: Trainer, holdout: Tensor, history: list[dict], seconds: fl
 
 
 def _finish(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path, work: Path,
-            metrics: dict, history: list[dict]) -> None:
+            metrics: dict, history: list[dict], contexts: int) -> None:
     capture = stream.capture
     save_sae(work / "sae", trainer.sae, trainer.input_scale, model=lm.name,
              layer=capture.layer, context=capture.context,
              extra={"train": trainer.cfg.to_dict(), "activations": None, "streamed": True,
-                    "dataset": capture.dataset, "buffer_rows": stream.buffer_rows})
+                    "dataset": capture.dataset, "buffer_rows": stream.buffer_rows,
+                    "stream_contexts": contexts})
     final = work / "sae"
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_curve(final / "loss_curve.csv", history)

@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from training.data.activations import ActivationStore, estimate_input_scale
+from training.data.models import default_device
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
     CURVE_POINTS,
@@ -38,14 +40,17 @@ SweepStep = Callable[[int, StepStats], None]
 
 
 def sweep_configs(base: SaeConfig, latents: Sequence[int], ks: Sequence[int],
-                  architectures: Sequence[str]) -> dict[str, SaeConfig]:
+                  architectures: Sequence[str], matryoshka: Sequence[int] = ()
+                  ) -> dict[str, SaeConfig]:
     """Every combination as {folder name: config}, e.g. ``n4096-k32-topk``; a
-    combination with k ≥ n is an error naming it."""
+    combination with k ≥ n is an error naming it. ``matryoshka`` widths are checked
+    against each member's own width."""
     configs: dict[str, SaeConfig] = {}
     for n, k, arch in itertools.product(latents, ks, architectures):
         if k >= n:
             raise ValueError(f"--k {k} is not below --latents {n}: drop that combination")
-        configs[f"n{n}-k{k}-{arch}"] = replace(base, n_latents=n, k=k, architecture=arch)
+        configs[f"n{n}-k{k}-{arch}"] = replace(base, n_latents=n, k=k, architecture=arch,
+                                               matryoshka_widths=tuple(matryoshka))
     if len(configs) != len(list(itertools.product(latents, ks, architectures))):
         raise ValueError("--latents, --k and --arch must not repeat a value")
     return configs
@@ -92,8 +97,10 @@ def _start(store: ActivationStore, configs: list[SaeConfig], cfg: TrainConfig,
     """A trainer per member, initialised from the one sample a separate run would draw."""
     sample = store.sample(cfg.init_rows, seed=cfg.seed, limit_rows=train_rows)
     scale = estimate_input_scale(sample)
-    trainers = [Trainer(sae_cfg, cfg, total_steps) for sae_cfg in configs]
-    center = geometric_median(sample.float() * scale) if cfg.b_dec_init == "median" else None
+    device = default_device()
+    trainers = [Trainer(sae_cfg, cfg, total_steps, device=device) for sae_cfg in configs]
+    scaled = sample.to(device, torch.float32) * scale  # as Trainer.initialise scales it
+    center = geometric_median(scaled) if cfg.b_dec_init == "median" else None
     for trainer in trainers:
         trainer.initialise(sample, scale, center=center)
     for work in works:

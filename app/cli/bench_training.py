@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DeviceOpt, ModelOpt, bench_app, cli_errors, load_lm
+from app.cli.common import DeviceOpt, ModelOpt, bench_app, cli_errors, int_list, load_lm
 
 
 @bench_app.command("dead")
@@ -112,18 +112,11 @@ def bench_sweep(
     from training.bench.sweep import bench_sweep as run
 
     with cli_errors():
-        sizes, ks = _int_list(latents, "--latents"), _int_list(k, "--k")
+        sizes, ks = int_list(latents, "--latents"), int_list(k, "--k")
         with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
             result = run(acts, Path(work), latents=sizes, ks=ks,
                          architectures=arch.split(","), batch=batch, tokens=tokens)
     typer.echo(json.dumps(result))
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: expected a list like 16,32 (got {text!r})") from None
 
 
 @bench_app.command("precision")

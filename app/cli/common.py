@@ -36,6 +36,15 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def int_list(text: str, flag: str, example: str = "16,32") -> list[int]:
+    """A flag's comma-separated integers (``4096,16384``); an error naming the flag."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected a number or a list like {example} "
+                         f"(got {text!r})") from None
+
+
 def load_lm(model: str | None, device: str | None, precision: str = "fp32"):
     """The model named by --model (default: settings), converted under the data dir, with
     its weights in ``precision`` (fp32, bf16)."""

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DbOpt, JsonOpt, app, cli_errors, open_sessions, run_job_here
+from app.cli.common import (
+    DbOpt,
+    JsonOpt,
+    app,
+    cli_errors,
+    int_list,
+    open_sessions,
+    run_job_here,
+)
 from app.settings import get_settings
 from app.store.records import job_record
 
@@ -63,7 +71,7 @@ def submit(
 
     with cli_errors():
         if matryoshka is not None:
-            given["matryoshka"] = _widths(matryoshka)
+            given["matryoshka"] = int_list(matryoshka, "--matryoshka", "1024,4096")
         sessions = open_sessions(db)
         if now:
             job = run_job_here(sessions, kind, given)
@@ -74,14 +82,6 @@ def submit(
     _print(job, as_json)
     if job.state in ("failed", "cancelled"):
         raise typer.Exit(1)
-
-
-def _widths(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--matryoshka: expected widths like 1024,4096 (got {text!r})"
-                         ) from None
 
 
 def _follow(sessions, job_id: int):

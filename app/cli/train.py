@@ -13,7 +13,15 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DatasetOpt, DeviceOpt, ModelOpt, app, cli_errors, load_lm
+from app.cli.common import (
+    DatasetOpt,
+    DeviceOpt,
+    ModelOpt,
+    app,
+    cli_errors,
+    int_list,
+    load_lm,
+)
 
 
 @app.command()
@@ -54,23 +62,13 @@ def capture(
 
 
 def _parse_widths(text: str | None) -> list[int]:
-    """``--matryoshka`` as a comma-separated list of widths (checked by SaeConfig)."""
-    if not text:
-        return []
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--matryoshka: expected widths like 1024,4096 (got {text!r})"
-                         ) from None
+    """``--matryoshka`` widths (checked by SaeConfig); none when not given."""
+    return int_list(text, "--matryoshka", "1024,4096") if text else []
 
 
 def _parse_layers(text: str) -> list[int]:
     """``--layer`` as one block or a comma-separated list of distinct blocks."""
-    try:
-        layers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--layer: expected a block number or a list like 4,8,12 "
-                         f"(got {text!r})") from None
+    layers = int_list(text, "--layer", "4,8,12")
     if len(set(layers)) != len(layers):
         raise ValueError(f"--layer: {text!r} names a block twice")
     return layers
@@ -120,7 +118,7 @@ def train(
 
 def _train(o: dict) -> dict:
     """One run, a sweep, or a run streaming from the model, as the options say."""
-    sizes, ks = _ints(o["latents"], "--latents"), _ints(o["k"], "--k")
+    sizes, ks = int_list(o["latents"], "--latents"), int_list(o["k"], "--k")
     archs = [a.strip() for a in o["arch"].split(",")]
     spec = {"acts": str(o["acts"]), "out": str(o["out"]), "resume": o["resume"],
             "sae": {"d_in": 0, "n_latents": sizes[0], "k": ks[0], "architecture": archs[0],
@@ -162,14 +160,6 @@ def _run_streaming(spec: dict, o: dict) -> dict:
                           buffer_rows=o["buffer_rows"])
     return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]),
                            TrainConfig.from_dict(spec["train"]), stream, resume=o["resume"])
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: expected a number or a list like 16,32 (got {text!r})"
-                         ) from None
 
 
 def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:

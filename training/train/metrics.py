@@ -119,11 +119,12 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
         out[:, 1:] = 0
         return out
 
+    suffix = _Suffix.of(lm, layer) if share_prefix else None
     bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
     with bar:
         for ids in contexts:
             ids = ids.to(lm.device)
-            _evaluate_batch(lm, layer, ids, totals, splice, ablate, share_prefix)
+            _evaluate_batch(lm, layer, ids, totals, splice, ablate, suffix)
             bar.update(ids.numel() - ids.shape[0])
     if totals.tokens == 0:
         raise ValueError("evaluation saw no tokens")
@@ -137,8 +138,9 @@ def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
-                    splice, ablate, share_prefix: bool = True) -> None:
-    suffix = _Suffix.of(lm, layer) if share_prefix else None
+                    splice, ablate, suffix: _Suffix | None) -> None:
+    """One batch's three passes: sharing the forward up to block L through ``suffix``,
+    or (None) as three whole passes."""
     if suffix is None:
         clean = lm.model(input_ids=ids, use_cache=False).logits
         with edit_block_output(lm.blocks, layer, splice):

@@ -52,30 +52,20 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
           on_step: StepCallback | None = None) -> dict:
     """Train an SAE on ``acts_dir`` and save it to ``out``; returns the metrics dict."""
     dist = dist or DistContext()
-    store = ActivationStore(acts_dir)
-    store.verify()
-    if store.d_model != sae_cfg.d_in:
-        raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
-                         f"SAE d_in={sae_cfg.d_in}")
     out = Path(out)
-    _check_out(out, Path(acts_dir))
+    store, plan = plan_run(Path(acts_dir), {out: sae_cfg}, cfg)
+    holdout, train_rows, total_steps = plan
     work = partial_dir(out)
-    holdout = min(cfg.holdout_rows, len(store) // 10)
-    train_rows = len(store) - holdout
-    total_steps = (cfg.tokens or train_rows) // cfg.batch
-    if total_steps < 1:
-        raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
-                         f"({cfg.batch})")
     trainer = Trainer(sae_cfg, cfg, total_steps, dist, dist.device())
     try:
         history = _start(trainer, store, work, train_rows, resume, dist)
         started, first_step = time.perf_counter(), trainer.steps_done
         _loop(trainer, store, train_rows, work, history, dist, progress, on_step)
         seconds = time.perf_counter() - started
-        metrics = _final_metrics(trainer, store, holdout, history, (
+        metrics = final_metrics(trainer, store.tail(holdout) if holdout else None, history, (
             trainer.steps_done - first_step) * cfg.batch / max(seconds, 1e-9))
         if dist.is_main:
-            _finish(trainer, store, out, work, metrics, history)
+            write_run(trainer, out, work, metrics, history, **run_folder_fields(store))
     except BaseException as exc:
         if dist.is_main and not isinstance(exc, Interrupted) and not (
                 work / CHECKPOINT).is_file():
@@ -83,6 +73,27 @@ def train(acts_dir: Path, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig, *,
         raise
     dist.barrier()
     return metrics
+
+
+def plan_run(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
+             ) -> tuple[ActivationStore, tuple[int, int, int]]:
+    """The verified capture and (held-out rows, training rows, steps) of a run training
+    each ``members`` SAE into its folder; refuses a width mismatch, an --out that would
+    overwrite other data, or fewer rows than one batch."""
+    store = ActivationStore(acts_dir)
+    store.verify()
+    for out, sae_cfg in members.items():
+        if store.d_model != sae_cfg.d_in:
+            raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
+                             f"SAE d_in={sae_cfg.d_in}")
+        _check_out(Path(out), Path(acts_dir))
+    holdout = min(cfg.holdout_rows, len(store) // 10)
+    train_rows = len(store) - holdout
+    total_steps = (cfg.tokens or train_rows) // cfg.batch
+    if total_steps < 1:
+        raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
+                         f"({cfg.batch})")
+    return store, (holdout, train_rows, total_steps)
 
 
 def _check_out(out: Path, acts_dir: Path) -> None:
@@ -98,29 +109,38 @@ _FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
           "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka"}
 
 
-def _check_resumable(saved: dict, trainer: Trainer) -> None:
-    """A resumed run must use the settings of the interrupted one (same model shape, same
-    batch stream and schedule); name every flag that differs."""
-    now = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
-    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in _FLAGS.items()
+def run_settings(trainer: Trainer) -> dict:
+    """What a checkpoint records of its run, for a resume to compare against."""
+    return {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
+
+
+def load_checkpoint(work: Path, trainer: Trainer, now: dict,
+                    flags: dict[str, str] = _FLAGS) -> dict:
+    """The checkpoint in ``work``, loaded into ``trainer`` once its recorded settings
+    match ``now`` on every key of ``flags`` (each one that differs is named by its flag:
+    a resumed run must use the interrupted one's model shape, batch stream and
+    schedule); returns the whole saved state."""
+    checkpoint = work / CHECKPOINT
+    if not checkpoint.is_file():
+        raise TrainError(f"nothing to resume: no checkpoint in {work}")
+    try:
+        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+    saved = state.get("settings", {})
+    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in flags.items()
               if key in saved and saved[key] != now[key]]
     if differ:
         raise TrainError("--resume needs the interrupted run's settings: it used "
                          + ", ".join(differ))
+    trainer.load_state_dict(state["trainer"])
+    return state
 
 
 def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int,
            resume: bool, dist: DistContext) -> list[dict]:
-    checkpoint = work / CHECKPOINT
     if resume:
-        if not checkpoint.is_file():
-            raise TrainError(f"nothing to resume: no checkpoint in {work}")
-        try:
-            state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-            raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
-        _check_resumable(state.get("settings", {}), trainer)
-        trainer.load_state_dict(state["trainer"])
+        state = load_checkpoint(work, trainer, run_settings(trainer))
         log.info("resumed at step %d", trainer.steps_done)
         return state["history"]
     if dist.is_main:
@@ -158,8 +178,8 @@ def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
 
 def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
     tmp = work / f".{CHECKPOINT}.tmp"
-    settings = {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict()}
-    torch.save({"trainer": trainer.state_dict(), "history": history, "settings": settings}, tmp)
+    torch.save({"trainer": trainer.state_dict(), "history": history,
+                "settings": run_settings(trainer)}, tmp)
     os.replace(tmp, work / CHECKPOINT)
 
 
@@ -186,27 +206,35 @@ def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float
             "heldout_dead_fraction": 1 - float(fired.float().mean())}
 
 
-def _final_metrics(trainer: Trainer, store: ActivationStore, holdout: int,
-                   history: list[dict], tokens_per_s: float) -> dict:
+def final_metrics(trainer: Trainer, holdout: torch.Tensor | None, history: list[dict],
+                  tokens_per_s: float) -> dict:
+    """A finished run's figures: the last logged step's, and the held-out rows' [N, d]
+    (raw activations never trained on) when there are any."""
     last = history[-1] if history else {}
     metrics = {"steps": trainer.steps_done, "tokens": trainer.steps_done * trainer.cfg.batch,
                "train_fvu": last.get("fvu"), "l0": last.get("l0"),
                "dead_fraction": last.get("dead_fraction"),
                "tokens_per_s": tokens_per_s, "input_scale": trainer.input_scale}
-    if holdout:
-        stats = heldout_stats(trainer.sae, store.tail(holdout), trainer.input_scale)
+    if holdout is not None and len(holdout):
+        stats = heldout_stats(trainer.sae, holdout, trainer.input_scale)
         metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
-                       heldout_rows=holdout)
+                       heldout_rows=len(holdout))
     return metrics
 
 
-def _finish(trainer: Trainer, store: ActivationStore, out: Path, work: Path, metrics: dict,
-            history: list[dict]) -> None:
+def run_folder_fields(store: ActivationStore) -> dict:
+    """``write_run``'s model, layer, context and cfg.json extras for a run on ``store``."""
     manifest = store.manifest
-    save_sae(work / "sae", trainer.sae, trainer.input_scale, model=manifest.model,
-             layer=manifest.layer, context=manifest.context,
-             extra={"train": trainer.cfg.to_dict(), "activations": str(store.directory),
-                    "dataset": manifest.dataset})
+    return {"model": manifest.model, "layer": manifest.layer, "context": manifest.context,
+            "extra": {"activations": str(store.directory), "dataset": manifest.dataset}}
+
+
+def write_run(trainer: Trainer, out: Path, work: Path, metrics: dict, history: list[dict],
+              *, model: str, layer: int, context: int, extra: dict) -> None:
+    """Save the trained SAE with its metrics and loss curve in ``work``, then put it in
+    place of ``out`` (atomically) and remove ``work``."""
+    save_sae(work / "sae", trainer.sae, trainer.input_scale, model=model, layer=layer,
+             context=context, extra={"train": trainer.cfg.to_dict(), **extra})
     final = work / "sae"
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_curve(final / "loss_curve.csv", history)

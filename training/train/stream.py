@@ -19,10 +19,8 @@ start after them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Iterator
@@ -38,16 +36,17 @@ from training.data.capture import CaptureConfig, activation_stream
 from training.data.models import LoadedModel
 from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig
-from training.sae.folder import replace_dir, save_sae
 from training.train.run import (
     _FLAGS,
     CHECKPOINT,
     CURVE_POINTS,
     StepCallback,
     TrainError,
-    _write_curve,
-    heldout_stats,
+    final_metrics,
+    load_checkpoint,
     partial_dir,
+    run_settings,
+    write_run,
 )
 from training.train.trainer import TrainConfig, Trainer
 
@@ -185,28 +184,15 @@ def _fresh(work: Path) -> dict:
 def _settings(trainer: Trainer, stream: StreamConfig) -> dict:
     """What a resumed run must share with the interrupted one."""
     capture = stream.capture
-    return {**trainer.sae.cfg.to_dict(), **trainer.cfg.to_dict(), "layer": capture.layer,
-            "dataset": capture.dataset, "context": capture.context}
+    return {**run_settings(trainer), "layer": capture.layer, "dataset": capture.dataset,
+            "context": capture.context}
 
 
-_STREAM_FLAGS = {"layer": "--layer", "dataset": "--dataset", "context": "--context"}
+_STREAM_FLAGS = {**_FLAGS, "layer": "--layer", "dataset": "--dataset", "context": "--context"}
 
 
 def _resume(trainer: Trainer, work: Path, stream: StreamConfig) -> dict:
-    checkpoint = work / CHECKPOINT
-    if not checkpoint.is_file():
-        raise TrainError(f"nothing to resume: no checkpoint in {work}")
-    try:
-        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
-    saved, now = state.get("settings", {}), _settings(trainer, stream)
-    differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in
-              {**_FLAGS, **_STREAM_FLAGS}.items() if key in saved and saved[key] != now[key]]
-    if differ:
-        raise TrainError("--resume needs the interrupted run's settings: it used "
-                         + ", ".join(differ))
-    trainer.load_state_dict(state["trainer"])
+    state = load_checkpoint(work, trainer, _settings(trainer, stream), _STREAM_FLAGS)
     log.info("resumed at step %d after %d contexts", trainer.steps_done, state["contexts"])
     return {**state, "steps": trainer.steps_done}
 
@@ -245,29 +231,14 @@ def _checkpoint(trainer: Trainer, work: Path, history: list[dict], contexts: int
 
 def _metrics(trainer: Trainer, holdout: Tensor, history: list[dict], seconds: float,
              first_step: int, batch: int) -> dict:
-    last = history[-1] if history else {}
-    metrics = {"steps": trainer.steps_done, "tokens": trainer.steps_done * batch,
-               "train_fvu": last.get("fvu"), "l0": last.get("l0"),
-               "dead_fraction": last.get("dead_fraction"), "streamed": True,
-               "tokens_per_s": (trainer.steps_done - first_step) * batch / max(seconds, 1e-9),
-               "input_scale": trainer.input_scale}
-    if len(holdout):
-        stats = heldout_stats(trainer.sae, holdout, trainer.input_scale)
-        metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
-                       heldout_rows=len(holdout))
-    return metrics
+    tokens_per_s = (trainer.steps_done - first_step) * batch / max(seconds, 1e-9)
+    return {**final_metrics(trainer, holdout, history, tokens_per_s), "streamed": True}
 
 
 def _finish(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path, work: Path,
             metrics: dict, history: list[dict], contexts: int) -> None:
     capture = stream.capture
-    save_sae(work / "sae", trainer.sae, trainer.input_scale, model=lm.name,
-             layer=capture.layer, context=capture.context,
-             extra={"train": trainer.cfg.to_dict(), "activations": None, "streamed": True,
-                    "dataset": capture.dataset, "buffer_rows": stream.buffer_rows,
-                    "stream_contexts": contexts})
-    final = work / "sae"
-    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_curve(final / "loss_curve.csv", history)
-    replace_dir(final, out)
-    shutil.rmtree(work, ignore_errors=True)
+    write_run(trainer, out, work, metrics, history, model=lm.name, layer=capture.layer,
+              context=capture.context,
+              extra={"activations": None, "streamed": True, "dataset": capture.dataset,
+                     "buffer_rows": stream.buffer_rows, "stream_contexts": contexts})

@@ -27,11 +27,11 @@ from training.data.models import default_device
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
     CURVE_POINTS,
-    TrainError,
-    _check_out,
-    _final_metrics,
-    _finish,
+    final_metrics,
     partial_dir,
+    plan_run,
+    run_folder_fields,
+    write_run,
 )
 from training.train.trainer import StepStats, TrainConfig, Trainer, geometric_median
 
@@ -60,31 +60,20 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
                 progress: bool = True, on_step: SweepStep | None = None) -> list[dict]:
     """Train every ``members`` SAE (its output folder -> its config) on one batch stream;
     returns each one's metrics, in order."""
-    store = ActivationStore(acts_dir)
-    store.verify()
-    for out, sae_cfg in members.items():
-        if store.d_model != sae_cfg.d_in:
-            raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
-                             f"SAE d_in={sae_cfg.d_in}")
-        _check_out(Path(out), Path(acts_dir))
-    holdout = min(cfg.holdout_rows, len(store) // 10)
-    train_rows = len(store) - holdout
-    total_steps = (cfg.tokens or train_rows) // cfg.batch
-    if total_steps < 1:
-        raise TrainError(f"{acts_dir} has {train_rows} training rows, fewer than one --batch "
-                         f"({cfg.batch})")
+    store, (holdout, train_rows, total_steps) = plan_run(Path(acts_dir), members, cfg)
     cfg = replace(cfg, checkpoint_every=0)
     works = [partial_dir(Path(out)) for out in members]
     try:
         trainers = _start(store, list(members.values()), cfg, total_steps, train_rows, works)
         histories, seconds = _loop(trainers, store, train_rows, progress, on_step)
         results = []
+        rows = store.tail(holdout) if holdout else None  # read once for every member
         for trainer, out, work, history in zip(trainers, members, works, histories,
                                                strict=True):
-            metrics = _final_metrics(trainer, store, holdout, history,
-                                     total_steps * cfg.batch / max(seconds, 1e-9))
+            metrics = final_metrics(trainer, rows, history,
+                                    total_steps * cfg.batch / max(seconds, 1e-9))
             metrics["sweep_size"] = len(members)
-            _finish(trainer, store, Path(out), work, metrics, history)
+            write_run(trainer, Path(out), work, metrics, history, **run_folder_fields(store))
             results.append(metrics)
         return results
     finally:

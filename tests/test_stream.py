@@ -63,17 +63,23 @@ def test_streaming_trains_an_sae_from_the_model(tiny_model, text_file, tmp_path)
     assert not partial_dir(tmp_path / "sae").exists()
 
 
-def test_an_interrupted_streaming_run_resumes(tiny_model, text_file, tmp_path) -> None:
+def _interrupted_at(step: int, lm, text_file, tmp_path):
+    """A streamed run (checkpoint every 4 steps) stopped at ``step``: (cfg, out, sae_cfg)."""
     cfg, out = _cfg(checkpoint_every=4), tmp_path / "sae"
     sae_cfg = SaeConfig(d_in=64, n_latents=128, k=8)
 
-    def stop_at_6(stats) -> None:
-        if stats.step == 6:
+    def stop(stats) -> None:
+        if stats.step == step:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), progress=False,
-                        on_step=stop_at_6)
+        train_streaming(lm, out, sae_cfg, cfg, _stream(text_file), progress=False,
+                        on_step=stop)
+    return cfg, out, sae_cfg
+
+
+def test_an_interrupted_streaming_run_resumes(tiny_model, text_file, tmp_path) -> None:
+    cfg, out, sae_cfg = _interrupted_at(6, tiny_model, text_file, tmp_path)
     assert (partial_dir(out) / "checkpoint.pt").is_file() and not out.exists()
     steps: list[int] = []
     metrics = train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), resume=True,
@@ -110,16 +116,7 @@ def test_bench_stream_compares_with_capture_then_train(tiny_llama_dir, tmp_path)
 
 
 def test_a_resume_with_other_settings_names_the_flag(tiny_model, text_file, tmp_path) -> None:
-    cfg, out = _cfg(checkpoint_every=4), tmp_path / "sae"
-    sae_cfg = SaeConfig(d_in=64, n_latents=128, k=8)
-
-    def stop_at_5(stats) -> None:
-        if stats.step == 5:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file), progress=False,
-                        on_step=stop_at_5)
+    cfg, out, sae_cfg = _interrupted_at(5, tiny_model, text_file, tmp_path)
     other = StreamConfig(CaptureConfig(layer=2, tokens=1, dataset=str(text_file), context=32,
                                        dtype="fp32", batch_contexts=8), buffer_rows=2048)
     with pytest.raises(ValueError, match="--layer 1 .now 2."):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.paths import PathRefused, checked_path, checked_source
 from app.settings import Settings
@@ -18,6 +18,8 @@ PATH = 4096
 """Longest path or name a parameter may hold."""
 EMBEDDED_LAYERS = 30
 """Decoder blocks of the embedded model (SmolLM2-135M)."""
+SAE_MARKERS = ("cfg.json", "ae.pt")
+"""One of these is in every SAE folder load_sae reads (dictionary_learning's: ae.pt)."""
 
 
 class JobParams(BaseModel):
@@ -30,12 +32,16 @@ class JobParams(BaseModel):
     dataset: str = Field("embedded", max_length=PATH)
     tokens: int = Field(65_536, ge=1, le=10**10, description="activations to capture")
     context: int = Field(128, ge=2, le=32_768)
+    site: Literal["resid", "mlp"] = Field("resid", description="resid: an SAE of the block's "
+                                          "output; mlp: a transcoder from the block's MLP "
+                                          "input to its output")
     latents: int = Field(2048, ge=2, le=1 << 21, description="SAE latents n")
     k: int = Field(32, ge=1, le=4096)
     arch: Literal["topk", "batchtopk"] = "topk"
     matryoshka: list[int] | None = Field(None, max_length=16, description="Matryoshka "
                                          "SAE: nested prefix widths, each reconstructing "
                                          "the input (e.g. [1024, 4096])")
+    skip: bool = Field(False, description="a transcoder's linear skip path (skip-transcoder)")
     nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
     batch: int = Field(4096, ge=1, le=1 << 20)
     lr: float | None = Field(None, gt=0, lt=1)
@@ -74,10 +80,18 @@ class JobParams(BaseModel):
                                       "prompts [default: eight built-in ones]")
     queue: str | None = Field(None, max_length=64, pattern=r"^[\w.@-]+$")
 
+    @model_validator(mode="after")
+    def _transcoder_defaults(self) -> JobParams:
+        """A transcoder trains as BatchTopK unless told otherwise (TopK has no SAELens
+        transcoder form)."""
+        if self.site == "mlp" and "arch" not in self.model_fields_set:
+            self.arch = "batchtopk"
+        return self
 
-_CAPTURE = ("model", "layer", "dataset", "tokens", "context")
-_TRAIN = ("latents", "k", "arch", "matryoshka", "nproc", "batch", "lr", "train_tokens",
-          "checkpoint_every")
+
+_CAPTURE = ("model", "layer", "dataset", "tokens", "context", "site")
+_TRAIN = ("latents", "k", "arch", "skip", "matryoshka", "nproc", "batch", "lr",
+          "train_tokens", "checkpoint_every")
 FIELDS_OF: dict[str, tuple[str, ...]] = {
     "capture": _CAPTURE,
     "train": ("acts", *_TRAIN),
@@ -111,8 +125,8 @@ def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web
                                                     settings, hub=settings.hub_access)
         except PathRefused as exc:
             problems["explainer_model"] = exc.problem
-    for name, marker, what in (("acts", "manifest.json", "a capture"),
-                               ("sae", "cfg.json", "an SAE folder")):
+    for name, markers, what in (("acts", ("manifest.json",), "a capture"),
+                                ("sae", SAE_MARKERS, "an SAE folder")):
         value = getattr(parsed, name)
         if value is None:
             continue
@@ -121,9 +135,14 @@ def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web
         except PathRefused as exc:
             problems[name] = exc.problem
             continue
-        if not (path / marker).is_file():
-            problems[name] = f"{value} is not {what} (no {marker} there)"
+        if not any((path / marker).is_file() for marker in markers):
+            problems[name] = f"{value} is not {what} (no {' or '.join(markers)} there)"
         setattr(parsed, name, str(path))
+    if parsed.site == "mlp" and parsed.arch != "batchtopk" and kind in ("pipeline", "train"):
+        problems["arch"] = "a transcoder trains as batchtopk (SAELens loads it as a JumpReLU " \
+                           "transcoder, which BatchTopK is exactly)"
+    if parsed.skip and parsed.site != "mlp" and kind == "pipeline":
+        problems["skip"] = "a skip path is for transcoders: choose the mlp site"
     if any(len(p) > 2000 or not p.strip() for p in parsed.prompts or []):
         problems["prompts"] = "each prompt must hold text, at most 2,000 characters"
     if parsed.layer is not None and "model" not in problems:

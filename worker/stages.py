@@ -37,18 +37,22 @@ def capture_stage(run: JobRun, params: JobParams, settings: Settings, directory:
 
     out = directory / "acts"
     capture(lm, CaptureConfig(layer=params.layer, tokens=params.tokens,
-                              dataset=params.dataset, context=params.context),
-            out, progress=False, on_tokens=report)
+                              dataset=params.dataset, context=params.context,
+                              site=params.site), out, progress=False, on_tokens=report)
     return str(out)
 
 
 def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
     from training.data.activations import Manifest
 
+    manifest = Manifest.load(Path(acts))
+    arch = params.arch
+    if manifest.site == "mlp" and "arch" not in params.model_fields_set:
+        arch = "batchtopk"  # a transcoder's default
     return {"acts": acts, "out": str(out), "resume": resume,
-            "sae": {"d_in": Manifest.load(Path(acts)).d_model, "n_latents": params.latents,
-                    "k": params.k, "architecture": params.arch,
-                    "matryoshka_widths": params.matryoshka or []},
+            "sae": {"d_in": manifest.d_model, "n_latents": params.latents,
+                    "k": params.k, "architecture": arch, "site": manifest.site,
+                    "skip": params.skip, "matryoshka_widths": params.matryoshka or []},
             "train": {"batch": params.batch, "tokens": params.train_tokens, "lr": params.lr,
                       "checkpoint_every": params.checkpoint_every}}
 
@@ -198,7 +202,8 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
     if not source:
         if directory is None:
             raise ValueError(f"sae: {sae_dir} does not name its capture; give acts")
-        source = _capture_for_analysis(run, params, lm, int(cfg["hook_layer"]), directory)
+        source = _capture_for_analysis(run, params, lm, int(cfg["hook_layer"]), directory,
+                                       sae.cfg.site)
     store = checked_capture(sae, lm.name, lm.d_model, Path(source),
                             sae_label=f"sae: {sae_dir}", acts_label="acts:")
     started = time.monotonic()
@@ -231,14 +236,14 @@ def map_stage(run: JobRun, sae, sae_id: int) -> None:
 
 
 def _capture_for_analysis(run: JobRun, params: JobParams, lm, layer: int,
-                          directory: Path) -> str:
-    """``params.analyze_tokens`` activations of ``params.dataset`` at ``layer``, into the
-    job's directory (reused when the job resumes)."""
+                          directory: Path, site: str = "resid") -> str:
+    """``params.analyze_tokens`` activations of ``params.dataset`` at ``layer`` (at its MLP
+    for a transcoder), into the job's directory (reused when the job resumes)."""
     from training.data.capture import CaptureConfig, capture
 
     run.update(force=True, message=f"capturing {params.dataset} at layer {layer} to analyse")
     out = directory / "acts"
     capture(lm, CaptureConfig(layer=layer, tokens=params.analyze_tokens,
-                              dataset=params.dataset, context=params.context),
+                              dataset=params.dataset, context=params.context, site=site),
             out, progress=False)
     return str(out)

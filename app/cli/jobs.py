@@ -39,7 +39,11 @@ def submit(
     tokens: Annotated[int | None, typer.Option("--tokens", help="tokens to capture")] = None,
     latents: Annotated[int | None, typer.Option("--latents")] = None,
     k: Annotated[int | None, typer.Option("--k")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="resid, or mlp for a "
+                                             "transcoder")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="topk or batchtopk")] = None,
+    skip: Annotated[bool | None, typer.Option("--skip/--no-skip", help="a transcoder's "
+                                              "skip path")] = None,
     matryoshka: Annotated[str | None, typer.Option(
         "--matryoshka", help="nested prefix widths, e.g. 1024,4096")] = None,
     nproc: Annotated[int | None, typer.Option("--nproc")] = None,

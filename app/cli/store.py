@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from app.cli.common import DbOpt, DeviceOpt, ModelOpt, app, cli_errors, load_lm, open_sessions
+from app.sae_import import DEFAULT_DATASET, DEFAULT_TOKENS, SaeFolderError, import_params
 from app.settings import get_settings
 from app.store.records import (
     example_record,
@@ -79,10 +80,11 @@ def _source(lm, cfg: dict, sae: Path, acts: Path | None, dataset: str | None,
 def _capture_for(lm, cfg: dict, dataset: str, tokens: int) -> Path:
     from training.data.capture import CaptureConfig, capture
 
-    layer = int(cfg["hook_layer"])
-    name = f"{lm.name.replace('/', '--')}-L{layer}-{Path(dataset).name}-{tokens}"
+    layer, site = int(cfg["hook_layer"]), cfg.get("site", "resid")
+    where = f"L{layer}" if site == "resid" else f"L{layer}-{site}"
+    name = f"{lm.name.replace('/', '--')}-{where}-{Path(dataset).name}-{tokens}"
     out = get_settings().data_dir / "analysis" / name
-    capture(lm, CaptureConfig(layer=layer, tokens=tokens, dataset=dataset), out)
+    capture(lm, CaptureConfig(layer=layer, tokens=tokens, dataset=dataset, site=site), out)
     return out
 
 
@@ -215,33 +217,35 @@ def import_(
 
 @app.command("import-sae")
 def import_sae_folder(
-    folder: Annotated[Path, typer.Argument(help="a saelab, SAELens or sparsify SAE folder")],
+    folder: Annotated[Path, typer.Argument(help="an SAE folder: saelab's, SAELens', "
+                                           "sparsify's, or dictionary_learning's ae.pt + "
+                                           "config.json")],
     model: ModelOpt = None,
     layer: Annotated[int | None, typer.Option("--layer", help="the block whose output it "
                                               "reads [default: the folder's]")] = None,
     dataset: Annotated[str, typer.Option("--dataset", help="text to analyse it on (it is "
-                                         "captured at the SAE's layer)")] = "embedded",
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens to analyse")] = 131_072,
+                                         "captured at the SAE's layer)")] = DEFAULT_DATASET,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens to analyse")]
+    = DEFAULT_TOKENS,
     now: Annotated[bool, typer.Option("--now", help="run here instead of queueing it")]
     = False,
     db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Bring an SAE trained elsewhere into the lab: checked now, then analysed (an analyze
-    job capturing --dataset) so the explorer, probing and steering work on it."""
+    """Bring an SAE trained elsewhere (SAELens, sparsify, dictionary_learning) into the lab:
+    checked now, then analysed (an analyze job capturing --dataset) so the explorer,
+    probing and steering work on it."""
     from app.cli.common import queue_or_run
-    from training.sae.folder import load_sae
 
     with cli_errors():
-        _, cfg = load_sae(folder)
-        model = model or cfg.get("model_name")
-        if not model:
-            raise ValueError(f"{folder} does not name its model: give --model")
-        if layer is None and cfg.get("hook_layer") is None:
-            raise ValueError(f"{folder} does not say which layer it reads: give --layer")
-        params = {"sae": str(folder.resolve()), "model": model, "dataset": dataset,
-                  "analyze_tokens": tokens,
-                  **({"layer": layer} if layer is not None else {})}
+        try:
+            params, found = import_params(folder, model=model, layer=layer,
+                                          dataset=dataset, tokens=tokens)
+        except SaeFolderError as exc:
+            raise ValueError(f"{exc}: give --{exc.field}" if exc.missing else str(exc)) \
+                from None
+        if not as_json:
+            typer.echo(f"{folder}: {found.describe()}")
         job = queue_or_run(open_sessions(db), "analyze", params, now)
     typer.echo(json.dumps(job_record(job)) if as_json else
                f"job {job.id} {job.state}: {job.message or ''}")

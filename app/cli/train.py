@@ -40,16 +40,20 @@ def capture(
     text_column: Annotated[str, typer.Option("--text-column")] = "text",
     precision: Annotated[str, typer.Option("--precision", help="the model's weights: fp32 "
                                            "or bf16")] = "fp32",
+    site: Annotated[str, typer.Option("--site", help="resid (the block's output) or mlp "
+                                      "(its MLP's input and output, to train a transcoder)")
+                    ] = "resid",
     device: DeviceOpt = None,
 ) -> None:
-    """Capture block LAYER's residual-stream activations into sharded safetensors."""
+    """Capture block LAYER's residual-stream activations (or its MLP's input and output)
+    into sharded safetensors."""
     from training.data.capture import CaptureConfig, capture_layers
 
     with cli_errors():
         layers = _parse_layers(layer)
         cfg = CaptureConfig(layer=layers[0], tokens=tokens, dataset=dataset, context=context,
                             dtype=dtype, batch_contexts=batch, split=split,
-                            text_column=text_column)
+                            text_column=text_column, site=site)
         outs = {layers[0]: out} if len(layers) == 1 else {
             index: out / f"L{index}" for index in layers}
         if precision not in ("fp32", "bf16"):
@@ -57,7 +61,8 @@ def capture(
         lm = load_lm(model, device, precision)
         manifests = capture_layers(lm, cfg, outs)
     for index, manifest in manifests.items():
-        typer.echo(f"captured {manifest.rows} activations of {manifest.model} layer "
+        what = "MLP input/output pairs" if manifest.site == "mlp" else "activations"
+        typer.echo(f"captured {manifest.rows} {what} of {manifest.model} layer "
                    f"{manifest.layer} in {len(manifest.shards)} shards -> {outs[index]}")
 
 
@@ -89,8 +94,11 @@ def train(
     dataset: DatasetOpt = "embedded",
     buffer_rows: Annotated[int, typer.Option("--buffer-rows", help="without --acts: rows in "
                                              "the in-memory shuffle buffer")] = 1 << 18,
-    arch: Annotated[str, typer.Option("--arch", help="topk or batchtopk (or both: "
-                                      "topk,batchtopk)")] = "topk",
+    arch: Annotated[str | None, typer.Option(
+        "--arch", help="topk or batchtopk (or both: topk,batchtopk) [default: topk; "
+        "batchtopk for a transcoder]")] = None,
+    skip: Annotated[bool, typer.Option("--skip", help="a transcoder's linear skip path "
+                                       "(skip-transcoder)")] = False,
     tokens: Annotated[int | None, typer.Option("--tokens", help="training tokens "
                                                "[default: one pass]")] = None,
     batch: Annotated[int, typer.Option("--batch", help="global batch in tokens")] = 4096,
@@ -109,7 +117,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
                                          "checkpoint")] = False,
 ) -> None:
-    """Train a TopK / BatchTopK SAE on captured activations (or straight from a model)."""
+    """Train a TopK / BatchTopK SAE on captured activations (or straight from a model); on
+    a capture made with --site mlp, a transcoder."""
     options = dict(locals())
     with cli_errors():
         metrics = _train(options)
@@ -118,11 +127,16 @@ def train(
 
 def _train(o: dict) -> dict:
     """One run, a sweep, or a run streaming from the model, as the options say."""
+    from training.data.activations import Manifest
+
     sizes, ks = int_list(o["latents"], "--latents"), int_list(o["k"], "--k")
-    archs = [a.strip() for a in o["arch"].split(",")]
+    manifest = Manifest.load(o["acts"]) if o["acts"] is not None else None
+    site = manifest.site if manifest is not None else "resid"
+    archs = [a.strip() for a in (o["arch"] or (
+        "batchtopk" if site == "mlp" else "topk")).split(",")]
     spec = {"acts": str(o["acts"]), "out": str(o["out"]), "resume": o["resume"],
             "sae": {"d_in": 0, "n_latents": sizes[0], "k": ks[0], "architecture": archs[0],
-                    "dead_tokens": o["dead_tokens"],
+                    "dead_tokens": o["dead_tokens"], "site": site, "skip": o["skip"],
                     "matryoshka_widths": _parse_widths(o["matryoshka"])},
             "train": {key: o[key] for key in ("batch", "tokens", "lr", "seed",
                                               "checkpoint_every", "precision")}}
@@ -132,9 +146,7 @@ def _train(o: dict) -> dict:
             raise ValueError("training from --model (no --acts) is one SAE in one process: "
                              "drop the lists and --nproc")
         return _run_streaming(spec, o)
-    from training.data.activations import Manifest
-
-    spec["sae"]["d_in"] = Manifest.load(o["acts"]).d_model
+    spec["sae"]["d_in"] = manifest.d_model
     if sweep:
         if o["nproc"] != 1 or o["resume"]:
             raise ValueError("a sweep (several --latents, --k or --arch) runs in one "

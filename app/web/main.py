@@ -21,6 +21,7 @@ from app.web import (
     api_search,
     openai_api,
     pages,
+    pages_add_sae,
     pages_explore,
     pages_jobs,
     pages_lists,
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, engine: InferenceEngine | None 
     app.include_router(api.router)
     app.include_router(api_search.router)
     app.include_router(openai_api.router)
+    app.include_router(pages_add_sae.router)  # before pages' /saes/{sae_id}
     app.include_router(pages.router)
     app.include_router(pages_jobs.router)
     app.include_router(pages_lists.router)

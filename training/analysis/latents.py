@@ -245,6 +245,12 @@ def checked_capture(sae: SparseAutoencoder, model_name: str, d_model: int, sourc
     if store.d_model != sae.cfg.d_in:
         raise ValueError(f"{acts_label} {source} has d={store.d_model}, the SAE "
                          f"d_in={sae.cfg.d_in}")
+    if store.paired != sae.cfg.transcoder:
+        raise ValueError(f"{acts_label} {source} holds " + (
+            "an MLP's inputs and outputs, for a transcoder" if store.paired else
+            "residual-stream activations") + f", but {sae_label} is " + (
+            "a transcoder (it reads the MLP's input)" if sae.cfg.transcoder else
+            "a residual-stream SAE"))
     return store
 
 

@@ -8,6 +8,11 @@ Layout of a capture directory::
     ...                         [contexts, context] int32: those contexts' ids, BOS included,
                                 for looking up the text around an activation
 
+A transcoder's capture (``hook_point`` ``mlp``) reads block L's MLP: "activations" are the
+MLP's inputs and each shard also holds "targets" [rows, d], its outputs at the same
+positions. ``shard`` gives what an encoder reads (the inputs); training reads rows
+input ‖ output [rows, 2d] (``training_shard``), so one shuffle keeps the pairs together.
+
 Row r of the concatenated shards is context r // (context − 1), position r % (context − 1) + 1.
 BOS positions are dropped: their norms are orders of magnitude larger and they carry no
 information about the text, so they would dominate the SAE's loss.
@@ -28,6 +33,9 @@ from torch import Tensor
 
 MANIFEST = "manifest.json"
 SHARD_KEY = "activations"
+TARGET_KEY = "targets"
+MLP_HOOK = "mlp"
+"""``hook_point`` of a transcoder's capture (block L's MLP input and output)."""
 FORMAT_VERSION = 1
 
 
@@ -64,6 +72,11 @@ class Manifest:
     def rows_per_context(self) -> int:
         return self.context - 1
 
+    @property
+    def site(self) -> str:
+        """What an SAE trained on this capture reads: ``resid`` or ``mlp`` (a transcoder)."""
+        return "mlp" if self.hook_point == MLP_HOOK else "resid"
+
     def save(self, directory: Path) -> None:
         tmp = directory / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(asdict(self), indent=2))
@@ -80,10 +93,11 @@ class Manifest:
             raise ActivationError(f"{path} is corrupt: {exc}") from exc
 
 
-def read_shard(path: Path, d_model: int) -> Tensor:
-    """Load one shard [rows, d]; a truncated or foreign file is an ActivationError."""
+def read_shard(path: Path, d_model: int, key: str = SHARD_KEY) -> Tensor:
+    """Load one shard's ``key`` tensor [rows, d]; a truncated or foreign file is an
+    ActivationError."""
     try:
-        acts = load_file(str(path))[SHARD_KEY]
+        acts = load_file(str(path))[key]
     except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
         raise ActivationError(f"corrupt activation shard {path}: {exc}") from exc
     if acts.ndim != 2 or acts.shape[1] != d_model:
@@ -107,23 +121,44 @@ class ActivationStore:
     def verify(self) -> None:
         """Check every shard's header against the manifest (rows, d) without reading the
         data, so a truncated or missing shard fails before a long run, not in the middle."""
+        keys = (SHARD_KEY, TARGET_KEY) if self.paired else (SHARD_KEY,)
         for index, rows in enumerate(self.manifest.shards):
             path = self.directory / shard_name(index)
             try:
                 with safe_open(str(path), "pt") as handle:
-                    shape = handle.get_slice(SHARD_KEY).get_shape()
+                    shapes = [handle.get_slice(key).get_shape() for key in keys]
             except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
                 raise ActivationError(f"corrupt activation shard {path}: {exc}") from exc
-            if list(shape) != [rows, self.d_model]:
-                raise ActivationError(f"shard {path} has shape {shape}, the manifest says "
-                                      f"[{rows}, {self.d_model}]")
+            for shape in shapes:
+                if list(shape) != [rows, self.d_model]:
+                    raise ActivationError(f"shard {path} has shape {shape}, the manifest "
+                                          f"says [{rows}, {self.d_model}]")
 
     @property
     def d_model(self) -> int:
         return self.manifest.d_model
 
+    @property
+    def paired(self) -> bool:
+        """A transcoder's capture: every row has an MLP input and its output."""
+        return self.manifest.hook_point == MLP_HOOK
+
+    @property
+    def row_width(self) -> int:
+        """Width of a training row: d, or 2d (input ‖ output) for a transcoder's capture."""
+        return 2 * self.d_model if self.paired else self.d_model
+
     def shard(self, index: int) -> Tensor:
+        """What an encoder reads from shard ``index``: [rows, d]."""
         return read_shard(self.directory / shard_name(index), self.d_model)
+
+    def training_shard(self, index: int) -> Tensor:
+        """Shard ``index``'s training rows [rows, row_width]."""
+        inputs = self.shard(index)
+        if not self.paired:
+            return inputs
+        path = self.directory / shard_name(index)
+        return torch.cat([inputs, read_shard(path, self.d_model, TARGET_KEY)], dim=1)
 
     def tokens(self) -> Tensor:
         """Token ids of every captured context, [contexts, context] (int32)."""
@@ -151,13 +186,14 @@ class ActivationStore:
         start = self.shard_offsets()[index]
         if limit is not None and start >= limit:
             return None
-        acts = self.shard(index)
+        acts = self.training_shard(index)
         return acts if limit is None else acts[:max(0, limit - start)]
 
     def iter_shuffled(self, batch: int, *, seed: int, buffer_shards: int = 4,
                       epochs: int | None = None, limit_rows: int | None = None
                       ) -> Iterator[Tensor]:
-        """Batches [batch, d] (float32) in shuffled order, endlessly unless ``epochs`` is given.
+        """Batches [batch, row_width] (float32) in shuffled order, endlessly unless
+        ``epochs`` is given.
 
         Shards are visited in a random order per epoch; ``buffer_shards`` of them at a time
         are concatenated and their rows permuted. Memory stays at a few shards, never the
@@ -166,7 +202,7 @@ class ActivationStore:
         already seen continues the same stream.
         """
         gen = torch.Generator().manual_seed(seed)
-        carry = torch.empty(0, self.d_model)
+        carry = torch.empty(0, self.row_width)
         epoch = 0
         while epochs is None or epoch < epochs:
             order = torch.randperm(len(self.manifest.shards), generator=gen).tolist()
@@ -182,19 +218,21 @@ class ActivationStore:
             epoch += 1
 
     def tail(self, rows: int) -> Tensor:
-        """The last ``rows`` rows of the capture [≤rows, d] (float32): the held-out set."""
+        """The last ``rows`` training rows of the capture [≤rows, row_width] (float32): the
+        held-out set."""
         parts: list[Tensor] = []
         needed = rows
         for index in reversed(range(len(self.manifest.shards))):
             if needed <= 0:
                 break
-            acts = self.shard(index)
+            acts = self.training_shard(index)
             parts.insert(0, acts[max(0, len(acts) - needed):])
             needed -= len(parts[0])
-        return torch.cat(parts).float() if parts else torch.empty(0, self.d_model)
+        return torch.cat(parts).float() if parts else torch.empty(0, self.row_width)
 
     def sample(self, rows: int, *, seed: int = 0, limit_rows: int | None = None) -> Tensor:
-        """A shuffled sample of ``rows`` rows [min(rows, available), d] (float32)."""
+        """A shuffled sample of ``rows`` training rows [min(rows, available), row_width]
+        (float32)."""
         available = len(self) if limit_rows is None else min(len(self), limit_rows)
         size = max(1, min(rows, available))
         return next(self.iter_shuffled(size, seed=seed, limit_rows=limit_rows))

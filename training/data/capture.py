@@ -1,4 +1,5 @@
-"""Capturing residual-stream activations to disk.
+"""Capturing residual-stream activations (or, for transcoders, block L's MLP input and
+output from the same forward) to disk.
 
 Decisions:
 * The forward pass stops after block L (``hooks.block_output``): no later blocks, no LM head.
@@ -25,9 +26,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from training.data.activations import SHARD_KEY, Manifest, shard_name
+from training.data.activations import MLP_HOOK, SHARD_KEY, TARGET_KEY, Manifest, shard_name
 from training.data.corpus import iter_texts
-from training.data.hooks import block_outputs
+from training.data.hooks import site_outputs
 from training.data.models import LoadedModel, parse_dtype
 from training.data.packing import pack_contexts
 from training.data.stop import Interrupted
@@ -59,9 +60,14 @@ class CaptureConfig:
     """Target rows per shard file."""
     split: str = "train"
     text_column: str = "text"
+    site: str = "resid"
+    """``resid``: block L's output; ``mlp``: its MLP's input and output (for transcoders)."""
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        if self.site not in ("resid", "mlp"):
+            raise CaptureError(f"--site {self.site!r}: choose resid (block output) or mlp "
+                               "(the MLP's input and output, for transcoders)")
         if self.tokens < 1:
             raise CaptureError("--tokens must be positive")
         if self.context < 2:
@@ -163,8 +169,12 @@ def _check_context(lm: LoadedModel, context: int) -> None:
 def _params(lm: LoadedModel, cfg: CaptureConfig) -> dict:
     weights = next(lm.model.parameters()).dtype
     return {"model": lm.name, "layer": cfg.layer, "d_model": lm.d_model, "dtype": cfg.dtype,
-            "context": cfg.context, "dataset": cfg.dataset,
+            "context": cfg.context, "dataset": cfg.dataset, "hook_point": _hook_point(cfg),
             "model_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "fp32")}
+
+
+def _hook_point(cfg: CaptureConfig) -> str:
+    return MLP_HOOK if cfg.site == "mlp" else "resid_post"
 
 
 def _matches(manifest: Manifest, lm: LoadedModel, cfg: CaptureConfig) -> bool:
@@ -200,7 +210,7 @@ def _resume_or_start(partial: Path, lm: LoadedModel, cfg: CaptureConfig) -> Mani
             return manifest
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    manifest = Manifest(**_params(lm, cfg), hook_point="resid_post")
+    manifest = Manifest(**_params(lm, cfg))
     manifest.save(partial)
     return manifest
 
@@ -239,7 +249,7 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, targets: Mapping[int, _Target],
     with bar:
         for group in _batched(contexts, cfg.contexts_per_shard):
             ids = torch.tensor(group, dtype=torch.long)
-            acts = _activations(lm, list(targets), cfg.batch_contexts, ids, advance)
+            acts = _activations(lm, list(targets), cfg.batch_contexts, ids, advance, cfg.site)
             for layer, target in targets.items():
                 _append_shard(target, acts[layer].to(dtype), ids, len(group))
     if first.contexts == 0:
@@ -255,7 +265,10 @@ def _fill(lm: LoadedModel, cfg: CaptureConfig, targets: Mapping[int, _Target],
 
 def _append_shard(target: _Target, acts: Tensor, ids: Tensor, contexts: int) -> None:
     manifest = target.manifest
-    _write_shard(target.partial, len(manifest.shards), acts, ids)
+    tensors = {SHARD_KEY: acts}
+    if manifest.hook_point == MLP_HOOK:  # input ‖ output -> two tensors
+        tensors = {SHARD_KEY: acts[:, :manifest.d_model], TARGET_KEY: acts[:, manifest.d_model:]}
+    _write_shard(target.partial, len(manifest.shards), tensors, ids)
     manifest.shards.append(acts.shape[0])
     manifest.contexts += contexts
     manifest.rows += acts.shape[0]
@@ -269,6 +282,9 @@ def activation_stream(lm: LoadedModel, cfg: CaptureConfig, *, skip_contexts: int
     float32, contexts consumed so far), after skipping the first ``skip_contexts``."""
     lm.check_layer(cfg.layer)
     _check_context(lm, cfg.context)
+    if cfg.site != "resid":
+        raise CaptureError("training from the model as it reads is for residual-stream SAEs; "
+                           "capture a transcoder's activations first (capture --site mlp)")
     contexts = itertools.islice(_contexts(lm, cfg), skip_contexts, None)
     consumed = skip_contexts
     for group in _batched(contexts, cfg.batch_contexts):
@@ -289,21 +305,22 @@ def _batched(items: Iterator[list[int]], size: int) -> Iterator[list[list[int]]]
 
 
 def _activations(lm: LoadedModel, layers: list[int], batch_contexts: int, ids: Tensor,
-                 advance: Callable[[int], None]) -> dict[int, Tensor]:
-    """Non-BOS activations of contexts ids [C, T] -> {layer: [C·(T−1), d]}, on the CPU;
-    ``advance(rows)`` after each forward batch."""
+                 advance: Callable[[int], None], site: str = "resid") -> dict[int, Tensor]:
+    """Non-BOS activations of contexts ids [C, T] -> {layer: [C·(T−1), d]} ([.., 2d],
+    input ‖ output, at the ``mlp`` site), on the CPU; ``advance(rows)`` after each forward
+    batch."""
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for batch in ids.split(batch_contexts):
-        hidden = block_outputs(lm.model, lm.blocks, layers, batch.to(lm.device))
+        hidden = site_outputs(lm.model, lm.blocks, layers, batch.to(lm.device), site)
         for layer, h in hidden.items():
             chunks[layer].append(h[:, 1:].reshape(-1, h.shape[-1]).float().cpu())
         advance(batch.numel() - batch.shape[0])
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}
 
 
-def _write_shard(partial: Path, index: int, acts: Tensor, ids: Tensor) -> None:
+def _write_shard(partial: Path, index: int, tensors: dict[str, Tensor], ids: Tensor) -> None:
     final = partial / shard_name(index)
     tmp = partial / f".{final.name}.tmp"
-    save_file({SHARD_KEY: acts.contiguous(), "tokens": ids.to(torch.int32).contiguous()},
-              str(tmp))
+    save_file({**{key: t.contiguous() for key, t in tensors.items()},
+               "tokens": ids.to(torch.int32).contiguous()}, str(tmp))
     tmp.replace(final)

@@ -1,4 +1,5 @@
-"""Forward hooks on a decoder block's output (the residual stream after block L).
+"""Forward hooks on a decoder block's output (the residual stream after block L) and on
+its MLP (a transcoder's site: the MLP's input, post-norm, and its output).
 
 Hooks are always installed in context managers so they are removed even when the forward
 pass raises (house rule: hooks never leak).
@@ -77,6 +78,110 @@ def block_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
     if missing:
         raise RuntimeError(f"blocks {missing} did not run during the forward pass")
     return {layer: captured[layer] for layer in layers}
+
+
+@torch.inference_mode()
+def mlp_inputs_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
+                       input_ids: Tensor) -> dict[int, Tensor]:
+    """Block MLPs' inputs and outputs -> {layer: [B, T, 2d]} (input ‖ output on the last
+    axis), from one forward pass that stops after the deepest of those MLPs."""
+    captured: dict[int, Tensor] = {}
+    deepest = max(layers)
+
+    def hook_for(layer: int):
+        def hook(_module, inputs, output):
+            captured[layer] = torch.cat([inputs[0], _hidden(output)], dim=-1)
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [mlp_of(blocks, layer).register_forward_hook(hook_for(layer))
+               for layer in set(layers)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise RuntimeError(f"the MLPs of blocks {missing} did not run during the forward pass")
+    return {layer: captured[layer] for layer in layers}
+
+
+def site_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
+                 input_ids: Tensor, site: str = "resid") -> dict[int, Tensor]:
+    """What an SAE at ``site`` of each block reads: the residual stream [B, T, d]
+    (``resid``) or the MLP's input ‖ output [B, T, 2d] (``mlp``)."""
+    if site == "mlp":
+        return mlp_inputs_outputs(model, blocks, layers, input_ids)
+    return block_outputs(model, blocks, layers, input_ids)
+
+
+def sae_inputs(model: nn.Module, blocks: nn.ModuleList, layer: int, input_ids: Tensor,
+               site: str = "resid") -> Tensor:
+    """What an SAE at ``site`` of block ``layer`` reads, [B, T, d], from a forward pass
+    that stops there: the block's output, or its MLP's input."""
+    if site == "mlp":
+        both = mlp_inputs_outputs(model, blocks, [layer], input_ids)[layer]
+        return both[..., : both.shape[-1] // 2]
+    return block_output(model, blocks, layer, input_ids)
+
+
+@contextmanager
+def recording_sae_input(blocks: nn.ModuleList, layer: int, site: str = "resid"
+                        ) -> Iterator[list[Tensor]]:
+    """Inside the context, each forward pass appends what an SAE at ``site`` of block
+    ``layer`` reads ([B, T, d]) to the yielded list; the pass runs to the end."""
+    captured: list[Tensor] = []
+    if site == "mlp":
+        handle = mlp_of(blocks, layer).register_forward_hook(
+            lambda _m, inputs, _out: captured.append(inputs[0]))
+    else:
+        handle = blocks[layer].register_forward_hook(
+            lambda _m, _i, out: captured.append(_hidden(out)))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def mlp_of(blocks: nn.ModuleList, layer: int) -> nn.Module:
+    """Block ``layer``'s MLP (``.mlp`` in Llama-family models)."""
+    mlp = getattr(blocks[layer], "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(f"block {layer} has no .mlp module: transcoders need one")
+    return mlp
+
+
+@contextmanager
+def edit_mlp_output(blocks: nn.ModuleList, layer: int,
+                    edit: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+    """Replace block ``layer``'s MLP output y [B, T, d] by ``edit(y, x)`` inside the
+    context, x [B, T, d] being the MLP's input (a transcoder reads x and writes y)."""
+
+    def hook(_module, inputs, output):
+        return edit(_hidden(output), inputs[0])
+
+    handle = mlp_of(blocks, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_site(blocks: nn.ModuleList, layer: int, site: str,
+              edit: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+    """``edit(output, what the SAE reads)`` at ``site``: block L's output (both the same
+    tensor) or its MLP's output (and input)."""
+    if site == "mlp":
+        with edit_mlp_output(blocks, layer, edit):
+            yield
+    else:
+        with edit_block_output(blocks, layer, lambda h: edit(h, h)):
+            yield
 
 
 @contextmanager

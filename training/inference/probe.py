@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from training.data.hooks import block_output
+from training.data.hooks import sae_inputs
 from training.data.models import LoadedModel
 from training.inference.sampling import REPLACEMENT_CHAR
 from training.sae.autoencoder import SparseAutoencoder
@@ -97,14 +97,15 @@ class ProbeResult:
 
 def probe_text(lm: LoadedModel, sae: SparseAutoencoder, layer: int, text: str,
                max_tokens: int = 1024) -> ProbeResult:
-    """The SAE code of every token of ``text`` at block ``layer``'s output."""
+    """The SAE code of every token of ``text`` at block ``layer``'s output (its MLP's
+    input for a transcoder)."""
     lm.check_layer(layer)
     if sae.cfg.d_in != lm.d_model:
         raise ValueError(f"the SAE reads width {sae.cfg.d_in} but {lm.name} has "
                          f"width {lm.d_model}")
     ids = _text_ids(lm, text, max_tokens)
     inputs = torch.tensor([[lm.bos_id, *ids]], device=lm.device)
-    acts = block_output(lm.model, lm.blocks, layer, inputs)[0, 1:]
+    acts = sae_inputs(lm.model, lm.blocks, layer, inputs, sae.cfg.site)[0, 1:]
     with torch.no_grad():
         enc = sae.encode(acts.to(device=sae.w_dec.device, dtype=sae.w_dec.dtype))
     return ProbeResult(tokens=token_texts(lm.tokenizer, ids), ids=ids,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from training.data.hooks import edit_block_output
+from training.data.hooks import edit_site
 from training.data.models import LoadedModel
 
 MAX_NEW_TOKENS = 512
@@ -35,8 +35,16 @@ REPLACEMENT_CHAR = "\ufffd"
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Gemma).
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
-Edit = Callable[[Tensor, Tensor | None], Tensor]
-"""(h [R, t, d], steerable [R, t] bool or None: every position) -> h'."""
+Edit = Callable[..., Tensor]
+"""(h [R, t, d], steerable [R, t] bool or None: every position, source [R, t, d] or None:
+what the SAE reads there) -> h'. h is block L's output, or its MLP's output when the edit's
+``site`` attribute is ``mlp`` (a transcoder's edit; source is then the MLP's input)."""
+
+
+def edit_at(edit: Edit, site: str) -> Edit:
+    """``edit`` marked with the site it edits (``resid`` or ``mlp``)."""
+    edit.site = site  # type: ignore[attr-defined]
+    return edit
 
 
 @dataclass(frozen=True)
@@ -303,8 +311,10 @@ def _steerable(inputs: Tensor, special: Tensor, prefill: bool) -> Tensor:
 def _forward(lm: LoadedModel, call: _CallStyle, inputs: Tensor, cache, layer: int | None,
              edit: Edit | None, steerable: Tensor | None = None) -> tuple[Tensor, object]:
     """One cached forward step: inputs [R, t] -> last-position logits [R, V] (fp32), cache."""
-    hooked = nullcontext() if edit is None else edit_block_output(
-        lm.blocks, layer, lambda h: edit(h, steerable))
+    site = getattr(edit, "site", "resid")
+    hooked = nullcontext() if edit is None else edit_site(
+        lm.blocks, layer, site, (lambda h, source: edit(h, steerable, source))
+        if site == "mlp" else (lambda h, _source: edit(h, steerable)))
     kwargs = {call.cache_name: cache, "use_cache": True}
     if call.keeps_logits:
         kwargs["logits_to_keep"] = 1

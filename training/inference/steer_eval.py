@@ -25,8 +25,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from training.data.hooks import recording_sae_input
 from training.data.models import LoadedModel
-from training.inference.sampling import Edit, Sampling, decode_ids, special_token_ids
+from training.inference.sampling import (
+    Edit,
+    Sampling,
+    decode_ids,
+    edit_at,
+    special_token_ids,
+)
 from training.inference.steering import chat_prompt_ids, latent_values
 from training.sae.autoencoder import SparseAutoencoder
 
@@ -146,9 +153,10 @@ def per_row_clamp(sae: SparseAutoencoder, features: Tensor, targets: Tensor) -> 
     features, targets = features.to(device), targets.to(device, w_dec.dtype)
     rows_w = w_dec[features.clamp_min(0)] * (features >= 0)[:, None]
 
-    def edit(h: Tensor, steerable: Tensor | None = None) -> Tensor:
+    def edit(h: Tensor, steerable: Tensor | None = None, source: Tensor | None = None
+             ) -> Tensor:
         batch, tokens, d = h.shape
-        x = h.reshape(-1, d).to(device, w_dec.dtype)
+        x = (h if source is None else source).reshape(-1, d).to(device, w_dec.dtype)
         row = torch.arange(batch, device=device).repeat_interleave(tokens)
         z = latent_values(sae, x, features.clamp_min(0))  # [N, R]: z of every row's feature
         coef = targets[row] - z.gather(1, row[:, None]).squeeze(1)
@@ -157,7 +165,7 @@ def per_row_clamp(sae: SparseAutoencoder, features: Tensor, targets: Tensor) -> 
             delta = delta * steerable[..., None].to(delta.dtype)
         return h + delta.to(h.device, h.dtype)
 
-    return edit
+    return edit_at(edit, sae.cfg.site)
 
 
 @torch.inference_mode()
@@ -167,14 +175,9 @@ def _read_back(lm: LoadedModel, sae: SparseAutoencoder, layer: int, prompt_ids: 
     over the reply's (non-special) tokens / its max, and the mean loss of the reply."""
     if not reply:
         return _Reply(0.0, None)
-    captured: list[Tensor] = []
-    hook = lm.blocks[layer].register_forward_hook(
-        lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
-    try:
+    with recording_sae_input(lm.blocks, layer, sae.cfg.site) as captured:
         ids = torch.tensor([prompt_ids + reply], device=lm.device)
         logits = lm.model(input_ids=ids, use_cache=False).logits[0].float()
-    finally:
-        hook.remove()
     start = len(prompt_ids)
     special = special_token_ids(lm)
     keep = torch.tensor([t not in special for t in reply], device=lm.device)

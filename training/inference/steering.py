@@ -13,6 +13,9 @@ A clamp adds a delta rather than replacing h by the reconstruction x̂, so the S
 term h − x̂ stays in the residual stream: with v·max_f = z_f the model runs unchanged.
 Several steers sum their deltas, all computed from the same (unedited) code of h.
 
+A transcoder's steers edit block L's MLP output instead: z_f is the code of the MLP's
+input, and the delta is added to what the MLP writes.
+
 Position 0 (BOS, the attention sink) and the chat template's special tokens are left alone
 unless asked for (``Sampling.steer_special``): the SAE never saw them in training, and
 their huge activations are what the model's attention leans on.
@@ -33,7 +36,13 @@ import torch
 from torch import Tensor
 
 from training.data.models import LoadedModel
-from training.inference.sampling import Edit, Sampling, decode_rows, decode_rows_with_top
+from training.inference.sampling import (
+    Edit,
+    Sampling,
+    decode_rows,
+    decode_rows_with_top,
+    edit_at,
+)
 from training.sae.autoencoder import SparseAutoencoder
 
 __all__ = ["STEERED_ROWS", "Sampling", "Steer", "chat_prompt_ids", "generate",
@@ -80,13 +89,17 @@ def steering_edit(sae: SparseAutoencoder, steers: Sequence[Steer],
     plan = _plan(sae, steers, max_activations)
     d = sae.cfg.d_in
 
-    def edit(h: Tensor, steerable: Tensor | None = None) -> Tensor:
+    def edit(h: Tensor, steerable: Tensor | None = None, source: Tensor | None = None
+             ) -> Tensor:
         if h.shape[-1] != d:
             raise ValueError(f"the SAE reads width {d} but block output has {h.shape[-1]}")
         if plan is None:
             return h
+        source = h if source is None else source
         part = h if rows is None else h[rows]
-        delta = _delta(sae, part.reshape(-1, d), plan).reshape(part.shape)
+        code_of = source if rows is None else source[rows]
+        delta = _delta(sae, part.reshape(-1, d), plan,
+                       code_of.reshape(-1, d)).reshape(part.shape)
         if steerable is not None:
             mask = steerable if rows is None else steerable[rows]
             delta = delta * mask[..., None].to(delta.dtype)
@@ -97,7 +110,7 @@ def steering_edit(sae: SparseAutoencoder, steers: Sequence[Steer],
         out[rows] = edited
         return out
 
-    return edit
+    return edit_at(edit, sae.cfg.site)
 
 
 def _plan(sae: SparseAutoencoder, steers: Sequence[Steer],
@@ -136,14 +149,17 @@ def _plan(sae: SparseAutoencoder, steers: Sequence[Steer],
                  norms=rows.norm(dim=1).clamp_min(1e-12))
 
 
-def _delta(sae: SparseAutoencoder, x: Tensor, plan: _Plan) -> Tensor:
+def _delta(sae: SparseAutoencoder, x: Tensor, plan: _Plan, source: Tensor | None = None
+           ) -> Tensor:
     """Σ_s coef_s·W_dec[f_s] for x [N, d] -> [N, d] (SAE dtype); coef = v·max − z_f for a
-    clamp, v·max for an add, −max(0, x·u − v·max·‖W_dec[f]‖)/‖W_dec[f]‖ for a cap. The SAE
-    is only run when some steer clamps."""
+    clamp, v·max for an add, −max(0, x·u − v·max·‖W_dec[f]‖)/‖W_dec[f]‖ for a cap. z_f is
+    the code of ``source`` (a transcoder's input; x itself by default). The SAE is only
+    run when some steer clamps."""
     x = x.to(device=plan.rows.device, dtype=plan.rows.dtype)
     coef = (plan.targets * (1 - plan.cap)).expand(x.shape[0], -1)
     if bool(plan.clamp.any()):
-        coef = coef - latent_values(sae, x, plan.features) * plan.clamp
+        code_of = x if source is None else source.to(device=x.device, dtype=x.dtype)
+        coef = coef - latent_values(sae, code_of, plan.features) * plan.clamp
     if bool(plan.cap.any()):
         along = (x @ plan.rows.t()) / plan.norms  # x·u_f [N, s]
         excess = torch.relu(along - plan.targets * plan.norms)

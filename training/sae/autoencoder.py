@@ -9,6 +9,12 @@ Maths (x [B, d] residual-stream activations, n latents)::
         | pre · [pre > θ_f]                          (jumprelu: a threshold per latent)
     x̂  = W_dec z + b_dec
 
+Transcoders (``site = "mlp"``; Dunefsky et al. 2024) read the input of block L's MLP x and
+predict its output y instead of reconstructing x: the encoder takes x as it is (no b_dec
+offset: b_dec lives in the output space), ŷ = W_dec z + b_dec, and the loss is the FVU of
+y. A skip-transcoder (Paulo et al. 2025) adds a linear path: ŷ = W_dec z + W_skip x + b_dec,
+W_skip [d, d] starting at zero.
+
 JumpReLU SAEs (SAELens' ``jumprelu``, and ``gated`` and ReLU ones, which convert to it
 exactly) are imported for analysis and steering, not trained here.
 
@@ -47,6 +53,8 @@ from torch import Tensor, nn
 from training.sae.kernels import sparse_decode, sparse_encode
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
+Site = Literal["resid", "mlp"]
+SITES: tuple[str, ...] = ("resid", "mlp")
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu")
 TRAINABLE: tuple[str, ...] = ("topk", "batchtopk")
 
@@ -82,6 +90,11 @@ class SaeConfig:
     None: scaled to the run (``dead_window``), so that short runs can revive latents too."""
     matryoshka_widths: tuple[int, ...] = ()
     """Nested prefix widths that must each reconstruct the input (empty: a plain SAE)."""
+    site: Site = "resid"
+    """``resid``: an SAE of block L's output; ``mlp``: a transcoder from block L's MLP input
+    to its output."""
+    skip: bool = False
+    """A transcoder's linear skip path W_skip (a skip-transcoder)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -100,6 +113,19 @@ class SaeConfig:
             raise ValueError(f"--dead-tokens must be positive (got {self.dead_tokens})")
         self.matryoshka_widths = check_matryoshka_widths(self.matryoshka_widths,
                                                          self.n_latents)
+        if self.site not in SITES:
+            raise ValueError(f"--site {self.site!r} is unknown: choose resid or mlp")
+        if self.site == "mlp" and self.architecture == "topk":
+            raise ValueError("--arch topk: a transcoder trains as batchtopk (SAELens loads "
+                             "transcoders as JumpReLU, which BatchTopK is exactly at "
+                             "inference; TopK has no SAELens transcoder)")
+        if self.skip and self.site != "mlp":
+            raise ValueError("--skip: a skip connection is for transcoders (a capture "
+                             "made with --site mlp)")
+
+    @property
+    def transcoder(self) -> bool:
+        return self.site == "mlp"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,6 +242,8 @@ class SparseAutoencoder(nn.Module):
         self.w_enc = nn.Parameter(w_dec.clone())  # W_enc = W_decᵀ at init
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.skip:  # a skip-transcoder's linear path, from zero
+            self.w_skip = nn.Parameter(torch.zeros(d, d))
         # BatchTopK's inference threshold θ (an EMA of the smallest selected activation);
         # JumpReLU's per-latent thresholds [n]
         self.register_buffer("threshold", torch.zeros(n) if cfg.architecture == "jumprelu"
@@ -226,13 +254,18 @@ class SparseAutoencoder(nn.Module):
     parameters stay fp32 and the result is cast back)."""
 
     # -- encoding ---------------------------------------------------------------------
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What W_enc multiplies: x − b_dec for an SAE, x itself for a transcoder."""
+        return x if self.cfg.transcoder else x - self.b_dec
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """ReLU(W_enc (x − b_dec) + b_enc) without grad: [B, d] -> [B, n]."""
         with torch.no_grad():
             if self.matmul_dtype == torch.float32:
-                return F.relu(F.linear(x - self.b_dec, self.w_enc, self.b_enc))
+                return F.relu(F.linear(self.encoder_input(x), self.w_enc, self.b_enc))
             low = self.matmul_dtype
-            pre = F.linear((x - self.b_dec).to(low), self.w_enc.to(low), self.b_enc.to(low))
+            pre = F.linear(self.encoder_input(x).to(low), self.w_enc.to(low),
+                           self.b_enc.to(low))
             return F.relu(pre).float()
 
     def select(self, pre: Tensor, *, training: bool, gather: GatherFn = _identity
@@ -265,12 +298,24 @@ class SparseAutoencoder(nn.Module):
         """Sparse code of x [B, d]; differentiable w.r.t. the parameters."""
         pre = self.pre_activations(x)
         indices, mask = self.select(pre, training=self.training, gather=gather)
-        values = sparse_encode(x - self.b_dec, self.w_enc, self.b_enc, pre, indices, mask)
+        values = sparse_encode(self.encoder_input(x), self.w_enc, self.b_enc, pre, indices,
+                               mask)
         return Encoding(values, indices, pre)
 
-    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """x̂ = W_dec z + b_dec: values/indices [B, m] -> [B, d]."""
-        return sparse_decode(values, indices, self.w_dec) + self.b_dec
+    def decode(self, values: Tensor, indices: Tensor, source: Tensor | None = None) -> Tensor:
+        """x̂ = W_dec z + b_dec: values/indices [B, m] -> [B, d]; a skip-transcoder adds
+        W_skip·source, source [B, d] being the input it encoded."""
+        out = sparse_decode(values, indices, self.w_dec) + self.b_dec
+        if self.cfg.skip:
+            if source is None:
+                raise ValueError("a skip-transcoder decodes with the input it encoded")
+            out = out + F.linear(source, self.w_skip)
+        return out
+
+    def forward_output(self, x: Tensor) -> Tensor:
+        """x̂ (an SAE) or ŷ (a transcoder) of inputs x [B, d], in inference mode."""
+        enc = self.encode(x)
+        return self.decode(enc.values, enc.indices, x)
 
     def dense_latents(self, x: Tensor) -> Tensor:
         """z as a dense [B, n] tensor (analysis and steering; no grad)."""
@@ -280,26 +325,30 @@ class SparseAutoencoder(nn.Module):
 
     # -- training ---------------------------------------------------------------------
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, *,
-                reduce_sum: SumFn = _identity, gather: GatherFn = _identity) -> ForwardOutput:
-        """Reconstruct x [B, d]; FVU and AuxK use global statistics via ``reduce_sum``.
+                target: Tensor | None = None, reduce_sum: SumFn = _identity,
+                gather: GatherFn = _identity) -> ForwardOutput:
+        """Reconstruct x [B, d] (or predict a transcoder's ``target`` y [B, d]); FVU and AuxK
+        use global statistics via ``reduce_sum``.
 
         ``dead_mask`` [n] (bool) marks dead latents; it must agree across ranks.
         """
+        y = x if target is None else target
         enc = self.encode(x, gather=gather)
-        x_hat = self.decode(enc.values, enc.indices)
-        variance = variance_sum(x, reduce_sum)
-        fvu = fvu_loss(x, x_hat, variance)
-        nested = x.new_zeros(())
+        y_hat = self.decode(enc.values, enc.indices, x)
+        variance = variance_sum(y, reduce_sum)
+        fvu = fvu_loss(y, y_hat, variance)
+        nested = y.new_zeros(())
         for width in self.cfg.matryoshka_widths:
-            nested = nested + fvu_loss(x, self.decode_prefix(enc, width), variance)
-        auxk = x.new_zeros(())
+            nested = nested + fvu_loss(y, self.decode_prefix(enc, width, x), variance)
+        auxk = y.new_zeros(())
         if dead_mask is not None and bool(dead_mask.any()):
-            auxk = self.auxk_loss(x, x - x_hat.detach(), enc.pre, dead_mask, reduce_sum)
-        return ForwardOutput(x_hat, fvu, auxk, enc, nested)
+            auxk = self.auxk_loss(x, y - y_hat.detach(), enc.pre, dead_mask, reduce_sum)
+        return ForwardOutput(y_hat, fvu, auxk, enc, nested)
 
-    def decode_prefix(self, enc: Encoding, width: int) -> Tensor:
+    def decode_prefix(self, enc: Encoding, width: int, source: Tensor | None = None
+                      ) -> Tensor:
         """x̂ from the selected latents below ``width`` only: [B, d]."""
-        return self.decode(enc.values * (enc.indices < width), enc.indices)
+        return self.decode(enc.values * (enc.indices < width), enc.indices, source)
 
     def auxk_loss(self, x: Tensor, residual: Tensor, pre: Tensor, dead_mask: Tensor,
                   reduce_sum: SumFn = _identity) -> Tensor:
@@ -307,7 +356,8 @@ class SparseAutoencoder(nn.Module):
         token's top-k_aux dead latents; gives dead latents a gradient towards useful work."""
         k_aux = min(int(self.cfg.k_aux or 1), int(dead_mask.sum()))
         indices, mask = top_columns(pre * dead_mask, k_aux)
-        values = sparse_encode(x - self.b_dec, self.w_enc, self.b_enc, pre, indices, mask)
+        values = sparse_encode(self.encoder_input(x), self.w_enc, self.b_enc, pre, indices,
+                               mask)
         e_hat = sparse_decode(values, indices, self.w_dec)
         return fvu_loss(residual, e_hat, variance_sum(residual, reduce_sum))
 

@@ -30,6 +30,15 @@ How SAELens reads a folder (``SAE.load_from_disk(path)``, ``sae_lens_disk_loader
   (``layer_norm``, ``constant_norm_rescale``) or is silently ignored by ``load_from_disk``
   (``expected_average_only_in``: the factor is only known for hub releases).
 
+Transcoders (saelab's ``site: "mlp"``, trained as BatchTopK) are saved as SAELens'
+``jumprelu_transcoder`` (``jumprelu_skip_transcoder`` with ``W_skip`` [d_out, d_in]) with
+the shared threshold per latent: SAELens' transcoders never subtract b_dec from the input
+(``apply_b_dec_to_input`` must be false), decode with ``z @ W_dec + b_dec`` (+ ``x @
+W_skip.T``), and read ``hook_name`` (the MLP's input, TransformerLens'
+``blocks.L.ln2.hook_normalized``) into ``hook_name_out`` (``blocks.L.hook_mlp_out``), which
+is saelab's maths exactly. A TopK transcoder has no SAELens form, so saelab trains
+transcoders as BatchTopK.
+
 saelab's ``batchtopk`` has no inference architecture in SAELens: SAELens itself saves its
 BatchTopK SAEs as ``jumprelu`` with a per-latent threshold equal to the learned scalar
 threshold and records ``metadata.training_architecture = "batchtopk"``. We do the same.
@@ -66,9 +75,29 @@ SUPPORTED_SAELENS_ARCHITECTURES: tuple[str, ...] = ("topk", "jumprelu", "standar
                                                      "batchtopk", "gated")
 
 
+TRANSCODER_ARCHITECTURES = {"jumprelu_transcoder": False, "jumprelu_skip_transcoder": True}
+"""SAELens' transcoder architectures saelab writes and reads -> has a skip path."""
+
+
 # -- writing ----------------------------------------------------------------------------
-def saelens_architecture(architecture: str) -> str:
-    """SAELens' inference architecture for a saelab architecture (batchtopk -> jumprelu)."""
+def site_hooks(site: str, layer: int) -> dict[str, str]:
+    """TransformerLens hook names of what an SAE at ``site`` of block ``layer`` reads
+    (``hook_name``) and, for a transcoder, writes (``hook_name_out``)."""
+    if site == "mlp":
+        return {"hook_name": f"blocks.{layer}.ln2.hook_normalized",
+                "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
+    return {"hook_name": f"blocks.{layer}.hook_resid_post"}
+
+
+def saelens_architecture(architecture: str, site: str = "resid", skip: bool = False) -> str:
+    """SAELens' inference architecture for a saelab architecture (batchtopk -> jumprelu;
+    a transcoder -> jumprelu_transcoder or jumprelu_skip_transcoder)."""
+    if site == "mlp":
+        if architecture != "batchtopk":
+            raise ValueError(f"--arch {architecture}: transcoders train as batchtopk (SAELens "
+                             "loads them as JumpReLU transcoders, which BatchTopK is exactly "
+                             "at inference; TopK has no SAELens transcoder)")
+        return "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder"
     if architecture == "topk":
         return "topk"
     if architecture == "batchtopk":
@@ -79,8 +108,8 @@ def saelens_architecture(architecture: str) -> str:
 
 def saelens_cfg_fields(architecture: str, d_in: int, d_sae: int, k: int | None,
                        threshold: float | None, model_name: str, hook_layer: int,
-                       hook_name: str, context_size: int, prepend_bos: bool = True
-                       ) -> dict[str, Any]:
+                       hook_name: str, context_size: int, prepend_bos: bool = True,
+                       site: str = "resid", skip: bool = False) -> dict[str, Any]:
     """The cfg.json fields SAELens (v6 layout) needs, to merge into saelab's cfg.json.
 
     ``topk`` -> SAELens ``topk`` with ``k`` and ``rescale_acts_by_decoder_norm: false``.
@@ -97,10 +126,11 @@ def saelens_cfg_fields(architecture: str, d_in: int, d_sae: int, k: int | None,
     ``metadata`` (saelab's top-level ``model_name``/``hook_name`` are ignored by SAELens).
     If saelab's cfg has a ``metadata`` dict of its own, merge the two dicts.
     """
-    arch = saelens_architecture(architecture)
+    arch = saelens_architecture(architecture, site, skip)
     if d_in < 1 or d_sae < 1:
         raise ValueError(f"d_in and d_sae must be positive (got {d_in}, {d_sae})")
-    expected_hook = f"blocks.{hook_layer}.hook_resid_post"
+    hooks = site_hooks(site, hook_layer)
+    expected_hook = hooks["hook_name"]
     if hook_name != expected_hook:
         raise ValueError(f"hook_name {hook_name!r} does not match hook_layer {hook_layer} "
                          f"(expected {expected_hook!r})")
@@ -110,10 +140,12 @@ def saelens_cfg_fields(architecture: str, d_in: int, d_sae: int, k: int | None,
         "d_sae": int(d_sae),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": site != "mlp",
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
+    if site == "mlp":
+        fields["d_out"] = int(d_in)
     details = _architecture_fields(fields, architecture, k, d_sae, threshold)
     fields["metadata"] = {
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
@@ -125,6 +157,7 @@ def saelens_cfg_fields(architecture: str, d_in: int, d_sae: int, k: int | None,
         "prepend_bos": bool(prepend_bos),
         "training_architecture": architecture,
         "training_architecture_details": details,
+        **({"hook_name_out": hooks["hook_name_out"]} if site == "mlp" else {}),
     }
     return fields
 
@@ -146,14 +179,15 @@ def _architecture_fields(fields: dict[str, Any], architecture: str, k: int | Non
 
 
 def saelens_state_dict(architecture: str, tensors: dict[str, torch.Tensor],
-                       threshold: float | None = None) -> dict[str, torch.Tensor]:
+                       threshold: float | None = None, site: str = "resid",
+                       skip: bool = False) -> dict[str, torch.Tensor]:
     """Exactly the tensors SAELens' strict loader expects in ``sae_weights.safetensors``.
 
     ``tensors`` holds W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
     b_dec [d_in] (other entries are ignored); for ``batchtopk`` a ``threshold`` [d_sae]
-    filled with the scalar ``threshold`` is added.
+    filled with the scalar ``threshold`` is added, and a skip-transcoder's ``W_skip``.
     """
-    arch = saelens_architecture(architecture)
+    arch = saelens_architecture(architecture, site, skip)
     missing = [name for name in WEIGHT_NAMES if name not in tensors]
     if missing:
         raise ValueError(f"missing SAE tensors: {', '.join(missing)}")
@@ -163,10 +197,12 @@ def saelens_state_dict(architecture: str, tensors: dict[str, torch.Tensor],
         raise ValueError(f"W_enc must be [d_in, d_sae], got {tuple(out['W_enc'].shape)}")
     d_in, d_sae = out["W_enc"].shape
     check_shapes(out, d_in, d_sae)
-    if arch == "jumprelu":
+    if arch != "topk":
         if threshold is None or not math.isfinite(float(threshold)):
             raise ValueError("batchtopk needs its finite scalar inference threshold")
         out["threshold"] = torch.full((d_sae,), float(threshold), dtype=torch.float32)
+    if skip:
+        out["W_skip"] = tensors["W_skip"].detach().to("cpu", torch.float32).contiguous()
     return out
 
 
@@ -174,8 +210,8 @@ def saelab_architecture(cfg: dict[str, Any]) -> str:
     """saelab's architecture for a cfg.json written with :func:`saelens_cfg_fields`."""
     arch = cfg.get("architecture")
     metadata = cfg.get("metadata") or {}
-    if arch == "jumprelu" and metadata.get("training_architecture") in (
-            "batchtopk", "matryoshka_batchtopk"):
+    if (arch == "jumprelu" or arch in TRANSCODER_ARCHITECTURES) and metadata.get(
+            "training_architecture") in ("batchtopk", "matryoshka_batchtopk"):
         return "batchtopk"
     if arch in ("topk", "batchtopk"):
         return str(arch)

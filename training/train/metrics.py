@@ -7,9 +7,11 @@ embeddings, mask), and the two edited passes run only blocks L+1.. and the LM he
 the edited output (``_Suffix``; models whose layout it does not know run three whole
 passes). The losses are computed a chunk of positions at a time, so the [tokens, vocab]
 log-probabilities never exist whole. BOS positions are left untouched in both edits (the
-SAE was not trained on them). Reported:
+SAE was not trained on them). A transcoder replaces block L's MLP output instead (its
+prediction from the MLP's input; zero for the ablation), in three whole passes. Reported:
 
-* FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens.
+* FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens (of the MLP
+  output y and ŷ for a transcoder).
 * L0: mean active latents per token; dead fraction: latents that never fired.
 * CE loss recovered: (CE_ablate − CE_sae) / (CE_ablate − CE_clean).
 * ΔLM loss: CE_sae − CE_clean; KL: mean KL(p_clean ‖ p_sae) per predicted token.
@@ -28,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from training.data.corpus import iter_texts
-from training.data.hooks import edit_block_output
+from training.data.hooks import edit_site
 from training.data.models import LoadedModel
 from training.data.packing import pack_contexts
 from training.sae.autoencoder import SparseAutoencoder, top_columns
@@ -105,26 +107,31 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
     sae.eval()
     totals = _Totals(sae.cfg.n_latents)
 
-    def splice(h: Tensor) -> Tensor:
-        x = h[:, 1:].reshape(-1, h.shape[-1]).float()
+    def splice(h: Tensor, source: Tensor | None = None) -> Tensor:
+        """h [B, T, d] -> the SAE's reconstruction of it (or the transcoder's prediction of
+        it from ``source``, the MLP's input) after position 0."""
+        source = h if source is None else source
+        x = source[:, 1:].reshape(-1, h.shape[-1]).float()
         z = sae.dense_latents(x)
-        x_hat = sae.decode(*_sparse(z))
-        totals.add_reconstruction(x, x_hat, z)
+        y_hat = sae.decode(*_sparse(z), x)
+        totals.add_reconstruction(h[:, 1:].reshape(-1, h.shape[-1]).float(), y_hat, z)
         out = h.clone()
-        out[:, 1:] = x_hat.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
+        out[:, 1:] = y_hat.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
         return out
 
-    def ablate(h: Tensor) -> Tensor:
+    def ablate(h: Tensor, _source: Tensor | None = None) -> Tensor:
         out = h.clone()
         out[:, 1:] = 0
         return out
 
+    if sae.cfg.transcoder:
+        share_prefix = False  # the edit is inside block L: no shared block-L output
     suffix = _Suffix.of(lm, layer) if share_prefix else None
     bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
     with bar:
         for ids in contexts:
             ids = ids.to(lm.device)
-            _evaluate_batch(lm, layer, ids, totals, splice, ablate, suffix)
+            _evaluate_batch(lm, layer, ids, totals, splice, ablate, suffix, sae.cfg.site)
             bar.update(ids.numel() - ids.shape[0])
     if totals.tokens == 0:
         raise ValueError("evaluation saw no tokens")
@@ -138,14 +145,14 @@ def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
-                    splice, ablate, suffix: _Suffix | None) -> None:
+                    splice, ablate, suffix: _Suffix | None, site: str = "resid") -> None:
     """One batch's three passes: sharing the forward up to block L through ``suffix``,
-    or (None) as three whole passes."""
+    or (None) as three whole passes (editing block L's output, or its MLP's at ``mlp``)."""
     if suffix is None:
         clean = lm.model(input_ids=ids, use_cache=False).logits
-        with edit_block_output(lm.blocks, layer, splice):
+        with edit_site(lm.blocks, layer, site, splice):
             spliced = lm.model(input_ids=ids, use_cache=False).logits
-        with edit_block_output(lm.blocks, layer, ablate):
+        with edit_site(lm.blocks, layer, site, ablate):
             ablated = lm.model(input_ids=ids, use_cache=False).logits
     else:
         with suffix.recording():

@@ -86,6 +86,11 @@ def plan_run(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
         if store.d_model != sae_cfg.d_in:
             raise TrainError(f"activations in {acts_dir} have d={store.d_model}, "
                              f"SAE d_in={sae_cfg.d_in}")
+        if store.paired != sae_cfg.transcoder:
+            raise TrainError(f"--acts {acts_dir} holds " + (
+                "an MLP's inputs and outputs: it trains a transcoder (--site mlp)"
+                if store.paired else "residual-stream activations: a transcoder needs a "
+                "capture made with --site mlp"))
         _check_out(Path(out), Path(acts_dir))
     holdout = min(cfg.holdout_rows, len(store) // 10)
     train_rows = len(store) - holdout
@@ -148,7 +153,12 @@ def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int
             shutil.rmtree(work)
         work.mkdir(parents=True)
     sample = store.sample(trainer.cfg.init_rows, seed=trainer.cfg.seed, limit_rows=train_rows)
-    trainer.initialise(sample, estimate_input_scale(sample))
+    d = trainer.sae.cfg.d_in
+    if trainer.sae.cfg.transcoder:  # the MLP's input and output, each with its own scale
+        trainer.initialise(sample, estimate_input_scale(sample[:, :d]),
+                           target_scale=estimate_input_scale(sample[:, d:]))
+    else:
+        trainer.initialise(sample, estimate_input_scale(sample))
     return []
 
 
@@ -185,24 +195,29 @@ def _checkpoint(trainer: Trainer, work: Path, history: list[dict]) -> None:
 
 @torch.no_grad()
 def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float = 1.0,
-                  batch: int = 4096) -> dict[str, float]:
+                  batch: int = 4096, target_scale: float = 1.0) -> dict[str, float]:
     """Inference-mode FVU, mean L0 and fraction of latents that never fire on raw rows [N, d]
-    (in fp32, as the saved SAE runs, whatever precision it was trained in)."""
+    ([N, 2d], input ‖ output, for a transcoder: the FVU is the output's), in fp32 as the
+    saved SAE runs, whatever precision it was trained in."""
     was_training, matmul_dtype = sae.training, sae.matmul_dtype
     sae.eval()
     sae.matmul_dtype = torch.float32
-    x = rows.float().to(sae.b_dec.device) * input_scale
+    rows = rows.float().to(sae.b_dec.device)
+    d = sae.cfg.d_in
+    x = rows[:, :d] * input_scale
+    y = rows[:, d:] * target_scale if sae.cfg.transcoder else x
     err, l0 = 0.0, 0.0
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x.device)
-    for part in x.split(batch):
+    for part, want in zip(x.split(batch), y.split(batch), strict=True):
         enc = sae.encode(part)
-        err += float(fvu_loss(part, sae.decode(enc.values, enc.indices), torch.tensor(1.0)))
+        err += float(fvu_loss(want, sae.decode(enc.values, enc.indices, part),
+                              torch.tensor(1.0)))
         active = enc.values > 0
         l0 += float(active.sum())
         fired[enc.indices[active]] = True
     sae.train(was_training)
     sae.matmul_dtype = matmul_dtype
-    return {"heldout_fvu": err / float(variance_sum(x)), "heldout_l0": l0 / max(1, len(x)),
+    return {"heldout_fvu": err / float(variance_sum(y)), "heldout_l0": l0 / max(1, len(x)),
             "heldout_dead_fraction": 1 - float(fired.float().mean())}
 
 
@@ -215,8 +230,11 @@ def final_metrics(trainer: Trainer, holdout: torch.Tensor | None, history: list[
                "train_fvu": last.get("fvu"), "l0": last.get("l0"),
                "dead_fraction": last.get("dead_fraction"),
                "tokens_per_s": tokens_per_s, "input_scale": trainer.input_scale}
+    if trainer.sae.cfg.transcoder:
+        metrics["target_scale"] = trainer.target_scale
     if holdout is not None and len(holdout):
-        stats = heldout_stats(trainer.sae, holdout, trainer.input_scale)
+        stats = heldout_stats(trainer.sae, holdout, trainer.input_scale,
+                              target_scale=trainer.target_scale)
         metrics.update(stats, heldout_explained_variance=1 - stats["heldout_fvu"],
                        heldout_rows=len(holdout))
     return metrics
@@ -234,7 +252,8 @@ def write_run(trainer: Trainer, out: Path, work: Path, metrics: dict, history: l
     """Save the trained SAE with its metrics and loss curve in ``work``, then put it in
     place of ``out`` (atomically) and remove ``work``."""
     save_sae(work / "sae", trainer.sae, trainer.input_scale, model=model, layer=layer,
-             context=context, extra={"train": trainer.cfg.to_dict(), **extra})
+             context=context, extra={"train": trainer.cfg.to_dict(), **extra},
+             target_scale=trainer.target_scale)
     final = work / "sae"
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_curve(final / "loss_curve.csv", history)

@@ -27,6 +27,7 @@ from training.data.models import default_device
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
     CURVE_POINTS,
+    TrainError,
     final_metrics,
     partial_dir,
     plan_run,
@@ -60,6 +61,9 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
                 progress: bool = True, on_step: SweepStep | None = None) -> list[dict]:
     """Train every ``members`` SAE (its output folder -> its config) on one batch stream;
     returns each one's metrics, in order."""
+    if any(sae_cfg.transcoder for sae_cfg in members.values()):
+        raise TrainError("a sweep trains residual-stream SAEs: train a transcoder on its own "
+                         "(one --latents, --k and --arch)")
     store, (holdout, train_rows, total_steps) = plan_run(Path(acts_dir), members, cfg)
     cfg = replace(cfg, checkpoint_every=0)
     works = [partial_dir(Path(out)) for out in members]

@@ -5,6 +5,8 @@ scale by the dataset-level input scale, take this rank's slice, forward (FVU + �
 backward through the sparse kernels, sum gradients across ranks, project out the decoder
 gradient parallel to each decoder row, step, renormalise the decoder rows, update the
 dead-latent counters. The schedule is linear warm-up, constant, then linear decay to zero.
+A transcoder's batch rows are MLP input ‖ output [B, 2d]; input and output each have their
+own dataset-level scale.
 """
 
 from __future__ import annotations
@@ -136,15 +138,18 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr)
         self.steps_done = 0
         self.input_scale = 1.0
+        self.target_scale = 1.0
+        """A transcoder's output scale (E‖s·y‖² = d); unused by an SAE."""
         self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long,
                                               device=self.device)
 
-    def initialise(self, sample: Tensor, input_scale: float, center: Tensor | None = None
-                   ) -> None:
-        """Set the input scale and b_dec from a raw sample [N, d] (identical on all ranks);
-        ``center`` is its scaled geometric median when already computed (a sweep)."""
-        self.input_scale = input_scale
-        scaled = sample.to(self.device, torch.float32) * input_scale
+    def initialise(self, sample: Tensor, input_scale: float, center: Tensor | None = None,
+                   target_scale: float = 1.0) -> None:
+        """Set the scales and b_dec from a raw sample [N, d] ([N, 2d] for a transcoder:
+        b_dec starts at the outputs' centre), identical on all ranks; ``center`` is its
+        scaled geometric median when already computed (a sweep)."""
+        self.input_scale, self.target_scale = input_scale, target_scale
+        scaled = self.split(sample.to(self.device, torch.float32))[1]
         if center is None:
             center = (geometric_median(scaled) if self.cfg.b_dec_init == "median"
                       else scaled.mean(0))
@@ -155,14 +160,24 @@ class Trainer:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.sae.cfg.dead_tokens
 
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Scaled (input, what to reconstruct) of raw rows: (x, x) for an SAE, (x, y) for a
+        transcoder's rows x ‖ y."""
+        if not self.sae.cfg.transcoder:
+            x = rows * self.input_scale
+            return x, x
+        d = self.sae.cfg.d_in
+        return rows[:, :d] * self.input_scale, rows[:, d:] * self.target_scale
+
     def step(self, global_batch: Tensor) -> StepStats:
-        """One optimiser step on a global batch [B, d] of raw activations."""
-        x = self.dist.local_slice(global_batch).to(self.device, torch.float32) * self.input_scale
+        """One optimiser step on a global batch [B, d] (or [B, 2d]) of raw activations."""
+        x, y = self.split(self.dist.local_slice(global_batch).to(self.device, torch.float32))
         lr = self.base_lr * lr_factor(self.steps_done, self.total_steps, self.cfg.warmup_steps,
                                       self.cfg.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = self.sae(x, self.dead_mask, reduce_sum=self.dist.sum, gather=self.dist.gather)
+        out = self.sae(x, self.dead_mask, target=y, reduce_sum=self.dist.sum,
+                       gather=self.dist.gather)
         loss = out.fvu + out.nested_fvu + self.sae.cfg.aux_coef * out.auxk_loss
         loss.backward()
         self.dist.sum_gradients_(self.sae)
@@ -190,6 +205,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done, "input_scale": self.input_scale,
+                "target_scale": self.target_scale,
                 "tokens_since_fired": self.tokens_since_fired.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,4 +213,5 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
         self.input_scale = float(state["input_scale"])
+        self.target_scale = float(state.get("target_scale", 1.0))
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.paths import PathRefused, checked_path, checked_source
 from app.settings import Settings
@@ -42,6 +42,13 @@ class JobParams(BaseModel):
                                          "SAE: nested prefix widths, each reconstructing "
                                          "the input (e.g. [1024, 4096])")
     skip: bool = Field(False, description="a transcoder's linear skip path (skip-transcoder)")
+    sweep_latents: list[Annotated[int, Field(ge=2, le=1 << 21)]] | None = Field(
+        None, min_length=1, max_length=8, description="sweep: the dictionary sizes, e.g. "
+        "4096,16384 (every combination with sweep_k and sweep_arch is trained)")
+    sweep_k: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None, min_length=1, max_length=8, description="sweep: the k values, e.g. 16,32")
+    sweep_arch: list[Literal["topk", "batchtopk"]] | None = Field(
+        None, min_length=1, max_length=2, description="sweep: architectures [default: arch]")
     nproc: int = Field(1, ge=1, le=64, description="data-parallel training processes")
     batch: int = Field(4096, ge=1, le=1 << 20)
     lr: float | None = Field(None, gt=0, lt=1)
@@ -80,6 +87,14 @@ class JobParams(BaseModel):
                                       "prompts [default: eight built-in ones]")
     queue: str | None = Field(None, max_length=64, pattern=r"^[\w.@-]+$")
 
+    @field_validator("sweep_latents", "sweep_k", "sweep_arch", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """A form's "4096,16384" as a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _transcoder_defaults(self) -> JobParams:
         """A transcoder trains as BatchTopK unless told otherwise (TopK has no SAELens
@@ -99,6 +114,8 @@ FIELDS_OF: dict[str, tuple[str, ...]] = {
                 "feature_map"),
     "explain": ("sae_id", "latent_range", "explainer", "explainer_model", "score"),
     "steer_eval": ("sae_id", "latent_range", "strengths", "prompts"),
+    "sweep": ("acts", *_CAPTURE, "sweep_latents", "sweep_k", "sweep_arch", "matryoshka",
+              "batch", "lr", "train_tokens", "analyze_tokens", "eval_tokens", "feature_map"),
     "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "feature_map",
                  "explain_count",
                  "explainer", "explainer_model", "steer_eval_count"),

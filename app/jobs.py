@@ -26,7 +26,7 @@ from app.job_params import JobParams, submission_problems
 from app.settings import Settings
 from app.store.models import Job
 
-KINDS = ("capture", "train", "analyze", "explain", "steer_eval", "pipeline")
+KINDS = ("capture", "train", "analyze", "explain", "steer_eval", "sweep", "pipeline")
 ACTIVE = ("queued", "running")
 
 
@@ -58,7 +58,9 @@ class JobFinished(JobError):
 
 
 REQUIRED = {"capture": ("layer",), "train": ("acts",), "analyze": ("sae",),
-            "explain": ("sae_id",), "steer_eval": ("sae_id",), "pipeline": ("layer",)}
+            "explain": ("sae_id",), "steer_eval": ("sae_id",), "sweep": ("sweep_latents",
+                                                                          "sweep_k"),
+            "pipeline": ("layer",)}
 
 
 def validate(kind: str, params: dict[str, Any], settings: Settings | None = None, *,
@@ -83,7 +85,9 @@ def validate(kind: str, params: dict[str, Any], settings: Settings | None = None
     if kind == "pipeline" and parsed.tokens - min(parsed.tokens // 10, 8192) < parsed.batch:
         fields["tokens"] = (f"{parsed.tokens} leave less than one training batch ({parsed.batch}"
                             " tokens) after the held-out tenth: capture more")
-    if parsed.matryoshka:
+    if kind == "sweep":
+        fields.update(sweep_problems(parsed))
+    if parsed.matryoshka and kind != "sweep":
         from training.sae.autoencoder import check_matryoshka_widths
 
         try:
@@ -97,6 +101,36 @@ def validate(kind: str, params: dict[str, Any], settings: Settings | None = None
     if fields:
         raise JobError.of_fields(fields)
     return parsed
+
+
+SWEEP_MEMBERS = 16
+"""Most SAEs one sweep job trains (they share one process's memory)."""
+
+
+def sweep_problems(parsed: JobParams) -> dict[str, str]:
+    """A sweep's combinations, checked as ``training.train.sweep.sweep_configs`` checks
+    them (k below n, no repeated value, Matryoshka widths per member), and a bound on
+    their number; a capture or a layer to capture at."""
+    from training.sae.autoencoder import SaeConfig
+    from training.train.sweep import sweep_configs
+
+    if parsed.acts is None and parsed.layer is None:
+        return {"acts": "a sweep trains on a capture: give acts, or layer to capture first"}
+    if not parsed.sweep_latents or not parsed.sweep_k:
+        return {}
+    archs = parsed.sweep_arch or [parsed.arch]
+    members = len(parsed.sweep_latents) * len(parsed.sweep_k) * len(archs)
+    if members > SWEEP_MEMBERS:
+        return {"sweep_latents": f"{members} combinations: a sweep trains at most "
+                                 f"{SWEEP_MEMBERS}"}
+    try:
+        base = SaeConfig(d_in=1, n_latents=max(parsed.sweep_latents),
+                         k=min(parsed.sweep_k))
+        sweep_configs(base, parsed.sweep_latents, parsed.sweep_k, archs,
+                      parsed.matryoshka or ())
+    except ValueError as exc:
+        return {"sweep_k": str(exc)}
+    return {}
 
 
 def plain(message: str) -> str:
@@ -283,7 +317,7 @@ def remove_artifacts(settings: Settings, job_id: int, *, keep_finished: bool = F
     if not keep_finished:
         shutil.rmtree(directory, ignore_errors=True)
         return
-    for partial in directory.glob(".*.partial"):
+    for partial in directory.rglob(".*.partial"):  # (a sweep's are under sweep/)
         shutil.rmtree(partial, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ from celery import Celery
 
 from app.settings import Settings, get_settings
 
-TASKS = ("capture", "train", "analyze", "explain", "steer_eval", "pipeline")
+TASKS = ("capture", "train", "analyze", "explain", "steer_eval", "sweep", "pipeline")
 """Job kinds, each a task named ``saelab.<kind>``."""
 DEFAULT_QUEUE = {kind: "gpu" for kind in TASKS}
 """Queue per kind: work that runs the model or trains goes to the accelerator queue."""

@@ -343,3 +343,37 @@ def test_a_transcoder_pipeline_captures_the_mlp_and_trains_a_skip_transcoder(
         sae = session.get(Sae, job.result["sae_id"])
         assert sae.architecture == "batchtopk" and sae.config["skip"] is True
         assert sae.metrics["eval"]["ce_loss_recovered"] is not None
+
+
+def test_a_sweep_job_trains_every_combination_and_analyses_each(stack, tiny_llama_dir) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.settings import Settings
+    from app.web.main import create_app
+
+    if stack.kind != "embedded":
+        pytest.skip("one broker is enough for the sweep job")
+    stack.start_worker()
+    job_id = stack.submit("sweep", "--model", tiny_llama_dir, "--layer", 1, "--tokens", 4096,
+                          "--sweep-latents", "32,64", "--sweep-k", "4", "--sweep-arch",
+                          "topk,batchtopk", "--batch", 256, "--analyze-tokens", 2048)
+    job = stack.wait(job_id, _ended, timeout=240)
+    assert job.state == "succeeded", job.message
+    names = {"n32-k4-topk", "n32-k4-batchtopk", "n64-k4-topk", "n64-k4-batchtopk"}
+    assert set(job.result["saes"]) == set(job.result["sae_ids"]) == names
+    assert "acts" in job.result  # it captured first, as it named no capture
+    with stack.sessions() as session:
+        saes = [session.get(Sae, job.result["sae_ids"][name]) for name in sorted(names)]
+        assert {(s.n_latents, s.architecture) for s in saes} == {
+            (32, "topk"), (32, "batchtopk"), (64, "topk"), (64, "batchtopk")}
+        assert all(s.metrics["heldout_rows"] > 0 and s.analysed_tokens for s in saes)
+    settings = Settings(data_dir=Path(stack.env["SAELAB_DATA_DIR"]),
+                        database_url=stack.env["SAELAB_DATABASE_URL"])
+    with TestClient(create_app(settings)) as client:
+        page = client.get(f"/saes/{job.result['sae_ids']['n64-k4-topk']}")
+        assert "the L0–FVU frontier" in page.text and page.text.count("<tr") >= 5
+        shown = client.get(f"/jobs/{job_id}").text
+        assert all(f'href="/saes/{job.result["sae_ids"][name]}"' in shown for name in names)
+    bad = stack.cli("jobs", "submit", "sweep", "--queue", stack.queue, "--layer", 1,
+                    "--sweep-latents", "32", "--sweep-k", "32")
+    assert bad.exit_code != 0 and "sweep_k" in bad.output

@@ -26,12 +26,13 @@ from worker import stages
 from worker.explain_stage import explain_stage
 from worker.runtime import JobCancelled, JobRun
 from worker.steer_eval_stage import steer_eval_stage
+from worker.sweep_stage import analyze_members, sweep_stage
 
 log = logging.getLogger(__name__)
 app: Celery = make_celery()
 
-STAGE_WEIGHTS = {"capture": 40, "train": 30, "analyze": 15, "label": 5, "explain": 10,
-                 "steer_eval": 10}
+STAGE_WEIGHTS = {"capture": 40, "train": 30, "sweep": 30, "analyze": 15, "label": 5,
+                 "explain": 10, "steer_eval": 10}
 """Each stage's share of a pipeline's progress bar (normalised over the stages it runs)."""
 
 
@@ -39,11 +40,14 @@ def stages_of(kind: str, params: JobParams) -> tuple[tuple[str, float, float], .
     """(stage, start, span) of a job's progress bar. A pipeline labels every live latent
     offline (``label``), then adds LLM labels (``explain``) and steering figures
     (``steer_eval``) when asked for."""
-    if kind != "pipeline":
+    if kind == "sweep":  # (a capture first when it names none)
+        names = ["capture"] * (params.acts is None) + ["sweep", "analyze"]
+    elif kind != "pipeline":
         return ((kind, 0.0, 1.0),)
-    names = ["capture", "train", "analyze", "label"]
-    names += ["explain"] if params.explain_count else []
-    names += ["steer_eval"] if params.steer_eval_count else []
+    else:
+        names = ["capture", "train", "analyze", "label"]
+        names += ["explain"] if params.explain_count else []
+        names += ["steer_eval"] if params.steer_eval_count else []
     total = sum(STAGE_WEIGHTS[name] for name in names)
     out, start = [], 0.0
     for name in names:
@@ -99,8 +103,9 @@ def run_job(job_id: int, sessions=None) -> str:
 def _end(run: JobRun, settings: Settings, exc: Exception, result: dict) -> str:
     """Record a cancelled or failed job (removing what it should not keep)."""
     if isinstance(exc, JobCancelled):
-        kept = [name for name in ("acts", "sae") if name in result]
-        if "sae_id" in result:  # the store points at the SAE (and its capture): keep both
+        kept = [name for name in ("acts", "sae", "saes") if name in result]
+        if "sae_id" in result or result.get("sae_ids"):  # the store points at the SAE
+            # (or a sweep's SAEs) and its capture: keep them
             remove_artifacts(settings, run.job_id, keep_finished=True)
             run.finish("cancelled", f"cancelled by request; kept the finished stages' "
                                     f"outputs ({', '.join(kept)})", result=result)
@@ -129,6 +134,11 @@ def _run_stages(run: JobRun, kind: str, params: JobParams, settings: Settings,
         elif name == "train" and "sae" not in result:
             acts = result.get("acts") or params.acts
             result["sae"] = stages.train_stage(run, params, acts, directory)
+        elif name == "sweep" and "saes" not in result:
+            result["saes"] = sweep_stage(run, params, result.get("acts") or params.acts,
+                                         directory)
+        elif name == "analyze" and kind == "sweep":
+            analyze_members(run, params, settings, result, directory)
         elif name == "analyze" and "sae_id" not in result:
             result["sae_id"] = stages.analyze_stage(
                 run, params, settings, result.get("sae") or params.sae,

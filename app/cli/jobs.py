@@ -31,8 +31,8 @@ def _celery():
 
 @jobs_app.command("submit")
 def submit(
-    kind: Annotated[str, typer.Argument(help="capture, train, analyze, explain, steer_eval "
-                                        "or pipeline")],
+    kind: Annotated[str, typer.Argument(help="capture, train, analyze, explain, steer_eval, "
+                                        "sweep or pipeline")],
     model: Annotated[str | None, typer.Option("--model")] = None,
     layer: Annotated[int | None, typer.Option("--layer")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset")] = None,
@@ -46,6 +46,11 @@ def submit(
                                               "skip path")] = None,
     matryoshka: Annotated[str | None, typer.Option(
         "--matryoshka", help="nested prefix widths, e.g. 1024,4096")] = None,
+    sweep_latents: Annotated[str | None, typer.Option(
+        "--sweep-latents", help="sweep: sizes, e.g. 1024,4096")] = None,
+    sweep_k: Annotated[str | None, typer.Option("--sweep-k", help="sweep: k values")] = None,
+    sweep_arch: Annotated[str | None, typer.Option(
+        "--sweep-arch", help="sweep: topk,batchtopk [default: --arch]")] = None,
     nproc: Annotated[int | None, typer.Option("--nproc")] = None,
     batch: Annotated[int | None, typer.Option("--batch")] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,

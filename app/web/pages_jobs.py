@@ -16,8 +16,8 @@ from app.web.security import require_admin
 router = APIRouter(include_in_schema=False)
 
 FORM_FIELDS = ("model", "layer", "dataset", "tokens", "latents", "k", "arch", "nproc",
-               "acts", "sae", "sae_id", "latent_range", "explainer", "explain_count",
-               "steer_eval_count", "strengths")
+               "sweep_latents", "sweep_k", "sweep_arch", "acts", "sae", "sae_id",
+               "latent_range", "explainer", "explain_count", "steer_eval_count", "strengths")
 
 
 KINDS_OF = {name: [kind for kind, fields in FIELDS_OF.items() if name in fields]
@@ -35,7 +35,8 @@ def form_defaults(settings) -> dict[str, str]:
             "latent_range": "", "explainer": defaults.explainer,
             "explain_count": str(defaults.explain_count),
             "steer_eval_count": str(defaults.steer_eval_count),
-            "strengths": defaults.strengths}
+            "strengths": defaults.strengths, "sweep_latents": "1024,4096",
+            "sweep_k": "16,32", "sweep_arch": ""}
 
 
 @router.get("/jobs")

@@ -1,0 +1,82 @@
+"""The sweep job's stages: every combination of sizes, k and architectures trained from one
+read of the capture (``training.train.sweep``), then each SAE analysed into the store, so
+their pages show the family's L0–FVU frontier."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from app.job_params import JobParams
+from app.settings import Settings
+from worker.runtime import JobRun
+
+
+def sweep_members(params: JobParams, acts: str, directory: Path) -> dict[str, dict]:
+    """{member name: SaeConfig fields} of the job, each member's folder being
+    ``<directory>/sweep/<name>`` (``n4096-k16-topk``, ...)."""
+    from training.data.activations import Manifest
+    from training.sae.autoencoder import SaeConfig
+    from training.train.sweep import sweep_configs
+
+    manifest = Manifest.load(Path(acts))
+    base = SaeConfig(d_in=manifest.d_model, n_latents=max(params.sweep_latents or [2]),
+                     k=min(params.sweep_k or [1]), site=manifest.site,
+                     architecture="batchtopk" if manifest.site == "mlp" else "topk")
+    configs = sweep_configs(base, params.sweep_latents or [], params.sweep_k or [],
+                            params.sweep_arch or [params.arch], params.matryoshka or ())
+    return {name: cfg.to_dict() for name, cfg in configs.items()}
+
+
+def sweep_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> dict[str, str]:
+    """Train the sweep into ``<directory>/sweep``; returns {member name: SAE folder}. A
+    sweep has no checkpoints: a resumed job trains it again, unless every folder is there."""
+    from training.sae.autoencoder import SaeConfig
+    from training.train.sweep import train_sweep
+    from training.train.trainer import TrainConfig
+
+    members = {name: directory / "sweep" / name
+               for name in sweep_members(params, acts, directory)}
+    if all((out / "cfg.json").is_file() for out in members.values()):
+        return {name: str(out) for name, out in members.items()}
+    configs = {members[name]: SaeConfig.from_dict(cfg)
+               for name, cfg in sweep_members(params, acts, directory).items()}
+    cfg = TrainConfig(batch=params.batch, tokens=params.train_tokens, lr=params.lr)
+    started, count = time.monotonic(), len(configs)
+    total = [0]
+
+    def on_step(index: int, stats) -> None:
+        if index == count - 1:  # every member has taken this step
+            total[0] = total[0] or _steps(acts, cfg)
+            rate = stats.tokens / max(time.monotonic() - started, 1e-9)
+            run.progress(stats.step, total[0], tokens_per_s=rate, loss=stats.fvu,
+                         l0=stats.l0)
+
+    run.update(force=True, message=f"training {count} SAEs from one read of {acts}")
+    train_sweep(Path(acts), configs, cfg, progress=False, on_step=on_step)
+    return {name: str(out) for name, out in members.items()}
+
+
+def _steps(acts: str, cfg) -> int:
+    from training.data.activations import ActivationStore
+
+    rows = len(ActivationStore(Path(acts)))
+    return max(1, (cfg.tokens or rows - min(cfg.holdout_rows, rows // 10)) // cfg.batch)
+
+
+def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: dict,
+                    directory: Path) -> dict[str, int]:
+    """Analyse each member of ``result["saes"]`` into the store; ``result["sae_ids"]``
+    ({name: SAE id}) grows, and is written to the job's row, as each finishes, so a resumed
+    job skips those."""
+    from worker.stages import analyze_stage
+
+    saes, acts = result["saes"], result.get("acts") or params.acts
+    done = result.setdefault("sae_ids", {})
+    for number, (name, sae_dir) in enumerate(saes.items(), start=1):
+        if name in done:
+            continue
+        run.update(force=True, message=f"analysing {name} ({number} of {len(saes)})")
+        done[name] = analyze_stage(run, params, settings, sae_dir, acts, directory)
+        run.update(force=True, result=dict(result))
+    return done

@@ -29,6 +29,13 @@ def _celery():
     return make_celery()
 
 
+SweepLatents = Annotated[str | None, typer.Option(
+    "--sweep-latents", help="sweep: the sizes, e.g. 1024,4096")]
+SweepK = Annotated[str | None, typer.Option("--sweep-k", help="sweep: the k values, e.g. 16,32")]
+SweepArch = Annotated[str | None, typer.Option(
+    "--sweep-arch", help="sweep: topk, batchtopk or both [default: --arch]")]
+
+
 @jobs_app.command("submit")
 def submit(
     kind: Annotated[str, typer.Argument(help="capture, train, analyze, explain, steer_eval, "
@@ -46,11 +53,9 @@ def submit(
                                               "skip path")] = None,
     matryoshka: Annotated[str | None, typer.Option(
         "--matryoshka", help="nested prefix widths, e.g. 1024,4096")] = None,
-    sweep_latents: Annotated[str | None, typer.Option(
-        "--sweep-latents", help="sweep: sizes, e.g. 1024,4096")] = None,
-    sweep_k: Annotated[str | None, typer.Option("--sweep-k", help="sweep: k values")] = None,
-    sweep_arch: Annotated[str | None, typer.Option(
-        "--sweep-arch", help="sweep: topk,batchtopk [default: --arch]")] = None,
+    sweep_latents: SweepLatents = None,
+    sweep_k: SweepK = None,
+    sweep_arch: SweepArch = None,
     nproc: Annotated[int | None, typer.Option("--nproc")] = None,
     batch: Annotated[int | None, typer.Option("--batch")] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,

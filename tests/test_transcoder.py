@@ -5,6 +5,7 @@ the MLP replaced, analysed, probed and steered like SAEs (on the tiny random Lla
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,34 @@ def test_a_transcoder_job_defaults_to_batchtopk_and_names_a_wrong_arch(tmp_path)
     assert "skip" in submission_problems("pipeline", JobParams(skip=True), settings, web=False)
     assert not submission_problems("pipeline", JobParams(site="mlp", skip=True), settings,
                                    web=False)
+
+
+def test_a_skip_transcoder_resumes_exactly(mlp_capture, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    sae = SaeConfig(d_in=64, n_latents=N, k=K, architecture="batchtopk", site="mlp",
+                    skip=True)
+    cfg = TrainConfig(batch=512, warmup_steps=5, init_rows=2048, holdout_rows=2048,
+                      checkpoint_every=10, lr=1e-2, tokens=512 * 30)
+    train(mlp_capture, tmp_path / "whole", sae, cfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_15(stats) -> None:
+        if stats.step == 15:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(mlp_capture, tmp_path / "cut", sae, cfg, progress=False, on_step=stop_at_15)
+    train(mlp_capture, tmp_path / "cut", sae, cfg, progress=False, resume=True)
+    whole = load_file(str(tmp_path / "whole" / "sae.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "sae.safetensors"))
+    assert "W_skip" in whole
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name], rtol=0, atol=0)
+    with pytest.raises(Interrupt):
+        train(mlp_capture, tmp_path / "other", sae, cfg, progress=False, on_step=stop_at_15)
+    with pytest.raises(TrainError, match="--skip True"):
+        train(mlp_capture, tmp_path / "other", replace(sae, skip=False), cfg,
+              progress=False, resume=True)

@@ -111,7 +111,8 @@ def _check_out(out: Path, acts_dir: Path) -> None:
 
 _FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
           "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
-          "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka"}
+          "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka",
+          "skip": "--skip"}
 
 
 def run_settings(trainer: Trainer) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings
+from training.autointerp import maxact
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def test_offline_labels_and_their_scores_show(page, live) -> None:
     page.locator("#latent-list a", has_text="7").first.click()
     page.wait_for_url("**/features/7")
     table = page.locator("#explanations")
-    assert "maxact-1" in table.inner_text() and "(n=" in table.inner_text()
+    assert maxact.VERSION in table.inner_text() and "(n=" in table.inner_text()
     assert "Steerability not measured" in page.locator("#steerability").inner_text()
     _shot(page, "feature-scored")
     page.goto(f"{live['url']}/docs")

@@ -15,6 +15,7 @@ from app.cli import app
 from app.store.db import open_store
 from app.store.models import Explanation, Job, Latent
 from tests.fake_anthropic import FakeAnthropic, credit_too_low, user_text
+from training.autointerp import maxact
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -124,9 +125,10 @@ def test_maxact_labels_and_scores_every_live_latent_offline(store_copy) -> None:
         dead = session.scalars(select(Latent).where(Latent.sae_id == sae_id,
                                                     Latent.density == 0)).all()
         rows = session.scalars(select(Explanation).where(
-            Explanation.source == "maxact-1")).all()
+            Explanation.source == maxact.VERSION)).all()
     assert summary["explained"] == len(live) == len(rows) and not summary["failed"]
-    assert summary["usage"]["cost_usd"] == 0 and summary["explainer"] == "maxact (maxact-1)"
+    assert summary["usage"]["cost_usd"] == 0
+    assert summary["explainer"] == f"maxact ({maxact.VERSION})"
     assert all(lat.explanation for lat in live) and not any(lat.explanation for lat in dead)
     scored = [r for r in rows if r.detection_score is not None]
     assert len(scored) >= 0.8 * len(rows)

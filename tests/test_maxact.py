@@ -94,3 +94,29 @@ def test_simulator_needs_both_classes() -> None:
     assert simulation.detection(simulator, [], [Window(["a"], [0.0])]).value is None
     assert simulation.correlation(simulator, [Window(["a"], [0.0])]).value is None
     assert maxact.VERSION in maxact.MaxActExplainer().model
+
+
+def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept() -> None:
+    """Windows of a latent firing on " Error" (in most) and on " the" (in a few, where " the"
+    is one of the text's commonest tokens and usually silent): the label names " Error" and
+    the rare " raise" it also fires on, not " the", whose false alarms would cost more
+    silent windows than its hits gain."""
+    windows = []
+    for i in range(20):
+        if i % 5 == 4:  # fires on " the" here, though " the" is silent elsewhere
+            tokens, acts = [" the", " x", " the", " y"], [1.0, 0, 0, 0]
+        elif i % 5 == 3:
+            tokens, acts = [" raise", " the", " z", " w"], [1.0, 0, 0, 0]
+        else:
+            tokens, acts = [" the", " Error", " the", FILLER[i % 12]], [0, 2.0, 0, 0]
+        windows.append(Window(tokens, acts))
+    record = LatentRecord(index=3, max_activation=2.0, top=windows[:10],
+                          quantiles=[windows[10:]], top_logits=[" Error"])
+    frequencies = {"the": 0.1, "error": 1e-4, "raise": 1e-4, "x": 0.01}
+    description = describe(record, windows, frequencies)
+    assert description.fires_on == (" Error", " raise")
+    assert not description.after and not description.line_start
+    assert describe(record, windows).fires_on[0] == " Error"  # without: coverage rules
+    result = explain_offline(record, [Window([" the", " a", " b"], [0, 0, 0])] * 5,
+                             frequencies=frequencies)
+    assert " the" not in parse(result.label).fires_on and result.detection is not None

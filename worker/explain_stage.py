@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,8 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
     pool = _negative_pool(sae_path, capture, model_name, settings) if (
         params.score and todo) else None
     work = _Work(run, explainer, key, sae_id, pool, params.score, settings.explain_max_usd)
+    if kind == "maxact" and todo:
+        work.frequencies = token_frequencies(capture, model_name, settings)
     summary = work.offline(todo) if kind == "maxact" else work.llm(todo)
     if todo and not summary["explained"]:
         first = next(iter(summary["failed"].values()))
@@ -127,6 +130,8 @@ class _Work:
         self.totals = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
         self.failed: dict[str, str] = {}
         self.started, self.done = time.monotonic(), 0
+        self.frequencies: dict[str, float] | None = None
+        """The analysed text's token frequencies, for maxact's choice of tokens."""
 
     def offline(self, todo: list[int]) -> dict[str, Any]:
         """maxact labels, ``OFFLINE_CHUNK`` latents per read and per transaction."""
@@ -134,7 +139,8 @@ class _Work:
 
         for first in range(0, len(todo), OFFLINE_CHUNK):
             loaded = self._load(todo[first:first + OFFLINE_CHUNK], MAXACT_SETTINGS.detection_n)
-            results = [explain_offline(record, negatives, seed=data["index"], score=self.score)
+            results = [explain_offline(record, negatives, seed=data["index"], score=self.score,
+                                       frequencies=self.frequencies)
                        for record, negatives, data in loaded]
             self._store(loaded, results, len(todo))
         return self._summary(len(todo))
@@ -235,6 +241,25 @@ def _negative_pool(sae_path: str, capture: str | None, model_name: str,
     sae, _ = load_sae(Path(sae_path))
     pool = window_pool(sae.eval(), ActivationStore(Path(capture)))
     return _Pool(pool, load_tokenizer(model_name, data_dir=settings.data_dir))
+
+
+def token_frequencies(capture: str | None, model_name: str, settings: Settings
+                      ) -> dict[str, float] | None:
+    """Each token's share of the SAE's capture (BOS excluded), by loose key; None without
+    the capture (maxact then falls back to its coverage rules)."""
+    from training.autointerp.token_choice import loose_frequencies
+    from training.data.activations import ActivationStore
+    from training.data.models import load_tokenizer
+
+    if not capture or not Path(capture).is_dir():
+        return None
+    ids = ActivationStore(Path(capture)).tokens()[:, 1:].reshape(-1).long()
+    counts = ids.bincount()
+    tokenizer = load_tokenizer(model_name, data_dir=settings.data_dir)
+    by_text: Counter[str] = Counter()
+    for i in counts.nonzero().flatten().tolist():  # (ids may share a text)
+        by_text[tokenizer.decode([i])] += int(counts[i])
+    return loose_frequencies(by_text)
 
 
 def _negatives(pool: _Pool, index: int, count: int) -> list:

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from training.autointerp import maxact, simulation
@@ -272,16 +272,17 @@ window (up to 50, and as many non-activating ones)."""
 
 
 def explain_offline(record: LatentRecord, negatives: Sequence[Window], *, seed: int = 0,
-                    score: bool = True, settings: ExplainSettings = MAXACT_SETTINGS
-                    ) -> ExplainResult:
-    """The ``maxact`` label of ``record`` from its shown windows, scored (``score``) by
-    simulation on the held-out ones: detection, fuzzing and the simulation correlation."""
+                    score: bool = True, settings: ExplainSettings = MAXACT_SETTINGS,
+                    frequencies: Mapping[str, float] | None = None) -> ExplainResult:
+    """The ``maxact`` label of ``record`` from its shown windows (and the analysed text's
+    token ``frequencies``, see ``maxact.describe``), scored (``score``) by simulation on
+    the held-out ones: detection, fuzzing and the simulation correlation."""
     result = ExplainResult(record.index, None)
     split = _split(record, settings, seed)
     if not split.shown:
         result.errors.append("no examples to explain")
         return result
-    result.label = maxact.explain_label(record, split.shown)
+    result.label = maxact.explain_label(record, split.shown, frequencies)
     if not score:
         return result
     if not split.held_out:

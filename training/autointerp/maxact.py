@@ -4,9 +4,13 @@ No language model is involved, so every latent of an SAE is labelled in seconds,
 and identically on every run. From the windows the explainer is shown (``split_examples``:
 top examples plus samples of each activation quantile, never the held-out ones) it reads:
 
-* the tokens it fires on: the tokens marked as activating in most shown windows, in order
-  of how many windows they cover (up to ``MAX_TOKENS``, until ``COVERAGE`` of the windows
-  is covered, each marked in at least ``MIN_SHARE`` of them);
+* the tokens it fires on. With the analysed text's token frequencies (what the explain
+  stage passes), the set whose expected detection score is best
+  (``training.autointerp.token_choice``): each token must catch more activating windows
+  than it costs in silent ones where it is common. Without them, the tokens marked as
+  activating in most shown windows, in order of how many windows they cover (up to
+  ``MAX_TOKENS``, until ``COVERAGE`` of the windows is covered, each marked in at least
+  ``MIN_SHARE`` of them), with the context rules below;
 * the token just before the peak, when one token precedes it in at least ``CONSISTENT`` of
   the windows (``after "("``), and whether the peak sits at the start of a line;
 * the tokens its decoder direction promotes most (the logit lens).
@@ -24,12 +28,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from training.autointerp.records import LatentRecord, Window
+from training.autointerp.token_choice import choose_tokens
+from training.autointerp.token_choice import loose as loose_key
 
-VERSION = "maxact-1"
+VERSION = "maxact-2"
 """Changes whenever the label rules or the grammar change (part of the settings key)."""
 MAX_TOKENS = 6
 COVERAGE = 0.9
@@ -68,8 +74,15 @@ class Description:
         return "".join(parts)
 
 
-def describe(record: LatentRecord, shown: Sequence[Window]) -> Description:
-    """The description of a latent from the ``shown`` windows and its logit tokens."""
+def describe(record: LatentRecord, shown: Sequence[Window],
+             frequencies: Mapping[str, float] | None = None) -> Description:
+    """The description of a latent from the ``shown`` windows and its logit tokens;
+    ``frequencies`` (loose token key -> share of the analysed text) picks the tokens for
+    the best expected detection (then no context rule is added)."""
+    promotes = tuple(t for t in record.top_logits if t.strip())[:PROMOTED]
+    if frequencies is not None:
+        keys = choose_tokens(shown, {w.key() for w in record.top}, frequencies)
+        return Description(_spelled(shown, keys), promotes=promotes)
     peaks = [_peak(w) for w in shown if w.max_activation > 0]
     marked = [{w.tokens[i] for i in w.marked_positions()} for w in shown
               if w.max_activation > 0]
@@ -83,12 +96,19 @@ def describe(record: LatentRecord, shown: Sequence[Window]) -> Description:
         after = ()  # "after a newline / indentation" says what "at line start" says
     if covered < 0.5 and after:
         fires_on = ()  # no token dominates: the preceding token is the description
-    promotes = tuple(t for t in record.top_logits if t.strip())[:PROMOTED]
     return Description(fires_on, after, line_start and bool(peaks), promotes)
 
 
-def explain_label(record: LatentRecord, shown: Sequence[Window]) -> str:
-    return describe(record, shown).text()
+def _spelled(shown: Sequence[Window], keys: Sequence[str]) -> tuple[str, ...]:
+    """Each loose key in its commonest marked spelling in ``shown``."""
+    spelled = Counter(w.tokens[i] for w in shown for i in w.marked_positions())
+    return tuple(max((t for t in spelled if loose_key(t) == key), key=spelled.__getitem__)
+                 for key in keys)
+
+
+def explain_label(record: LatentRecord, shown: Sequence[Window],
+                  frequencies: Mapping[str, float] | None = None) -> str:
+    return describe(record, shown, frequencies).text()
 
 
 def parse(label: str) -> Description:

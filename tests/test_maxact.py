@@ -120,3 +120,10 @@ def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept()
     result = explain_offline(record, [Window([" the", " a", " b"], [0, 0, 0])] * 5,
                              frequencies=frequencies)
     assert " the" not in parse(result.label).fires_on and result.detection is not None
+
+
+def test_search_embeddings_read_a_label_as_plain_words() -> None:
+    assert maxact.search_words('"def", "class" at line start → promotes " __init__", "("') \
+        == "def class at line start; promotes __init__ ("
+    assert maxact.search_words('any token after "("') == "any token after ("
+    assert maxact.search_words("names of cities") == "names of cities"

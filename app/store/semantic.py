@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.models import Explanation, Latent
 from app.store.queries import search_explanations
+from training.autointerp.maxact import search_words
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -145,7 +146,8 @@ def embed_missing(sessions: sessionmaker[Session], sae_id: int, embedder: Embedd
             rows = session.execute(_missing(sae_id, after, batch)).all()
         if not rows:
             return done
-        vectors = np.asarray(embedder.embed([text for _, text in rows]), dtype=np.float32)
+        vectors = np.asarray(embedder.embed([search_words(text) for _, text in rows]),
+                             dtype=np.float32)
         with sessions.begin() as session:
             session.connection().execute(_SET_EMBEDDING, [
                 {"eid": eid, "old_text": text, "vector": _stored(vector)}

@@ -123,6 +123,25 @@ def parse(label: str) -> Description:
                        promotes=_unquoted(match["promotes"]) if match["promotes"] else ())
 
 
+def search_words(label: str) -> str:
+    """What a search embedding should read of a label: a maxact label's tokens as plain
+    words (``"def", "class" at line start → promotes " self"`` -> ``def class at line
+    start; promotes self``), which spends the embedder's time on the tokens rather than on
+    quotes and arrows; any other text as it is."""
+    try:
+        description = parse(label)
+    except ValueError:
+        return label
+    words = " ".join(t.strip() for t in description.fires_on if t.strip()) or ANY
+    if description.after:
+        words += " after " + " ".join(t.strip() or t for t in description.after)
+    if description.line_start:
+        words += " at line start"
+    if description.promotes:
+        words += "; promotes " + " ".join(t.strip() for t in description.promotes)
+    return words
+
+
 def simulate(description: Description, tokens: Sequence[str]) -> list[float]:
     """Predicted activation (0, 0.5 or 1) of each token: 1 where the token and its context
     match the description; 0.5 where the token matches only up to case and spaces, or the

@@ -372,6 +372,7 @@ def test_a_sweep_job_trains_every_combination_and_analyses_each(stack, tiny_llam
     with TestClient(create_app(settings)) as client:
         page = client.get(f"/saes/{job.result['sae_ids']['n64-k4-topk']}")
         assert "the L0–FVU frontier" in page.text and page.text.count("<tr") >= 5
+        assert 'id="frontier-ce"' in page.text and "of the 4 evaluated" in page.text
         shown = client.get(f"/jobs/{job_id}").text
         assert all(f'href="/saes/{job.result["sae_ids"][name]}"' in shown for name in names)
     bad = stack.cli("jobs", "submit", "sweep", "--queue", stack.queue, "--layer", 1,

@@ -5,11 +5,12 @@ and SAEs that exist, a layer the model has, no hub downloads from the web)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.paths import PathRefused, checked_path, checked_source
 from app.settings import Settings
@@ -37,7 +38,8 @@ class JobParams(BaseModel):
                                           "input to its output")
     latents: int = Field(2048, ge=2, le=1 << 21, description="SAE latents n")
     k: int = Field(32, ge=1, le=4096)
-    arch: Literal["topk", "batchtopk"] = "topk"
+    arch: Literal["topk", "batchtopk"] | None = Field(
+        None, description="topk or batchtopk [default: topk; batchtopk for a transcoder]")
     matryoshka: list[int] | None = Field(None, max_length=16, description="Matryoshka "
                                          "SAE: nested prefix widths, each reconstructing "
                                          "the input (e.g. [1024, 4096])")
@@ -95,13 +97,10 @@ class JobParams(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @model_validator(mode="after")
-    def _transcoder_defaults(self) -> JobParams:
-        """A transcoder trains as BatchTopK unless told otherwise (TopK has no SAELens
-        transcoder form)."""
-        if self.site == "mlp" and "arch" not in self.model_fields_set:
-            self.arch = "batchtopk"
-        return self
+    def arch_for(self, site: str) -> str:
+        """The architecture to train at ``site``: the one asked for, else topk (batchtopk
+        for a transcoder: TopK has no SAELens transcoder form)."""
+        return self.arch or ("batchtopk" if site == "mlp" else "topk")
 
 
 _CAPTURE = ("model", "layer", "dataset", "tokens", "context", "site")
@@ -114,7 +113,7 @@ FIELDS_OF: dict[str, tuple[str, ...]] = {
                 "feature_map"),
     "explain": ("sae_id", "latent_range", "explainer", "explainer_model", "score"),
     "steer_eval": ("sae_id", "latent_range", "strengths", "prompts"),
-    "sweep": ("acts", *_CAPTURE, "sweep_latents", "sweep_k", "sweep_arch", "matryoshka",
+    "sweep": ("acts", *(f for f in _CAPTURE if f != "site"), "sweep_latents", "sweep_k", "sweep_arch", "matryoshka",
               "batch", "lr", "train_tokens", "analyze_tokens", "eval_tokens", "feature_map"),
     "pipeline": (*_CAPTURE, *_TRAIN, "analyze_tokens", "eval_tokens", "feature_map",
                  "explain_count",
@@ -155,11 +154,7 @@ def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web
         if not any((path / marker).is_file() for marker in markers):
             problems[name] = f"{value} is not {what} (no {' or '.join(markers)} there)"
         setattr(parsed, name, str(path))
-    if parsed.site == "mlp" and parsed.arch != "batchtopk" and kind in ("pipeline", "train"):
-        problems["arch"] = "a transcoder trains as batchtopk (SAELens loads it as a JumpReLU " \
-                           "transcoder, which BatchTopK is exactly)"
-    if parsed.skip and parsed.site != "mlp" and kind == "pipeline":
-        problems["skip"] = "a skip path is for transcoders: choose the mlp site"
+    problems.update(site_problems(kind, parsed))
     if any(len(p) > 2000 or not p.strip() for p in parsed.prompts or []):
         problems["prompts"] = "each prompt must hold text, at most 2,000 characters"
     if parsed.layer is not None and "model" not in problems:
@@ -167,6 +162,28 @@ def submission_problems(kind: str, parsed: JobParams, settings: Settings, *, web
         if blocks is not None and parsed.layer >= blocks:
             problems["layer"] = f"{parsed.layer} is out of range: the model has {blocks} " \
                                 f"decoder blocks (0 to {blocks - 1})"
+    return problems
+
+
+def site_problems(kind: str, parsed: JobParams) -> dict[str, str]:
+    """Transcoder settings that cannot work: TopK at the MLP site, a skip path without it,
+    a sweep of transcoders. The site is the job's (pipeline, sweep) or its capture's
+    (train, sweep on a capture)."""
+    site = parsed.site
+    if kind in ("train", "sweep") and parsed.acts is not None:
+        manifest = Path(parsed.acts) / "manifest.json"
+        if manifest.is_file():
+            with contextlib.suppress(OSError, ValueError):  # (the path check reports it)
+                site = "mlp" if json.loads(manifest.read_text()).get(
+                    "hook_point") == "mlp" else "resid"
+    problems: dict[str, str] = {}
+    if kind == "sweep" and site == "mlp":
+        problems["site"] = "a sweep trains residual-stream SAEs: train a transcoder on its own"
+    elif site == "mlp" and parsed.arch == "topk" and kind in ("pipeline", "train"):
+        problems["arch"] = "a transcoder trains as batchtopk (SAELens loads it as a JumpReLU " \
+                           "transcoder, which BatchTopK is exactly)"
+    if parsed.skip and site != "mlp" and kind in ("pipeline", "train", "sweep"):
+        problems["skip"] = "a skip path is for transcoders: capture at the mlp site"
     return problems
 
 

@@ -118,7 +118,7 @@ def sweep_problems(parsed: JobParams) -> dict[str, str]:
         return {"acts": "a sweep trains on a capture: give acts, or layer to capture first"}
     if not parsed.sweep_latents or not parsed.sweep_k:
         return {}
-    archs = parsed.sweep_arch or [parsed.arch]
+    archs = parsed.sweep_arch or [parsed.arch_for("resid")]
     members = len(parsed.sweep_latents) * len(parsed.sweep_k) * len(archs)
     if members > SWEEP_MEMBERS:
         return {"sweep_latents": f"{members} combinations: a sweep trains at most "

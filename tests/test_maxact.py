@@ -126,4 +126,5 @@ def test_search_embeddings_read_a_label_as_plain_words() -> None:
     assert maxact.search_words('"def", "class" at line start → promotes " __init__", "("') \
         == "def class at line start; promotes __init__ ("
     assert maxact.search_words('any token after "("') == "any token after ("
+    assert maxact.search_words('"\\n", "    " → promotes " "') == "newline indent; promotes space"
     assert maxact.search_words("names of cities") == "names of cities"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.settings import Settings
 from training.data.activations import ActivationStore
 from training.data.capture import CaptureConfig, capture
 from training.data.hooks import edit_site, recording_sae_input
@@ -226,18 +227,31 @@ def test_the_explorer_shows_probes_and_steers_a_transcoder(transcoders, mlp_capt
         assert steer.status_code == 200 and "event: done" in steer.text
 
 
-def test_a_transcoder_job_defaults_to_batchtopk_and_names_a_wrong_arch(tmp_path) -> None:
+def test_a_transcoder_job_defaults_to_batchtopk_and_names_a_wrong_arch(
+        mlp_capture, tmp_path) -> None:
     from app.job_params import JobParams, submission_problems
-    from app.settings import Settings
+    from worker.stages import train_spec
 
     settings = Settings(data_dir=tmp_path)
-    assert JobParams(site="mlp").arch == "batchtopk"
-    assert JobParams().arch == "topk"
-    wrong = JobParams(site="mlp", arch="topk")
-    assert "batchtopk" in submission_problems("pipeline", wrong, settings, web=False)["arch"]
-    assert "skip" in submission_problems("pipeline", JobParams(skip=True), settings, web=False)
-    assert not submission_problems("pipeline", JobParams(site="mlp", skip=True), settings,
-                                   web=False)
+
+    def stored(**params) -> JobParams:  # as the worker reads a job's row back
+        return JobParams(**JobParams(**params).model_dump(exclude_none=True))
+
+    assert stored(site="mlp").arch_for("mlp") == "batchtopk"
+    assert stored().arch_for("resid") == "topk"
+    spec = train_spec(stored(acts=str(mlp_capture)), str(mlp_capture), tmp_path / "o", False)
+    assert spec["sae"]["architecture"] == "batchtopk" and spec["sae"]["site"] == "mlp"
+    SaeConfig.from_dict(spec["sae"])  # a train job on a transcoder capture can start
+
+    def problems(kind, **params):
+        return submission_problems(kind, JobParams(**params), settings, web=False)
+
+    assert "batchtopk" in problems("pipeline", site="mlp", arch="topk")["arch"]
+    assert "batchtopk" in problems("train", acts=str(mlp_capture), arch="topk")["arch"]
+    assert "skip" in problems("pipeline", skip=True)
+    assert not problems("pipeline", site="mlp", skip=True)
+    assert "site" in problems("sweep", layer=1, site="mlp")
+    assert "site" in problems("sweep", acts=str(mlp_capture))
 
 
 def test_a_skip_transcoder_resumes_exactly(mlp_capture, tmp_path) -> None:

@@ -284,6 +284,21 @@ def test_job_submitted_from_the_form_can_be_cancelled(client, explorer_data) -> 
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
 
 
+def test_the_job_form_queues_a_skip_transcoder_pipeline(client, explorer_data) -> None:
+    token = _csrf(client)
+    form = {"kind": "pipeline", "layer": "1", "tokens": "65536", "site": "mlp", "arch": "",
+            "skip": "true", "csrf_token": token}
+    queued = client.post("/jobs", data=form, follow_redirects=False)
+    assert queued.status_code == 303
+    job_id = int(queued.headers["location"].rsplit("/", 1)[1])
+    params = client.get(f"/api/v1/jobs/{job_id}").json()["params"]
+    assert params["site"] == "mlp" and params["skip"] is True and "arch" not in params
+    topk = client.post("/jobs", data={**form, "arch": "topk"}, headers=HX)
+    assert topk.status_code == 422 and re.findall(r'data-field="(\w+)"', topk.text) == ["arch"]
+    assert 'name="site"' in client.get("/jobs").text
+    client.post(f"/api/v1/jobs/{job_id}/cancel", json={}, headers={"X-CSRF-Token": token})
+
+
 def test_admin_token_guards_mutations(explorer_data, shared_engine, tmp_path) -> None:
     settings = _settings(explorer_data, tmp_path, admin_token="s3cret-token")
     with TestClient(create_app(settings, shared_engine)) as client:

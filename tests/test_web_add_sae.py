@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
 from app.settings import Settings
@@ -121,6 +122,16 @@ def test_a_folder_that_is_not_an_sae_or_says_too_little_creates_nothing(
     broken.mkdir()
     (broken / "cfg.json").write_text("{not json")
     assert "cannot read the SAE" in _post(client, HX, sae=str(broken)).text
+    for name, tensors in (("no-encoder", ["W_enc"]), ("flat-encoder", None)):
+        cut = saelab_folder(settings.data_dir / name, str(tiny_llama_dir))
+        weights = load_file(str(cut / "sae.safetensors"))
+        if tensors:  # a saelab folder missing a tensor, or with one of the wrong rank
+            weights = {k: v for k, v in weights.items() if k not in tensors}
+        else:
+            weights["W_enc"] = weights["W_enc"].reshape(-1)
+        save_file(weights, str(cut / "sae.safetensors"))
+        answer = _post(client, HX, sae=str(cut))
+        assert answer.status_code == 422 and "cannot read the SAE" in answer.text, name
     unsaid = saelab_folder(settings.data_dir / "unsaid", "", layer=None)
     answer = _post(client, HX, sae=str(unsaid))
     assert answer.status_code == 422 and 'data-field="model"' in answer.text

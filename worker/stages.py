@@ -46,9 +46,7 @@ def train_spec(params: JobParams, acts: str, out: Path, resume: bool) -> dict:
     from training.data.activations import Manifest
 
     manifest = Manifest.load(Path(acts))
-    arch = params.arch
-    if manifest.site == "mlp" and "arch" not in params.model_fields_set:
-        arch = "batchtopk"  # a transcoder's default
+    arch = params.arch_for(manifest.site)
     return {"acts": acts, "out": str(out), "resume": resume,
             "sae": {"d_in": manifest.d_model, "n_latents": params.latents,
                     "k": params.k, "architecture": arch, "site": manifest.site,

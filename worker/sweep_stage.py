@@ -24,7 +24,8 @@ def sweep_members(params: JobParams, acts: str, directory: Path) -> dict[str, di
                      k=min(params.sweep_k or [1]), site=manifest.site,
                      architecture="batchtopk" if manifest.site == "mlp" else "topk")
     configs = sweep_configs(base, params.sweep_latents or [], params.sweep_k or [],
-                            params.sweep_arch or [params.arch], params.matryoshka or ())
+                            params.sweep_arch or [params.arch_for(manifest.site)],
+                            params.matryoshka or ())
     return {name: cfg.to_dict() for name, cfg in configs.items()}
 
 

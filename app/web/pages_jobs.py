@@ -15,8 +15,8 @@ from app.web.security import require_admin
 
 router = APIRouter(include_in_schema=False)
 
-FORM_FIELDS = ("model", "layer", "dataset", "tokens", "latents", "k", "arch", "nproc",
-               "sweep_latents", "sweep_k", "sweep_arch", "acts", "sae", "sae_id",
+FORM_FIELDS = ("model", "layer", "dataset", "tokens", "site", "latents", "k", "arch", "skip",
+               "nproc", "sweep_latents", "sweep_k", "sweep_arch", "acts", "sae", "sae_id",
                "latent_range", "explainer", "explain_count", "steer_eval_count", "strengths")
 
 
@@ -30,7 +30,7 @@ def form_defaults(settings) -> dict[str, str]:
     defaults = jobs.JobParams()
     return {"kind": "pipeline", "model": settings.default_model, "layer": "6",
             "dataset": defaults.dataset, "tokens": str(defaults.tokens),
-            "latents": str(defaults.latents), "k": str(defaults.k), "arch": defaults.arch,
+            "latents": str(defaults.latents), "k": str(defaults.k), "arch": "", "site": "resid", "skip": "",
             "nproc": str(defaults.nproc), "acts": "", "sae": "", "sae_id": "",
             "latent_range": "", "explainer": defaults.explainer,
             "explain_count": str(defaults.explain_count),

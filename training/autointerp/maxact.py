@@ -125,21 +125,31 @@ def parse(label: str) -> Description:
 
 def search_words(label: str) -> str:
     """What a search embedding should read of a label: a maxact label's tokens as plain
-    words (``"def", "class" at line start → promotes " self"`` -> ``def class at line
+    words (``"def", "\\n" at line start → promotes " self"`` -> ``def newline at line
     start; promotes self``), which spends the embedder's time on the tokens rather than on
     quotes and arrows; any other text as it is."""
     try:
         description = parse(label)
     except ValueError:
         return label
-    words = " ".join(t.strip() for t in description.fires_on if t.strip()) or ANY
+    words = " ".join(map(_word, description.fires_on)) or ANY
     if description.after:
-        words += " after " + " ".join(t.strip() or t for t in description.after)
+        words += " after " + " ".join(map(_word, description.after))
     if description.line_start:
         words += " at line start"
     if description.promotes:
-        words += "; promotes " + " ".join(t.strip() for t in description.promotes)
+        words += "; promotes " + " ".join(map(_word, description.promotes))
     return words
+
+
+def _word(token: str) -> str:
+    """A token as a word; whitespace spelled out (newline, tab, space, indent)."""
+    if token.strip():
+        return token.strip()
+    names = [name for char, name in (("\n", "newline"), ("\t", "tab")) if char in token]
+    if " " in token:
+        names.append("indent" if token.count(" ") > 1 else "space")
+    return " ".join(names) or "whitespace"
 
 
 def simulate(description: Description, tokens: Sequence[str]) -> list[float]:

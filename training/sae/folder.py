@@ -165,14 +165,18 @@ def load_sae(directory: Path, device: torch.device | str = "cpu"
     try:
         cfg, tensors = (read_dictlearn_folder(directory) if foreign
                         else _read_cfg_folder(directory))
-    except (ValueError, SafetensorError, OSError) as exc:
-        raise SaeLoadError(f"cannot read the SAE in {directory}: {exc}") from exc
-    if cfg["architecture"] == "jumprelu":
-        _shared_threshold_as_batchtopk(cfg, tensors)
-    if cfg["architecture"] not in ("topk", "batchtopk", "jumprelu"):
-        raise SaeLoadError(f"{directory} holds a {cfg['architecture']} SAE; saelab runs "
-                           "TopK, BatchTopK and JumpReLU SAEs")
-    sae = _from_tensors(cfg, tensors, directory)
+        if cfg.get("architecture") == "jumprelu":
+            _shared_threshold_as_batchtopk(cfg, tensors)
+        if cfg.get("architecture") not in ("topk", "batchtopk", "jumprelu"):
+            raise SaeLoadError(f"{directory} holds a {cfg.get('architecture')} SAE; saelab "
+                               "runs TopK, BatchTopK and JumpReLU SAEs")
+        sae = _from_tensors(cfg, tensors, directory)
+    except SaeLoadError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError,
+            OSError) as exc:  # a malformed file says so; it never escapes as a crash
+        raise SaeLoadError(f"cannot read the SAE in {directory}: "
+                           f"{type(exc).__name__}: {exc}") from exc
     return sae.to(device).eval(), cfg
 
 

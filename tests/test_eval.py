@@ -1,13 +1,15 @@
-"""Evaluation on the tiny random Llama: the shared-prefix passes give the figures that three
-whole forward passes give, at every layer (the last one included)."""
+"""Evaluation on the tiny random Llama: the shared-prefix passes (and the ablated pass shared
+by every batch) give the figures that three whole forward passes give, at every layer (the
+last one included)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from training.data.hooks import edit_site
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
-from training.train import metrics
+from training.train import ablation, metrics
 
 
 def _batches(seed: int = 0) -> list[torch.Tensor]:
@@ -40,3 +42,77 @@ def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) ->
     monkeypatch.setattr(config, "layer_types", None, raising=False)
     monkeypatch.setattr(config, "model_type", "granite", raising=False)
     assert metrics._Suffix.of(tiny_model, 1) is None
+
+
+def _ablated_log_probs_per_batch(lm, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """log p [B, T − 1, V] of the zero-ablated model, run on these very contexts."""
+    with edit_site(lm.blocks, layer, "resid", ablation.zero_after_bos):
+        logits = lm.model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), -1)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+@torch.inference_mode()
+def test_the_ablated_pass_does_not_depend_on_the_text(tiny_model, layer) -> None:
+    """The claim the shared ablated pass rests on: with block L's output zeroed after BOS,
+    every context gets the same log-probabilities at each position, so one context's serve
+    all (and a longer context's first rows serve a shorter one)."""
+    ids = torch.cat(_batches(seed=layer))  # 6 different texts, BOS first
+    per_batch = _ablated_log_probs_per_batch(tiny_model, layer, ids)
+    shared = ablation.ablated_log_probs(tiny_model, layer, ids)
+    for row in per_batch:
+        torch.testing.assert_close(row, shared, rtol=1e-5, atol=1e-5)
+    ce = -per_batch.gather(2, ids[:, 1:, None]).double().sum()
+    assert ablation.summed_ce(shared, ids) == pytest.approx(float(ce), rel=1e-5)
+    short = ids[:, :17]
+    torch.testing.assert_close(ablation.ablated_log_probs(tiny_model, layer, short),
+                               _ablated_log_probs_per_batch(tiny_model, layer, short[:1])[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_the_ablated_pass_runs_once_until_the_model_changes(tiny_model) -> None:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8))
+    metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False)
+    entry = ablation._MEMO[tiny_model.model]
+    metrics.evaluate(tiny_model, sae, 1, _batches(seed=5), progress=False)
+    assert ablation._MEMO[tiny_model.model] is entry  # other texts: not recomputed
+    weight = tiny_model.blocks[2].mlp.down_proj.weight
+    saved = weight.clone()
+    try:
+        weight.mul_(2)  # edited in place: the cached pass is stale
+        ids = _batches()[0]
+        torch.testing.assert_close(ablation.ablated_log_probs(tiny_model, 1, ids),
+                                   _ablated_log_probs_per_batch(tiny_model, 1, ids)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert ablation._MEMO[tiny_model.model] is not entry
+    finally:
+        weight.copy_(saved)
+
+
+@torch.inference_mode()
+def test_the_ablated_pass_is_not_shared_where_contexts_or_hooks_differ(tiny_model) -> None:
+    ids = _batches()[0]
+    assert ablation.ablated_log_probs(tiny_model, 1, ids) is not None
+    mixed = ids.clone()
+    mixed[1, 0] = 7  # a context that does not start with BOS
+    assert ablation.ablated_log_probs(tiny_model, 1, mixed) is None
+    handle = tiny_model.blocks[3].register_forward_hook(lambda _m, _i, out: out)
+    try:
+        assert ablation.ablated_log_probs(tiny_model, 1, ids) is None
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_the_embedded_models_ablated_pass_does_not_depend_on_the_text(embedded_model
+                                                                      ) -> None:
+    ids = next(metrics.dataset_batches(embedded_model, "embedded", tokens=3 * 63,
+                                       context=64, batch=3))
+    for layer in (6, 15):
+        per_batch = _ablated_log_probs_per_batch(embedded_model, layer, ids)
+        ce = -per_batch.gather(2, ids[:, 1:, None]).double().sum()
+        shared = ablation.ablated_log_probs(embedded_model, layer, ids)
+        assert ablation.summed_ce(shared, ids) == pytest.approx(float(ce), rel=1e-5)

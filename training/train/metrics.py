@@ -3,12 +3,15 @@
 For each batch of packed contexts the model runs clean, with block L's output replaced by
 the SAE reconstruction, and with it zero-ablated. The three share the forward up to block
 L: the clean pass records block L's output and the inputs block L+1 received (rotary
-embeddings, mask), and the two edited passes run only blocks L+1.. and the LM head from
-the edited output (``_Suffix``; models whose layout it does not know run three whole
-passes). The losses are computed a chunk of positions at a time, so the [tokens, vocab]
-log-probabilities never exist whole. BOS positions are left untouched in both edits (the
-SAE was not trained on them). A transcoder replaces block L's MLP output instead (its
-prediction from the MLP's input; zero for the ablation), in three whole passes. Reported:
+embeddings, mask), and the spliced pass runs only blocks L+1.. and the LM head from the
+edited output (``_Suffix``; models whose layout it does not know run three whole passes).
+The ablated pass does not depend on the text in those models, so it runs once per (model,
+layer, context length) and each batch reads its CE from the cached log-probabilities
+(``training.train.ablation``). The losses are computed a chunk of positions at a time,
+so the [tokens, vocab] log-probabilities never exist whole. BOS positions are left
+untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
+MLP output instead (its prediction from the MLP's input; zero for the ablation), in three
+whole passes. Reported:
 
 * FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens (of the MLP
   output y and ŷ for a transcoder).
@@ -33,7 +36,8 @@ from training.data.corpus import iter_texts
 from training.data.hooks import edit_site
 from training.data.models import LoadedModel
 from training.data.packing import pack_contexts
-from training.sae.autoencoder import SparseAutoencoder, top_columns
+from training.sae.autoencoder import Encoding, SparseAutoencoder
+from training.train.ablation import ablated_log_probs, summed_ce, zero_after_bos
 
 
 @dataclass
@@ -70,14 +74,18 @@ class _Totals:
     kl: float = 0.0
     predicted: int = 0
 
-    def add_reconstruction(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
+    def add_reconstruction(self, x: Tensor, x_hat: Tensor, code: Encoding) -> None:
+        """x, x_hat [N, d]; the sparse code's values/indices [N, m] (unselected slots 0),
+        read as they are: no dense [N, n] latents are built."""
         x64 = x.double()
         self.tokens += x.shape[0]
         self.err += float((x64 - x_hat.double()).pow(2).sum())
         self.sq += float(x64.pow(2).sum())
         self.sums = x64.sum(0) if self.sums is None else self.sums + x64.sum(0)
-        self.active += float((z > 0).sum())
-        fired = (z > 0).any(0).cpu()
+        active = code.values > 0
+        self.active += float(active.sum())
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=active.device)
+        fired[code.indices[active]] = True
         self.fired = fired if self.fired.numel() == 0 else self.fired | fired
 
     def finish(self) -> EvalMetrics:
@@ -100,7 +108,8 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
              contexts: Iterable[Tensor], *, total_tokens: int | None = None,
              progress: bool = True, share_prefix: bool = True) -> EvalMetrics:
     """Metrics of ``sae`` (raw-activation units) at block ``layer`` over batches of contexts
-    [B, T] (BOS first); ``share_prefix=False`` runs three whole passes (for comparison)."""
+    [B, T] (BOS first); ``share_prefix=False`` runs three whole passes per batch (the
+    reference the benchmark compares with)."""
     lm.check_layer(layer)
     if sae.cfg.d_in != lm.d_model:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name}'s d={lm.d_model}")
@@ -112,16 +121,11 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
         it from ``source``, the MLP's input) after position 0."""
         source = h if source is None else source
         x = source[:, 1:].reshape(-1, h.shape[-1]).float()
-        z = sae.dense_latents(x)
-        y_hat = sae.decode(*_sparse(z), x)
-        totals.add_reconstruction(h[:, 1:].reshape(-1, h.shape[-1]).float(), y_hat, z)
+        code = sae.encode(x)
+        y_hat = sae.decode(code.values, code.indices, x)
+        totals.add_reconstruction(h[:, 1:].reshape(-1, h.shape[-1]).float(), y_hat, code)
         out = h.clone()
         out[:, 1:] = y_hat.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
-        return out
-
-    def ablate(h: Tensor, _source: Tensor | None = None) -> Tensor:
-        out = h.clone()
-        out[:, 1:] = 0
         return out
 
     if sae.cfg.transcoder:
@@ -131,59 +135,75 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
     with bar:
         for ids in contexts:
             ids = ids.to(lm.device)
-            _evaluate_batch(lm, layer, ids, totals, splice, ablate, suffix, sae.cfg.site)
+            _evaluate_batch(lm, layer, ids, totals, splice, suffix, sae.cfg.site)
             bar.update(ids.numel() - ids.shape[0])
     if totals.tokens == 0:
         raise ValueError("evaluation saw no tokens")
     return totals.finish()
 
 
-def _sparse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense codes z [B, n] as (values, indices) [B, m] for the sparse decoder."""
-    indices, _ = top_columns(z, max(1, int((z > 0).sum(1).max())))
-    return z.gather(1, indices), indices
-
-
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
-                    splice, ablate, suffix: _Suffix | None, site: str = "resid") -> None:
-    """One batch's three passes: sharing the forward up to block L through ``suffix``,
-    or (None) as three whole passes (editing block L's output, or its MLP's at ``mlp``)."""
+                    splice, suffix: _Suffix | None, site: str = "resid") -> None:
+    """One batch's three passes: sharing the forward up to block L through ``suffix`` and
+    reading CE_ablate from the shared ablated pass, or (None) as three whole passes
+    (editing block L's output, or its MLP's at ``mlp``)."""
     if suffix is None:
         clean = lm.model(input_ids=ids, use_cache=False).logits
         with edit_site(lm.blocks, layer, site, splice):
             spliced = lm.model(input_ids=ids, use_cache=False).logits
-        with edit_site(lm.blocks, layer, site, ablate):
-            ablated = lm.model(input_ids=ids, use_cache=False).logits
+        with edit_site(lm.blocks, layer, site, zero_after_bos):
+            ce_ablate = _summed_ce_of_logits(lm.model(input_ids=ids, use_cache=False).logits,
+                                             ids)
     else:
+        ablated = ablated_log_probs(lm, layer, ids)
         with suffix.recording():
             clean = lm.model(input_ids=ids, use_cache=False).logits
         spliced = suffix.logits(splice(suffix.hidden))
-        ablated = suffix.logits(ablate(suffix.hidden))
-    _add_losses(totals, clean, spliced, ablated, ids)
+        if ablated is not None:
+            ce_ablate = summed_ce(ablated, ids)
+        else:  # e.g. contexts that start with different tokens
+            ce_ablate = _summed_ce_of_logits(suffix.logits(zero_after_bos(suffix.hidden)), ids)
+    totals.ce["ablate"] += ce_ablate
+    _add_losses(totals, clean, spliced, ids)
 
 
 LOSS_CHUNK = 512
-"""Positions whose [chunk, vocab] log-probabilities are computed at once."""
+"""Positions of one context whose [chunk, vocab] log-probabilities are computed at once."""
 
 
-def _add_losses(totals: _Totals, clean: Tensor, spliced: Tensor, ablated: Tensor,
-                ids: Tensor) -> None:
-    """Summed next-token CE of the three logits [B, T, V] and KL(clean ‖ spliced), a chunk
-    of predicted positions at a time."""
-    targets = ids[:, 1:].reshape(-1)
-    rows = [logits[:, :-1].reshape(-1, logits.shape[-1]) for logits in (clean, spliced,
-                                                                           ablated)]
-    for start in range(0, targets.numel(), LOSS_CHUNK):
-        part = slice(start, start + LOSS_CHUNK)
-        target = targets[part].unsqueeze(1)
-        log_p = F.log_softmax(rows[0][part].float(), -1)
-        log_q = F.log_softmax(rows[1][part].float(), -1)
-        totals.ce["clean"] -= float(log_p.gather(1, target).sum())
-        totals.ce["sae"] -= float(log_q.gather(1, target).sum())
-        totals.ce["ablate"] += float(F.cross_entropy(rows[2][part].float(), target[:, 0],
-                                                     reduction="sum"))
-        totals.kl += float((log_p.exp() * (log_p - log_q)).sum())
-    totals.predicted += targets.numel()
+def _chunks(ids: Tensor) -> Iterator[tuple[int, slice, Tensor]]:
+    """(context b, positions, their targets [chunk, 1]) over every predicted position of
+    ids [B, T], a chunk inside one context so that ``logits[b, positions]`` is a view."""
+    predicted = ids.shape[1] - 1
+    for b in range(ids.shape[0]):
+        for start in range(0, predicted, LOSS_CHUNK):
+            stop = min(start + LOSS_CHUNK, predicted)
+            yield b, slice(start, stop), ids[b, start + 1: stop + 1].unsqueeze(1)
+
+
+def _add_losses(totals: _Totals, clean: Tensor, spliced: Tensor, ids: Tensor) -> None:
+    """Summed next-token CE of the clean and spliced logits [B, ≥ T − 1, V] and
+    KL(clean ‖ spliced), each log-softmax computed once per chunk and reused."""
+    sums = torch.zeros(3, dtype=torch.float64, device=clean.device)
+    for b, positions, target in _chunks(ids):
+        log_p = F.log_softmax(clean[b, positions].float(), -1)
+        log_q = F.log_softmax(spliced[b, positions].float(), -1)
+        sums += torch.stack([log_p.gather(1, target).sum(), log_q.gather(1, target).sum(),
+                             (log_p.exp() * (log_p - log_q)).sum()]).double()
+    ce_clean, ce_sae, kl = sums.tolist()
+    totals.ce["clean"] -= ce_clean
+    totals.ce["sae"] -= ce_sae
+    totals.kl += kl
+    totals.predicted += ids.numel() - ids.shape[0]
+
+
+def _summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:
+    """Σ next-token CE of logits [B, ≥ T − 1, V] over the predicted positions of ids."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b, positions, target in _chunks(ids):
+        total += F.cross_entropy(logits[b, positions].float(), target[:, 0],
+                                 reduction="sum").double()
+    return float(total)
 
 
 SHARED_PREFIX_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -235,11 +255,12 @@ class _Suffix:
                 handle.remove()
 
     def logits(self, h: Tensor) -> Tensor:
-        """Logits [B, T, V] of the model with block L's output replaced by h [B, T, d]."""
+        """Logits [B, T − 1, V] at the positions that predict a token (the last one predicts
+        none) of the model with block L's output replaced by h [B, T, d]."""
         for block in self.lm.blocks[self.layer + 1:]:
             out = block(h, **self.kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return self.head(self.norm(h))
+        return self.head(self.norm(h[:, :-1]))
 
 
 def dataset_batches(lm: LoadedModel, dataset: str, *, tokens: int, context: int, batch: int,

@@ -30,7 +30,8 @@ def form_defaults(settings) -> dict[str, str]:
     defaults = jobs.JobParams()
     return {"kind": "pipeline", "model": settings.default_model, "layer": "6",
             "dataset": defaults.dataset, "tokens": str(defaults.tokens),
-            "latents": str(defaults.latents), "k": str(defaults.k), "arch": "", "site": "resid", "skip": "",
+            "latents": str(defaults.latents), "k": str(defaults.k), "arch": "",
+            "site": "resid", "skip": "",
             "nproc": str(defaults.nproc), "acts": "", "sae": "", "sae_id": "",
             "latent_range": "", "explainer": defaults.explainer,
             "explain_count": str(defaults.explain_count),

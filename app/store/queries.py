@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, or_, select, text
-from sqlalchemy.orm import Session, selectinload
+from collections import Counter
+from typing import NamedTuple
+
+from sqlalchemy import Row, String, and_, bindparam, cast, func, or_, select, text
+from sqlalchemy.orm import Session, defer, selectinload
 
 from app.store.models import Example, Explanation, Latent, Model, Sae
 
@@ -70,11 +73,41 @@ def latents_by_index(session: Session, sae_id: int, indices: list[int]) -> list[
     return sorted(session.scalars(stmt), key=lambda lat: indices.index(lat.index))
 
 
+# The explorer's per-page statements are built once, with bind parameters: building a
+# statement costs more than SQLite takes to run it. Those that load no ORM objects run on
+# the session's connection (the ORM's execution adds ~0.1 ms each), and they fetch few rows:
+# SQLite hands the GIL to other threads at every row.
+_LABELS = select(Latent.index, Latent.explanation).where(
+    Latent.sae_id == bindparam("sae_id"), Latent.index.in_(bindparam("indices", expanding=True)))
+_QUANTILE_BUCKETS = (select(func.aggregate_strings(cast(Example.bucket, String), ","))
+                     .where(Example.latent_id == Latent.id, Example.kind == "quantile")
+                     .scalar_subquery())
+_LATENT_WITH_SAE = select(Latent, Sae, _QUANTILE_BUCKETS).join(Latent.sae).where(
+    Latent.sae_id == bindparam("sae_id"), Latent.index == bindparam("index"))
+
+
+class FeatureRows(NamedTuple):
+    latent: Latent
+    """Without its examples."""
+    sae: Sae
+    """Without its model."""
+    bucket_counts: dict[int, int]
+    """Quantile samples per bucket."""
+
+
 def explanations_of(session: Session, sae_id: int, indices: list[int]) -> dict[int, str | None]:
     """index -> explanation for some latents (a light query: no JSON columns)."""
-    stmt = select(Latent.index, Latent.explanation).where(Latent.sae_id == sae_id,
-                                                          Latent.index.in_(indices))
-    return dict(session.execute(stmt).all())
+    rows = session.connection().execute(_LABELS, {"sae_id": sae_id, "indices": indices})
+    return dict(rows.all())
+
+
+def latent_with_sae(session: Session, sae_id: int, index: int) -> FeatureRows | None:
+    """A latent, its SAE and its quantile buckets' sample counts, in one query (one row)."""
+    row = session.execute(_LATENT_WITH_SAE, {"sae_id": sae_id, "index": index}).first()
+    if row is None:
+        return None
+    buckets = Counter(int(bucket) for bucket in (row[2] or "").split(",") if bucket)
+    return FeatureRows(row[0], row[1], dict(buckets))
 
 
 def get_latent(session: Session, sae_id: int, index: int, *, examples: bool = True
@@ -109,8 +142,27 @@ def examples_of(session: Session, latent_id: int, *, top: bool = True,
     return list(session.scalars(stmt))
 
 
+_SHOWN_EXAMPLES = (
+    select(Example.kind, Example.bucket, Example.tokens, Example.activations)
+    .where(Example.latent_id == bindparam("latent_id"),
+           or_(Example.kind == "top",
+               and_(Example.kind == "quantile", Example.bucket == bindparam("bucket"))))
+    .order_by(Example.kind.desc(), Example.rank))
+
+
+def shown_examples(session: Session, latent_id: int, bucket: int | None) -> list[Row]:
+    """A latent's top examples, then quantile bucket ``bucket``'s (none when None), by
+    rank, as (kind, bucket, tokens, activations): what a feature page shows at once."""
+    return list(session.connection().execute(_SHOWN_EXAMPLES, {"latent_id": latent_id,
+                                                               "bucket": bucket}))
+
+
+_EXPLANATIONS = (select(Explanation).where(Explanation.latent_id == bindparam("latent_id"))
+                 .options(defer(Explanation.embedding))
+                 .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc()))
+
+
 def explanations_for(session: Session, latent_id: int) -> list[Explanation]:
-    """A latent's explanations, best score first (unscored last, newest first)."""
-    stmt = (select(Explanation).where(Explanation.latent_id == latent_id)
-            .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc()))
-    return list(session.scalars(stmt))
+    """A latent's explanations, best score first (unscored last, newest first), without
+    their embeddings."""
+    return list(session.scalars(_EXPLANATIONS, {"latent_id": latent_id}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +28,10 @@ from app.web.security import ADMIN_COOKIE, admin_cookie_value, same
 router = APIRouter(include_in_schema=False)
 PAGE = 50
 SortParam = Literal[tuple(SORTS)]  # type: ignore[valid-type]
+INT32 = 2**31 - 1
+"""The largest value the store's INTEGER columns hold (PostgreSQL refuses to compare one
+with a larger number: a 422 here, not a 500 there)."""
+StoreInt = Annotated[int, Path(ge=0, le=INT32)]
 
 
 @router.get("/")
@@ -78,25 +82,24 @@ def goto_latent(sae_id: int, session: SessionDep,
 
 
 @router.get("/saes/{sae_id}/features/{index}")
-def feature_page(request: Request, sae_id: int, index: int, session: SessionDep,
+def feature_page(request: Request, sae_id: StoreInt, index: StoreInt, session: SessionDep,
                  render: RenderDep,
-                 bucket: Annotated[int | None, Query(ge=0)] = None) -> Response:
+                 bucket: Annotated[int | None, Query(ge=0, le=INT32)] = None) -> Response:
     """The feature page; ``?bucket=B`` (HTMX) renders one quantile group's examples, which
     the page loads when its section is opened."""
-    sae = views.sae_or_404(session, sae_id)
-    latent = views.latent_or_404(session, sae, index, examples=False)
+    sae, latent, counts = views.feature_or_404(session, sae_id, index)
     if bucket is not None:
         items = examples_of(session, latent.id, top=False, buckets=(bucket,))
         if not items:
             raise HTTPException(404, f"latent {index} has no quantile group {bucket}")
         return render(request, "feature.html", {"latent": latent, "bucket_items": items},
                       block="bucket")
-    neighbours = explanations_of(session, sae_id, [int(i) for i, _ in latent.neighbours])
-    cofiring = explanations_of(session, sae_id, [int(i) for i, *_ in latent.cofiring or []])
+    labels = explanations_of(session, sae_id, [int(i) for i, *_ in latent.neighbours]
+                             + [int(i) for i, *_ in latent.cofiring or []])
     return render(request, "feature.html", {
         "sae": sae, "latent": latent, "explanations": explanations_for(session, latent.id),
-        "steer": latent.steer_eval, "examples": views.example_groups(session, latent),
-        "neighbours": neighbours, "cofiring": cofiring})
+        "steer": latent.steer_eval, "examples": views.example_groups(session, latent, counts),
+        "neighbours": labels, "cofiring": labels})
 
 
 @router.get("/saes/{sae_id}/probe")

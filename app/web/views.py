@@ -38,6 +38,20 @@ def latent_or_404(session: Session, sae: Sae, index: int, *, examples: bool = Tr
     return latent
 
 
+def feature_or_404(session: Session, sae_id: int, index: int
+                   ) -> tuple[Sae, Latent, dict[int, int]]:
+    """The SAE (without its model), its latent ``index`` (without its examples) and the
+    latent's quantile sample counts by bucket, in one query; 404 names what is missing."""
+    from app.store.queries import latent_with_sae, quantile_counts
+
+    found = latent_with_sae(session, sae_id, index)
+    if found is None:  # which one is missing (the slow path only a 404 takes)
+        sae = sae_or_404(session, sae_id)
+        latent = latent_or_404(session, sae, index, examples=False)
+        return sae, latent, quantile_counts(session, latent.id)
+    return found.sae, found.latent, found.bucket_counts
+
+
 def job_or_404(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:
@@ -138,18 +152,19 @@ def best_explanation(session: Session, latent: Latent) -> Explanation | None:
     return session.scalars(stmt).first()
 
 
-def example_groups(session: Session, latent: Latent) -> dict[str, Any]:
+def example_groups(session: Session, latent: Latent, counts: dict[int, int]
+                   ) -> dict[str, Any]:
     """What the feature page shows at once: the top examples and the highest quantile
     bucket's samples (``open``: bucket, examples, lowest and highest peak), and the other
-    buckets with their sample counts (``closed``: loaded when their section is opened)."""
-    from app.store.queries import examples_of, quantile_counts
+    buckets with their sample ``counts`` (``closed``: loaded when their section is
+    opened)."""
+    from app.store.queries import shown_examples
 
-    counts = quantile_counts(session, latent.id)
     first = max(counts) if counts else None
-    rows = examples_of(session, latent.id, buckets=() if first is None else (first,))
+    rows = shown_examples(session, latent.id, first)
     top = [e for e in rows if e.kind == "top"]
     items = [e for e in rows if e.kind == "quantile"]
-    peaks = [max(e.activations) for e in items] or [0.0]
+    peaks = [max(e.activations) for e in items if e.activations] or [0.0]
     return {"top": top, "open": (first, items, min(peaks), max(peaks)) if items else None,
             "closed": sorted(((b, n) for b, n in counts.items() if b != first), reverse=True)}
 

@@ -93,4 +93,12 @@ def _weights_fingerprint(model: nn.Module) -> tuple | None:
 
 
 def _hooked(model: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """Any forward hook of ours or a caller's on the model. transformers' own
+    output-recording hooks (installed once something asks for hidden states or attentions,
+    and left in place) only read outputs, so they do not count."""
+    return any(not _library_hook(hook) for m in model.modules()
+               for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+def _library_hook(hook) -> bool:
+    return getattr(hook, "__module__", "").startswith("transformers.")

@@ -49,24 +49,22 @@ def block_output(model: nn.Module, blocks: nn.ModuleList, layer: int,
     return captured[0]
 
 
-@torch.inference_mode()
-def block_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
-                  input_ids: Tensor) -> dict[int, Tensor]:
-    """Residual streams after each block of ``layers`` -> {layer: [B, T, d]}, from one
-    forward pass that stops after the deepest of them."""
-    if len(layers) == 1:
-        return {layers[0]: block_output(model, blocks, layers[0], input_ids)}
+def _stopping_capture(model: nn.Module, modules: dict[int, nn.Module], input_ids: Tensor,
+                      read: Callable[[tuple, object], Tensor], what: str) -> dict[int, Tensor]:
+    """{layer: read(inputs, output)} of each module, from one forward pass that stops after
+    the deepest layer's; ``what`` names the modules in the error when one did not run."""
     captured: dict[int, Tensor] = {}
-    deepest = max(layers)
+    deepest = max(modules)
 
     def hook_for(layer: int):
-        def hook(_module, _inputs, output):
-            captured[layer] = _hidden(output)
+        def hook(_module, inputs, output):
+            captured[layer] = read(inputs, output)
             if layer == deepest:
                 raise _StopForward
         return hook
 
-    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in set(layers)]
+    handles = [module.register_forward_hook(hook_for(layer))
+               for layer, module in modules.items()]
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -74,9 +72,21 @@ def block_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
     finally:
         for handle in handles:
             handle.remove()
-    missing = [layer for layer in layers if layer not in captured]
+    missing = [layer for layer in modules if layer not in captured]
     if missing:
-        raise RuntimeError(f"blocks {missing} did not run during the forward pass")
+        raise RuntimeError(f"{what} {missing} did not run during the forward pass")
+    return captured
+
+
+@torch.inference_mode()
+def block_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int],
+                  input_ids: Tensor) -> dict[int, Tensor]:
+    """Residual streams after each block of ``layers`` -> {layer: [B, T, d]}, from one
+    forward pass that stops after the deepest of them."""
+    if len(layers) == 1:
+        return {layers[0]: block_output(model, blocks, layers[0], input_ids)}
+    captured = _stopping_capture(model, {layer: blocks[layer] for layer in layers}, input_ids,
+                                 lambda _inputs, output: _hidden(output), "blocks")
     return {layer: captured[layer] for layer in layers}
 
 
@@ -85,28 +95,10 @@ def mlp_inputs_outputs(model: nn.Module, blocks: nn.ModuleList, layers: list[int
                        input_ids: Tensor) -> dict[int, Tensor]:
     """Block MLPs' inputs and outputs -> {layer: [B, T, 2d]} (input ‖ output on the last
     axis), from one forward pass that stops after the deepest of those MLPs."""
-    captured: dict[int, Tensor] = {}
-    deepest = max(layers)
-
-    def hook_for(layer: int):
-        def hook(_module, inputs, output):
-            captured[layer] = torch.cat([inputs[0], _hidden(output)], dim=-1)
-            if layer == deepest:
-                raise _StopForward
-        return hook
-
-    handles = [mlp_of(blocks, layer).register_forward_hook(hook_for(layer))
-               for layer in set(layers)]
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [layer for layer in layers if layer not in captured]
-    if missing:
-        raise RuntimeError(f"the MLPs of blocks {missing} did not run during the forward pass")
+    captured = _stopping_capture(
+        model, {layer: mlp_of(blocks, layer) for layer in layers}, input_ids,
+        lambda inputs, output: torch.cat([inputs[0], _hidden(output)], dim=-1),
+        "the MLPs of blocks")
     return {layer: captured[layer] for layer in layers}
 
 

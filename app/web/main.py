@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from app.jobs import plain
@@ -137,6 +138,14 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OverflowError)
     async def overflow(request: Request, exc: OverflowError) -> Response:
         return error_response(request, 422, "a number in the request is out of range")
+
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, exc: DataError) -> Response:
+        """A value the database's column cannot hold (an id past 32 bits on PostgreSQL):
+        the request's fault, and its transaction was rolled back."""
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "invalid value"
+        return error_response(request, 422, f"a value in the request does not fit the "
+                                            f"store ({reason})")
 
 
 def validation_message(exc: RequestValidationError) -> str:

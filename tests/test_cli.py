@@ -194,6 +194,20 @@ def test_bench_dead_compares_auxk_windows_on_the_same_run(env, acts) -> None:
     _one_line_error(bad, "--windows")
 
 
+@pytest.mark.parametrize("profile", ["demo", "dense"])
+def test_bench_store_persists_and_times_the_queries(env, tmp_path, profile) -> None:
+    result = invoke(env, "bench", "store", "--db", f"sqlite:///{tmp_path / 'b.db'}",
+                    "--latents", 64, "--examples", 30, "--profile", profile)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["latents"], figures["examples_per_latent"], figures["profile"]) == (
+        64, 30, profile)
+    assert figures["persist_s"] > 0 and figures["latent_with_examples_ms"] > 0
+    bad = invoke(env, "bench", "store", "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                 "--profile", "sparse")
+    _one_line_error(bad, "--profile")
+
+
 def test_bench_train_needs_enough_rows(env, acts) -> None:
 
     result = invoke(env, "bench", "train", "--acts", acts, "--latents", 128, "--k", 8,

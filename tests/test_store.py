@@ -20,11 +20,12 @@ from app.store.db import (
     session_factory,
     upgrade,
 )
-from app.store.models import Example, Explanation, Job, Latent, Sae
+from app.store.example_pack import StoredExample, pack_records
+from app.store.models import Explanation, Job, Latent, LatentExamples, Sae
 from app.store.queries import search_explanations
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
-TABLES = {"models", "captures", "saes", "latents", "examples", "explanations", "jobs"}
+TABLES = {"models", "captures", "saes", "latents", "latent_examples", "explanations", "jobs"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,9 +50,14 @@ def _fill(engine) -> int:
                 max_activation=2.0 + index, histogram={"edges": [0, 1], "counts": [3]},
                 top_logits=[["def", 1.5]], bottom_logits=[["the", -0.3]],
                 neighbours=[[1, 0.4]], explanation=text)).inserted_primary_key[0]
-            conn.execute(insert(t["examples"]).values(
-                latent_id=latent_id, kind="top", rank=0, tokens=["a", "b"],
-                activations=[0.0, 2.0], context_index=4, position=9))
+            if "examples" in t:  # before 0007: one row per example
+                conn.execute(insert(t["examples"]).values(
+                    latent_id=latent_id, kind="top", rank=0, tokens=["a", "b"],
+                    activations=[0.0, 2.0], context_index=4, position=9))
+            else:
+                conn.execute(insert(t["latent_examples"]).values(
+                    latent_id=latent_id, count=1, data=pack_records([StoredExample(
+                        "top", None, 0, ["a", "b"], [0.0, 2.0], 4, 9)])))
             if text:
                 conn.execute(insert(t["explanations"]).values(
                     latent_id=latent_id, text=text, source="human", created_at=NOW))
@@ -64,13 +70,13 @@ def _fill(engine) -> int:
 def test_upgrade_from_empty_and_round_trip(db_url) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     assert set(inspect(engine).get_table_names()) >= TABLES
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert not TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     engine.dispose()
 
 
@@ -105,9 +111,52 @@ def test_data_survives_the_upgrade_and_is_searchable(db_url) -> None:
         session.delete(session.get(Sae, sae_id))
     with Session() as session:
         assert session.scalars(select(Latent)).all() == []
-        assert session.scalars(select(Example)).all() == []
+        assert session.scalars(select(LatentExamples)).all() == []
         assert session.scalars(select(Explanation)).all() == []
         assert search_explanations(session, sae_id, "keywords") == []
+    engine.dispose()
+
+
+def test_examples_are_packed_on_upgrade_and_unpacked_on_downgrade(db_url) -> None:
+    """0007 packs each latent's example rows into one value and its downgrade restores the
+    rows, in order, with awkward token texts intact."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0006")
+    _fill(engine)
+    meta = MetaData()
+    meta.reflect(engine)
+    examples = meta.tables["examples"]
+    with engine.begin() as conn:
+        first = conn.scalar(select(meta.tables["latents"].c.id).where(
+            meta.tables["latents"].c.index == 0))
+        conn.execute(insert(examples).values(
+            latent_id=first, kind="quantile", bucket=2, rank=1, tokens=["\x00", "é", "", "], ["],
+            activations=[0.1234, -1.0, 3.5, 0.0], context_index=11, position=40))
+    columns = [c for c in examples.c if c.name not in ("id", "latent_id")]
+
+    def old_rows() -> list[tuple]:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(
+                select(examples.c.latent_id, *columns).order_by(examples.c.latent_id,
+                                                                  examples.c.id))]
+
+    before = old_rows()
+    upgrade(engine)
+    with session_factory(engine)() as session:
+        latent = session.scalars(select(Latent).where(Latent.index == 0)).one()
+        assert [(e.kind, e.bucket, e.rank, e.tokens, e.activations, e.context_index,
+                 e.position) for e in latent.examples] == [
+            ("top", None, 0, ["a", "b"], [0.0, 2.0], 4, 9),
+            ("quantile", 2, 1, ["\x00", "é", "", "], ["], [0.1234, -1.0, 3.5, 0.0], 11, 40)]
+        assert session.scalar(select(LatentExamples.count).where(
+            LatentExamples.latent_id == latent.id)) == 2
+    downgrade(engine, "0006")
+    meta = MetaData()
+    meta.reflect(engine)
+    examples = meta.tables["examples"]
+    columns = [c for c in examples.c if c.name not in ("id", "latent_id")]
+    assert "latent_examples" not in meta.tables
+    assert old_rows() == before
     engine.dispose()
 
 
@@ -117,7 +166,7 @@ def test_alembic_command_line_upgrades_an_empty_database(db_url) -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     engine.dispose()
 
 
@@ -135,7 +184,7 @@ def test_saelab_db_upgrade_and_downgrade(db_url) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", db_url])
-    assert result.exit_code == 0 and "revision 0006" in result.stdout, result.output
+    assert result.exit_code == 0 and "revision 0007" in result.stdout, result.output
     result = runner.invoke(app, ["db", "downgrade", "--to", "0001", "--db", db_url])
     assert result.exit_code == 0 and "revision 0001" in result.stdout, result.output
     result = runner.invoke(app, ["db", "upgrade", "--db", "sqlite:////proc/no/such/dir.db"])
@@ -152,5 +201,5 @@ def test_concurrent_upgrades_of_a_fresh_database_are_safe(db_url) -> None:
     outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _ in outcomes), [err[-500:] for _, err in outcomes]
     engine = make_engine(db_url)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     engine.dispose()

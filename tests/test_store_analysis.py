@@ -13,7 +13,7 @@ from app.cli import app
 from app.store import persist
 from app.store.db import make_engine, session_factory
 from app.store.explanations import NewExplanation, save_explanations
-from app.store.models import Example, Latent
+from app.store.models import Latent, LatentExamples
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -27,7 +27,7 @@ def _counts(url: str) -> tuple[int, int]:
     engine = make_engine(url)
     with session_factory(engine)() as session:
         counts = (session.scalar(select(func.count()).select_from(Latent)),
-                  session.scalar(select(func.count()).select_from(Example)))
+                  session.scalar(select(func.coalesce(func.sum(LatentExamples.count), 0))))
     engine.dispose()
     return counts
 

@@ -137,12 +137,15 @@ def bench_store(
     db: Annotated[str, typer.Option("--db", help="URL of an EMPTY database to fill")],
     latents: Annotated[int, typer.Option("--latents")] = 16_384,
     examples: Annotated[int, typer.Option("--examples", help="per latent")] = 70,
+    profile: Annotated[str, typer.Option(
+        "--profile", help="demo: windows like the demo SAE's (a third of tokens distinct, 5% "
+                          "firing); dense: every token distinct and firing")] = "demo",
 ) -> None:
     """Persist time of a synthetic analysis and the explorer's query latencies (ms)."""
     from app.bench.store import bench_store as run
 
     with cli_errors():
-        result = run(db, n=latents, examples=examples)
+        result = run(db, n=latents, examples=examples, profile=profile)
     typer.echo(json.dumps(result))
 
 

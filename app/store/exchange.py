@@ -21,7 +21,8 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.store.models import Example, Explanation, Latent, Model, Sae
+from app.store.example_pack import PackError, StoredExample, pack_records
+from app.store.models import Explanation, Latent, LatentExamples, Model, Sae
 
 FORMAT = "neuronpedia-features"
 VERSION = 1
@@ -38,7 +39,7 @@ def export_sae(session: Session, sae_id: int) -> dict[str, Any]:
         raise ValueError(f"no SAE with id {sae_id} in the store (see `saelab saes`)")
     latents = session.scalars(
         select(Latent).where(Latent.sae_id == sae_id).order_by(Latent.index)
-        .options(selectinload(Latent.examples))).all()
+        .options(selectinload(Latent.example_pack))).all()
     explanations = _explanations(session, [lat.id for lat in latents])
     return {
         "format": FORMAT, "version": VERSION, "modelId": sae.model.name, "layer": sae.layer,
@@ -82,7 +83,7 @@ def _feature(lat: Latent, explanations: list[Explanation]) -> dict[str, Any]:
     }
 
 
-def _activation(ex: Example, max_act: float) -> dict[str, Any]:
+def _activation(ex: StoredExample, max_act: float) -> dict[str, Any]:
     peak = max(range(len(ex.activations)), key=ex.activations.__getitem__, default=0)
     record = {"tokens": ex.tokens, "values": ex.activations,
               "maxValue": ex.activations[peak] if ex.activations else 0.0,
@@ -163,17 +164,19 @@ def _insert(session: Session, sae_id: int, features: list[dict]) -> None:
     session.execute(insert(Latent.__table__), rows)
     ids = dict(session.execute(select(Latent.index, Latent.id)
                                .where(Latent.sae_id == sae_id)).all())
-    examples, explanations = [], []
+    packs, explanations = [], []
     for f in features:
         latent_id = ids[f["index"]]
-        examples += [_example_row(latent_id, rank, a)
-                     for rank, a in enumerate(f.get("activations") or [])]
+        records = [_example(rank, a) for rank, a in enumerate(f.get("activations") or [])]
+        if records:
+            packs.append({"latent_id": latent_id, "count": len(records),
+                          "data": _pack(records)})
         explanations += [{"latent_id": latent_id, "text": str(e["description"]),
                           "source": str(e.get("explanationModelName") or "import"),
                           "score": e.get("score")}
                          for e in f.get("explanations") or [] if e.get("description")]
-    if examples:
-        session.execute(insert(Example.__table__), examples)
+    if packs:
+        session.execute(insert(LatentExamples.__table__), packs)
     if explanations:
         session.execute(insert(Explanation.__table__), explanations)
 
@@ -197,15 +200,23 @@ def _latent_row(sae_id: int, f: dict) -> dict[str, Any]:
     }
 
 
-def _example_row(latent_id: int, rank: int, a: dict) -> dict[str, Any]:
+def _example(rank: int, a: dict) -> StoredExample:
     tokens, values = list(a.get("tokens", [])), [float(v) for v in a.get("values", [])]
     if len(tokens) != len(values):
         raise ExchangeError(f"an activation record has {len(tokens)} tokens but "
                            f"{len(values)} values")
-    return {"latent_id": latent_id, "kind": a.get("kind", "top"), "bucket": a.get("bucket"),
-            "rank": a.get("rank", rank), "tokens": tokens, "activations": values,
-            "context_index": a.get("contextIndex", -1),
-            "position": a.get("position", a.get("maxValueTokenIndex", 0))}
+    kind = a.get("kind", "top")
+    return StoredExample(kind, a.get("bucket") if kind == "quantile" else None,
+                         a.get("rank", rank), [str(t) for t in tokens], values,
+                         a.get("contextIndex", -1),
+                         a.get("position", a.get("maxValueTokenIndex", 0)))
+
+
+def _pack(records: list[StoredExample]) -> bytes:
+    try:
+        return pack_records(records)
+    except (PackError, TypeError, ValueError) as exc:
+        raise ExchangeError(f"an activation record cannot be stored: {exc}") from exc
 
 
 def read_export(path: Path) -> Any:

@@ -51,7 +51,7 @@ def latents_for_explaining(session: Session, sae_id: int, indices: Sequence[int]
     {"id", "index", "max_activation", "top": [(tokens, activations)], "quantiles":
     [[...] per bucket, highest first], "top_logits": [str], "bottom_logits": [str]}."""
     stmt = (select(Latent).where(Latent.sae_id == sae_id, Latent.index.in_(list(indices)))
-            .options(selectinload(Latent.examples)))
+            .options(selectinload(Latent.example_pack)))
     found = {latent.index: latent for latent in session.scalars(stmt)}
     missing = [i for i in indices if i not in found]
     if missing:
@@ -64,9 +64,10 @@ def latent_for_explaining(session: Session, sae_id: int, index: int) -> dict[str
 
 
 def _record(latent: Latent) -> dict[str, Any]:
-    top = sorted((e for e in latent.examples if e.kind == "top"), key=lambda e: e.rank)
+    examples = latent.examples
+    top = sorted((e for e in examples if e.kind == "top"), key=lambda e: e.rank)
     buckets: dict[int, list] = {}
-    for example in latent.examples:
+    for example in examples:
         if example.kind == "quantile":
             buckets.setdefault(example.bucket or 0, []).append(example)
     return {"id": latent.id, "index": latent.index, "max_activation": latent.max_activation,

@@ -1,9 +1,10 @@
 """SQLAlchemy 2 models of the feature store.
 
-One row per model, activation capture, SAE, latent, example, explanation and job. Bulky
-per-latent arrays (histogram, logit effects, neighbours, an example's tokens and
-activations) are JSON columns: they are always read whole with their row, never queried
-inside, and JSON keeps the schema identical on SQLite and PostgreSQL. Everything that is
+One row per model, activation capture, SAE, latent, explanation and job. Bulky
+per-latent arrays (histogram, logit effects, neighbours) are JSON columns: they are always
+read whole with their row, never queried inside, and JSON keeps the schema identical on
+SQLite and PostgreSQL. A latent's example windows are one packed binary value in
+``latent_examples`` (``app.store.example_pack``). Everything that is
 sorted or filtered on (density, max activation, index) is a real, indexed column.
 """
 
@@ -20,11 +21,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from app.store.example_pack import ExamplePack, StoredExample
 
 
 def utcnow() -> datetime:
@@ -132,33 +136,30 @@ class Latent(Base):
     map_y: Mapped[float | None] = mapped_column(Float)
     """Feature-map position (UMAP of the decoder directions)."""
     sae: Mapped[Sae] = relationship(back_populates="latents")
-    examples: Mapped[list[Example]] = relationship(back_populates="latent",
-                                                   cascade="all, delete-orphan",
-                                                   passive_deletes=True,
-                                                   order_by="Example.id")
+    example_pack: Mapped[LatentExamples | None] = relationship(
+        back_populates="latent", cascade="all, delete-orphan", passive_deletes=True)
+
+    @property
+    def examples(self) -> list[StoredExample]:
+        """Every example window (top examples by rank, then the quantile buckets from the
+        lowest), decoded from the packed row (loaded on first use unless the query
+        loaded ``example_pack``)."""
+        pack = self.example_pack
+        return ExamplePack(pack.data if pack else None).examples()
 
 
-class Example(Base):
-    """A context window around a token where a latent fired."""
+class LatentExamples(Base):
+    """A latent's example windows, packed into one value (``app.store.example_pack``):
+    the context windows around the tokens where it fired most, and samples from each
+    quantile bucket of its activations."""
 
-    __tablename__ = "examples"
-    id: Mapped[int] = mapped_column(primary_key=True)
+    __tablename__ = "latent_examples"
     latent_id: Mapped[int] = mapped_column(ForeignKey("latents.id", ondelete="CASCADE"),
-                                           index=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    """``top`` or ``quantile``."""
-    bucket: Mapped[int | None]
-    """Quantile bucket (0 = lowest) for ``quantile`` examples."""
-    rank: Mapped[int]
-    tokens: Mapped[list[Any]] = mapped_column(default=list)
-    """The window's token strings, in order."""
-    activations: Mapped[list[Any]] = mapped_column(default=list)
-    """The latent's activation on each token of the window."""
-    context_index: Mapped[int]
-    """Which context of the analysed stream the window comes from."""
-    position: Mapped[int]
-    """Position of the peak token within that context."""
-    latent: Mapped[Latent] = relationship(back_populates="examples")
+                                           primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    """How many examples the pack holds."""
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    latent: Mapped[Latent] = relationship(back_populates="example_pack")
 
 
 class Explanation(Base):

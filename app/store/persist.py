@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.store.bulk import insert_examples
-from app.store.models import Example, Latent, Model, Sae
-from training.analysis.histogram import histogram_of
+from app.store.models import Latent, LatentExamples, Model, Sae
+from training.analysis.histogram import histograms_of
 from training.analysis.sinks import sink_reason
 
 EVAL_FILE = "eval.json"
@@ -36,7 +37,7 @@ def save_analysis(sessions: sessionmaker[Session], *, sae_dir: Path, sae_cfg: di
         model = _model(session, model_name, d_model, n_layers)
         sae = _sae(session, model, Path(sae_dir), sae_cfg, result)
         ids = _upsert_latents(session, sae.id, result, token_text)
-        session.execute(delete(Example).where(Example.latent_id.in_(
+        session.execute(delete(LatentExamples).where(LatentExamples.latent_id.in_(
             select(Latent.id).where(Latent.sae_id == sae.id))))
         insert_examples(session, ids, result.examples, token_text)
         return sae.id
@@ -77,29 +78,35 @@ def _sae(session: Session, model: Model, sae_dir: Path, cfg: dict, result: Any) 
 
 
 def _latent_rows(sae_id: int, result: Any, token_text: dict[int, str]) -> list[dict]:
-    """The analysed columns of every latent (not its explanation or steerability)."""
-    def pairs(ids, values) -> list[list]:
-        return [[token_text.get(int(i), ""), round(float(v), 5)] for i, v in zip(
-            ids.tolist(), values.tolist(), strict=True)]
+    """The analysed columns of every latent (not its explanation or steerability); every
+    tensor is rounded and converted to lists once, for all latents."""
+    def pairs(ids, values) -> list[list[list]]:
+        return [[[token_text.get(i, ""), v] for i, v in zip(row_ids, row_values, strict=True)]
+                for row_ids, row_values in zip(ids.tolist(), _rounded(values, 5), strict=True)]
 
     sinks, cofire = result.sinks, result.cofiring
-    scales, counts = result.histogram_scale.tolist(), result.histogram_counts.tolist()
-    partners = list(zip(cofire.ids.tolist(), cofire.jaccard.tolist(),
-                        cofire.conditional.tolist(), strict=True))
+    histograms = histograms_of(result.histogram_scale.double().numpy(),
+                               result.histogram_counts.numpy())
+    tops = pairs(result.top_logit_ids, result.top_logits)
+    bottoms = pairs(result.bottom_logit_ids, result.bottom_logits)
+    neighbours = [[[i, c] for i, c in zip(ids, cosines, strict=True)] for ids, cosines in zip(
+        result.neighbour_ids.tolist(), _rounded(result.neighbour_cosines, 4), strict=True)]
+    cofiring = [[[j, jac, cond] for j, jac, cond in zip(ids, jacs, conds, strict=True) if j >= 0]
+                for ids, jacs, conds in zip(cofire.ids.tolist(), _rounded(cofire.jaccard, 4),
+                                            _rounded(cofire.conditional, 4), strict=True)]
+    sink = sinks.sink.tolist()
     return [{
-        "sae_id": sae_id, "index": f, "density": float(result.density[f]),
-        "mean_activation": float(result.mean_activation[f]),
-        "max_activation": float(result.max_activation[f]),
-        "histogram": histogram_of(scales[f], counts[f]),
-        "top_logits": pairs(result.top_logit_ids[f], result.top_logits[f]),
-        "bottom_logits": pairs(result.bottom_logit_ids[f], result.bottom_logits[f]),
-        "neighbours": [[int(i), round(float(c), 4)] for i, c in zip(
-            result.neighbour_ids[f].tolist(), result.neighbour_cosines[f].tolist(),
-            strict=True)],
-        "sink": bool(sinks.sink[f]), "sink_reason": sink_reason(sinks, f),
-        "cofiring": [[j, round(jac, 4), round(cond, 4)] for j, jac, cond in
-                     zip(*partners[f], strict=True) if j >= 0],
-    } for f in range(len(result.density))]
+        "sae_id": sae_id, "index": f, "density": density, "mean_activation": mean,
+        "max_activation": peak, "histogram": histograms[f], "top_logits": tops[f],
+        "bottom_logits": bottoms[f], "neighbours": neighbours[f], "sink": sink[f],
+        "sink_reason": sink_reason(sinks, f) if sink[f] else None, "cofiring": cofiring[f],
+    } for f, (density, mean, peak) in enumerate(zip(
+        result.density.double().tolist(), result.mean_activation.double().tolist(),
+        result.max_activation.double().tolist(), strict=True))]
+
+
+def _rounded(values: Any, digits: int) -> list[list[float]]:
+    return np.round(values.double().numpy(), digits).tolist()
 
 
 def _upsert_latents(session: Session, sae_id: int, result: Any,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import NamedTuple
 
-from sqlalchemy import Row, String, and_, bindparam, cast, func, or_, select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session, defer, selectinload
 
-from app.store.models import Example, Explanation, Latent, Model, Sae
+from app.store.example_pack import ExamplePack, StoredExample
+from app.store.models import Explanation, Latent, LatentExamples, Model, Sae
 
 _SQLITE_SEARCH = text(
     "SELECT latents.* FROM latents JOIN latents_fts ON latents_fts.rowid = latents.id "
@@ -79,11 +79,11 @@ def latents_by_index(session: Session, sae_id: int, indices: list[int]) -> list[
 # SQLite hands the GIL to other threads at every row.
 _LABELS = select(Latent.index, Latent.explanation).where(
     Latent.sae_id == bindparam("sae_id"), Latent.index.in_(bindparam("indices", expanding=True)))
-_QUANTILE_BUCKETS = (select(func.aggregate_strings(cast(Example.bucket, String), ","))
-                     .where(Example.latent_id == Latent.id, Example.kind == "quantile")
-                     .scalar_subquery())
-_LATENT_WITH_SAE = select(Latent, Sae, _QUANTILE_BUCKETS).join(Latent.sae).where(
-    Latent.sae_id == bindparam("sae_id"), Latent.index == bindparam("index"))
+_LATENT_WITH_SAE = (select(Latent, Sae, LatentExamples.data).join(Latent.sae)
+                    .outerjoin(LatentExamples, LatentExamples.latent_id == Latent.id)
+                    .where(Latent.sae_id == bindparam("sae_id"),
+                           Latent.index == bindparam("index")))
+_PACK = select(LatentExamples.data).where(LatentExamples.latent_id == bindparam("latent_id"))
 
 
 class FeatureRows(NamedTuple):
@@ -91,8 +91,8 @@ class FeatureRows(NamedTuple):
     """Without its examples."""
     sae: Sae
     """Without its model."""
-    bucket_counts: dict[int, int]
-    """Quantile samples per bucket."""
+    examples: ExamplePack
+    """The latent's packed examples (decoded as they are read)."""
 
 
 def explanations_of(session: Session, sae_id: int, indices: list[int]) -> dict[int, str | None]:
@@ -102,12 +102,11 @@ def explanations_of(session: Session, sae_id: int, indices: list[int]) -> dict[i
 
 
 def latent_with_sae(session: Session, sae_id: int, index: int) -> FeatureRows | None:
-    """A latent, its SAE and its quantile buckets' sample counts, in one query (one row)."""
+    """A latent, its SAE and its packed examples, in one query (one row)."""
     row = session.execute(_LATENT_WITH_SAE, {"sae_id": sae_id, "index": index}).first()
     if row is None:
         return None
-    buckets = Counter(int(bucket) for bucket in (row[2] or "").split(",") if bucket)
-    return FeatureRows(row[0], row[1], dict(buckets))
+    return FeatureRows(row[0], row[1], ExamplePack(row[2]))
 
 
 def get_latent(session: Session, sae_id: int, index: int, *, examples: bool = True
@@ -116,45 +115,34 @@ def get_latent(session: Session, sae_id: int, index: int, *, examples: bool = Tr
     ``examples`` is False."""
     stmt = select(Latent).where(Latent.sae_id == sae_id, Latent.index == index)
     if examples:
-        stmt = stmt.options(selectinload(Latent.examples))
+        stmt = stmt.options(selectinload(Latent.example_pack))
     return session.scalars(stmt).one_or_none()
+
+
+def example_pack(session: Session, latent_id: int) -> ExamplePack:
+    """A latent's packed examples (empty when it has none)."""
+    return ExamplePack(session.connection().execute(_PACK, {"latent_id": latent_id})
+                       .scalar_one_or_none())
 
 
 def quantile_counts(session: Session, latent_id: int) -> dict[int, int]:
     """Examples per quantile bucket of a latent."""
-    stmt = (select(Example.bucket, func.count()).where(
-        Example.latent_id == latent_id, Example.kind == "quantile").group_by(Example.bucket))
-    return {int(bucket or 0): count for bucket, count in session.execute(stmt)}
+    return example_pack(session, latent_id).bucket_counts()
 
 
 def examples_of(session: Session, latent_id: int, *, top: bool = True,
-                buckets: tuple[int, ...] = ()) -> list[Example]:
-    """A latent's top examples and/or those of some quantile buckets, by rank."""
-    wanted = []
-    if top:
-        wanted.append(Example.kind == "top")
-    if buckets:
-        wanted.append(and_(Example.kind == "quantile", Example.bucket.in_(buckets)))
-    if not wanted:
-        return []
-    stmt = (select(Example).where(Example.latent_id == latent_id, or_(*wanted))
-            .order_by(Example.kind.desc(), Example.bucket, Example.rank))
-    return list(session.scalars(stmt))
+                buckets: tuple[int, ...] = ()) -> list[StoredExample]:
+    """A latent's top examples and/or those of some quantile buckets, in stored order
+    (top by rank, then buckets from the lowest, by rank)."""
+    return example_pack(session, latent_id).examples(top=top, buckets=buckets)
 
 
-_SHOWN_EXAMPLES = (
-    select(Example.kind, Example.bucket, Example.tokens, Example.activations)
-    .where(Example.latent_id == bindparam("latent_id"),
-           or_(Example.kind == "top",
-               and_(Example.kind == "quantile", Example.bucket == bindparam("bucket"))))
-    .order_by(Example.kind.desc(), Example.rank))
-
-
-def shown_examples(session: Session, latent_id: int, bucket: int | None) -> list[Row]:
-    """A latent's top examples, then quantile bucket ``bucket``'s (none when None), by
-    rank, as (kind, bucket, tokens, activations): what a feature page shows at once."""
-    return list(session.connection().execute(_SHOWN_EXAMPLES, {"latent_id": latent_id,
-                                                               "bucket": bucket}))
+def top_examples(session: Session, latent_ids: list[int]) -> dict[int, StoredExample]:
+    """Each latent's strongest example, by latent row id (one query)."""
+    rows = session.execute(select(LatentExamples.latent_id, LatentExamples.data)
+                           .where(LatentExamples.latent_id.in_(latent_ids))) if latent_ids else []
+    found = {latent_id: ExamplePack(data).first_top() for latent_id, data in rows}
+    return {latent_id: example for latent_id, example in found.items() if example}
 
 
 _EXPLANATIONS = (select(Explanation).where(Explanation.latent_id == bindparam("latent_id"))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from app.store.models import Example, Explanation, Job, Latent, Sae
+from app.store.example_pack import StoredExample
+from app.store.models import Explanation, Job, Latent, Sae
 
 
 def _when(value: datetime | None) -> str | None:
@@ -33,7 +34,7 @@ def latent_record(latent: Latent) -> dict[str, Any]:
             "map": None if latent.map_x is None else [latent.map_x, latent.map_y]}
 
 
-def example_record(example: Example) -> dict[str, Any]:
+def example_record(example: StoredExample) -> dict[str, Any]:
     return {"kind": example.kind, "bucket": example.bucket, "rank": example.rank,
             "tokens": example.tokens, "activations": example.activations,
             "context_index": example.context_index, "position": example.position}

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 from app import jobs
 from app.store.queries import (
     SORTS,
-    examples_of,
     explanations_for,
     explanations_of,
     latents_by_index,
@@ -87,9 +86,9 @@ def feature_page(request: Request, sae_id: StoreInt, index: StoreInt, session: S
                  bucket: Annotated[int | None, Query(ge=0, le=INT32)] = None) -> Response:
     """The feature page; ``?bucket=B`` (HTMX) renders one quantile group's examples, which
     the page loads when its section is opened."""
-    sae, latent, counts = views.feature_or_404(session, sae_id, index)
+    sae, latent, pack = views.feature_or_404(session, sae_id, index)
     if bucket is not None:
-        items = examples_of(session, latent.id, top=False, buckets=(bucket,))
+        items = pack.examples(top=False, buckets=(bucket,))
         if not items:
             raise HTTPException(404, f"latent {index} has no quantile group {bucket}")
         return render(request, "feature.html", {"latent": latent, "bucket_items": items},
@@ -98,7 +97,7 @@ def feature_page(request: Request, sae_id: StoreInt, index: StoreInt, session: S
                              + [int(i) for i, *_ in latent.cofiring or []])
     return render(request, "feature.html", {
         "sae": sae, "latent": latent, "explanations": explanations_for(session, latent.id),
-        "steer": latent.steer_eval, "examples": views.example_groups(session, latent, counts),
+        "steer": latent.steer_eval, "examples": views.example_groups(pack),
         "neighbours": labels, "cofiring": labels})
 
 

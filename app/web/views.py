@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from app.jobs import BrokerUnavailable, JobError, JobFinished, JobNotFound
+from app.store.example_pack import ExamplePack
 from app.store.models import Explanation, Job, Latent, Model, Sae
 from app.web.engine import SaeHandle
 
@@ -39,17 +40,17 @@ def latent_or_404(session: Session, sae: Sae, index: int, *, examples: bool = Tr
 
 
 def feature_or_404(session: Session, sae_id: int, index: int
-                   ) -> tuple[Sae, Latent, dict[int, int]]:
+                   ) -> tuple[Sae, Latent, ExamplePack]:
     """The SAE (without its model), its latent ``index`` (without its examples) and the
-    latent's quantile sample counts by bucket, in one query; 404 names what is missing."""
-    from app.store.queries import latent_with_sae, quantile_counts
+    latent's packed examples, in one query; 404 names what is missing."""
+    from app.store.queries import example_pack, latent_with_sae
 
     found = latent_with_sae(session, sae_id, index)
     if found is None:  # which one is missing (the slow path only a 404 takes)
         sae = sae_or_404(session, sae_id)
         latent = latent_or_404(session, sae, index, examples=False)
-        return sae, latent, quantile_counts(session, latent.id)
-    return found.sae, found.latent, found.bucket_counts
+        return sae, latent, example_pack(session, latent.id)
+    return found.sae, found.latent, found.examples
 
 
 def job_or_404(session: Session, job_id: int) -> Job:
@@ -152,18 +153,16 @@ def best_explanation(session: Session, latent: Latent) -> Explanation | None:
     return session.scalars(stmt).first()
 
 
-def example_groups(session: Session, latent: Latent, counts: dict[int, int]
-                   ) -> dict[str, Any]:
+def example_groups(pack: ExamplePack) -> dict[str, Any]:
     """What the feature page shows at once: the top examples and the highest quantile
     bucket's samples (``open``: bucket, examples, lowest and highest peak), and the other
-    buckets with their sample ``counts`` (``closed``: loaded when their section is
+    buckets with their sample counts (``closed``: loaded when their section is
     opened)."""
-    from app.store.queries import shown_examples
-
+    counts = pack.bucket_counts()
     first = max(counts) if counts else None
-    rows = shown_examples(session, latent.id, first)
-    top = [e for e in rows if e.kind == "top"]
-    items = [e for e in rows if e.kind == "quantile"]
+    shown = pack.examples(buckets=() if first is None else (first,))
+    top = [e for e in shown if e.kind == "top"]
+    items = [e for e in shown if e.kind == "quantile"]
     peaks = [max(e.activations) for e in items if e.activations] or [0.0]
     return {"top": top, "open": (first, items, min(peaks), max(peaks)) if items else None,
             "closed": sorted(((b, n) for b, n in counts.items() if b != first), reverse=True)}
@@ -196,12 +195,7 @@ def ranked_probe(session: Session, sae_id: int, result: Any, *, by: str = "relat
 def top_snippets(session: Session, latents: list[Latent]) -> dict[int, tuple[list, list]]:
     """Each listed latent's strongest example (tokens, activations), by latent row id: one
     query for the page, for the latent list's snippet column."""
-    from app.store.models import Example
+    from app.store.queries import top_examples
 
-    ids = [lat.id for lat in latents]
-    if not ids:
-        return {}
-    rows = session.execute(select(Example.latent_id, Example.tokens, Example.activations)
-                           .where(Example.latent_id.in_(ids), Example.kind == "top",
-                                  Example.rank == 0))
-    return {latent_id: (tokens, acts) for latent_id, tokens, acts in rows}
+    found = top_examples(session, [lat.id for lat in latents])
+    return {latent_id: (ex.tokens, ex.activations) for latent_id, ex in found.items()}

@@ -11,6 +11,7 @@ span at least half of [0, max_f] (M_f < 2·max_f), B/2 bars or more.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,9 +63,19 @@ class FittedHistograms:
 def histogram_of(scale: float, counts: list[int], digits: int = 6) -> dict[str, list]:
     """One latent's histogram as stored: bin edges from 0 and counts, cut after the last
     non-empty bin (``{"edges": [], "counts": []}`` for a latent that never fired)."""
-    used = max((j + 1 for j, c in enumerate(counts) if c), default=0)
-    if not used or scale <= 0:
-        return {"edges": [], "counts": []}
-    width = scale / len(counts)
-    return {"edges": [round(j * width, digits) for j in range(used + 1)],
-            "counts": [int(c) for c in counts[:used]]}
+    return histograms_of(np.array([scale], dtype=np.float64),
+                         np.array([counts], dtype=np.int64).reshape(1, -1), digits)[0]
+
+
+def histograms_of(scales: np.ndarray, counts: np.ndarray, digits: int = 6
+                  ) -> list[dict[str, list]]:
+    """``histogram_of`` for every latent at once: ``scales`` [n], ``counts`` [n, bins]
+    (numpy or torch); one rounding and one list conversion for all of them."""
+    scales = np.asarray(scales, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int64)
+    bins = counts.shape[1]
+    nonzero = counts > 0
+    used = np.where(nonzero.any(1), bins - nonzero[:, ::-1].argmax(1), 0).tolist()
+    edges = np.round(np.arange(bins + 1)[None, :] * (scales / bins)[:, None], digits).tolist()
+    return [{"edges": e[:u + 1], "counts": c[:u]} if u and s > 0 else {"edges": [], "counts": []}
+            for e, c, u, s in zip(edges, counts.tolist(), used, scales.tolist(), strict=True)]

@@ -155,8 +155,8 @@ class ExamplePack:
     views into the bytes; tokens and activations are built only for the examples asked
     for."""
 
-    __slots__ = ("_data", "_ends", "_index", "_meta", "_offsets", "_text", "_text_at",
-                 "_values")
+    __slots__ = ("_data", "_ends", "_index", "_meta", "_offsets", "_starts", "_text",
+                 "_text_at", "_values")
 
     def __init__(self, data: bytes | memoryview | None) -> None:
         data = bytes(data) if data is not None else HEADER.pack(MAGIC, 0, 0, 0, 2, 2, 0)
@@ -188,6 +188,7 @@ class ExamplePack:
             self._values = np.frombuffer(data, "<f4", total, at)
             at += self._values.nbytes
         self._ends = np.frombuffer(data, f"<u{end_bytes}", n_strings, at).astype(np.int64)
+        self._starts = np.r_[0, self._ends[:-1]]
         self._text_at = at + n_strings * end_bytes
         self._data = data
         self._text: str | None = None
@@ -220,8 +221,7 @@ class ExamplePack:
         bucket, rank, context, position, _ = self._meta[row].tolist()
         span = slice(int(self._offsets[row]), int(self._offsets[row + 1]))
         index = self._index[span]
-        ends = self._ends[index].tolist()
-        starts = np.where(index > 0, self._ends[np.maximum(index, 1) - 1], 0).tolist()
+        starts, ends = self._starts[index].tolist(), self._ends[index].tolist()
         text = self._decoded_text()
         values = np.round(self._values[span].astype(np.float64), DECIMALS).tolist()
         return StoredExample("top" if bucket < 0 else "quantile", None if bucket < 0 else bucket,

@@ -125,18 +125,6 @@ def example_pack(session: Session, latent_id: int) -> ExamplePack:
                        .scalar_one_or_none())
 
 
-def quantile_counts(session: Session, latent_id: int) -> dict[int, int]:
-    """Examples per quantile bucket of a latent."""
-    return example_pack(session, latent_id).bucket_counts()
-
-
-def examples_of(session: Session, latent_id: int, *, top: bool = True,
-                buckets: tuple[int, ...] = ()) -> list[StoredExample]:
-    """A latent's top examples and/or those of some quantile buckets, in stored order
-    (top by rank, then buckets from the lowest, by rank)."""
-    return example_pack(session, latent_id).examples(top=top, buckets=buckets)
-
-
 def top_examples(session: Session, latent_ids: list[int]) -> dict[int, StoredExample]:
     """Each latent's strongest example, by latent row id (one query)."""
     rows = session.execute(select(LatentExamples.latent_id, LatentExamples.data)

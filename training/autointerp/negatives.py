@@ -2,7 +2,7 @@
 
 Detection scoring needs, for each latent, contexts where it does *not* fire. Stored
 examples only hold a latent's own activations, so a pool of windows is encoded once with
-the SAE (from the end of the capture: the analysis reads it from the start) and each latent
+the SAE (the capture's last contexts, across as many shards as they span) and each latent
 takes the windows on which its code is zero everywhere.
 """
 
@@ -27,42 +27,50 @@ class WindowPool:
     """[W, T, k] code values (0 where a selected latent did not fire)."""
     indices: Tensor
     """[W, T, k] latent indices of the codes."""
+    n_latents: int
+    """The SAE's width."""
+    fires: Tensor | None = None
+    """[W, n] bool: latent f fires somewhere in window w (built on first use)."""
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
     def silent_windows(self, feature: int) -> list[int]:
         """Windows on which ``feature`` never fires."""
-        fires = ((self.indices == feature) & (self.values > 0)).flatten(1).any(1)
-        return torch.nonzero(~fires).flatten().tolist()
+        return torch.nonzero(~self._fires()[:, feature]).flatten().tolist()
 
     def activations(self, window: int, feature: int) -> list[float]:
         """``feature``'s activation on each token of ``window`` ([T])."""
         hit = (self.indices[window] == feature) & (self.values[window] > 0)
         return (self.values[window] * hit).sum(-1).tolist()
 
+    def _fires(self) -> Tensor:
+        """The [W, n] firing matrix, from one scatter over every code (a latent's silent
+        windows are then a column read, not a pass over all W·T·k codes)."""
+        if self.fires is None:
+            flat = self.indices.flatten(1).long()
+            fired = (self.values.flatten(1) > 0).to(torch.uint8)
+            counts = torch.zeros(len(self), self.n_latents, dtype=torch.uint8)
+            self.fires = counts.scatter_reduce_(1, flat, fired, "amax").bool()
+        return self.fires
+
 
 @torch.no_grad()
-def window_pool(sae: SparseAutoencoder, store: ActivationStore, *, contexts: int = 48,
+def window_pool(sae: SparseAutoencoder, store: ActivationStore, *, contexts: int = 128,
                 width: int = 32) -> WindowPool:
-    """Encode the last ``contexts`` contexts of the capture's last shard and cut them into
-    windows of ``width`` tokens."""
+    """Encode the capture's last ``contexts`` whole contexts (fewer if it holds fewer),
+    reading shards from the last back as far as they reach, and cut each context into
+    windows of ``width`` tokens: [contexts · ⌊(context−1) / width⌋] windows."""
     if contexts < 1 or width < 1:
         raise ValueError("contexts and width must be positive")
     per_context = store.manifest.context - 1  # rows per context: BOS is not captured
-    last = len(store.manifest.shards) - 1
-    rows = store.shard(last)
-    first_context = store.shard_offsets()[last] // per_context
-    count = min(contexts, rows.shape[0] // per_context)
-    if count == 0:
-        raise ValueError("the capture's last shard holds no whole context")
-    keep = rows[-count * per_context:].float().to(sae.w_dec.device)
-    encoding = sae.encode(keep)
-    ids = store.tokens()[first_context + rows.shape[0] // per_context - count:
-                         first_context + rows.shape[0] // per_context, 1:]
     usable = per_context // width * width
     if usable == 0:
         raise ValueError(f"contexts of {per_context} tokens are shorter than width {width}")
+    rows, first_context = _last_contexts(store, contexts, per_context)
+    count = rows.shape[0] // per_context
+    encoding = sae.encode(rows.float().to(sae.w_dec.device))
+    ids = store.tokens()[first_context:first_context + count, 1:]
 
     def windows(t: Tensor) -> Tensor:  # [count * per_context, ...] -> [W, width, ...]
         t = t.reshape(count, per_context, *t.shape[1:])[:, :usable]
@@ -70,4 +78,28 @@ def window_pool(sae: SparseAutoencoder, store: ActivationStore, *, contexts: int
 
     return WindowPool(token_ids=windows(ids.reshape(count * per_context).long()),
                       values=windows(encoding.values.cpu()),
-                      indices=windows(encoding.indices.cpu()))
+                      indices=windows(encoding.indices.cpu()),
+                      n_latents=sae.cfg.n_latents)
+
+
+def _last_contexts(store: ActivationStore, contexts: int, per_context: int
+                   ) -> tuple[Tensor, int]:
+    """The rows of the capture's last ``contexts`` whole contexts [count · per_context, d]
+    and the index of the first of them. Shards hold whole contexts, so walking them from
+    the end and keeping whole contexts lines rows up with ``store.tokens()``."""
+    offsets = store.shard_offsets()
+    parts: list[Tensor] = []
+    taken = 0
+    for index in range(len(store.manifest.shards) - 1, -1, -1):
+        if taken == contexts:
+            break
+        shard = store.shard(index)
+        whole = shard.shape[0] // per_context
+        keep = min(whole, contexts - taken)
+        if keep:
+            parts.insert(0, shard[(whole - keep) * per_context:whole * per_context])
+            first_context = (offsets[index] // per_context) + whole - keep
+            taken += keep
+    if not taken:
+        raise ValueError("the capture holds no whole context")
+    return torch.cat(parts), first_context

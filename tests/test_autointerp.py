@@ -174,10 +174,15 @@ def test_split_shows_top_and_quantile_samples_and_holds_out_the_rest() -> None:
     record = keyword_record()
     shown, held_out = split_examples(record, explain_top=10, explain_quantile=1, seed=3)
     assert shown[:10] == record.top[:10]
-    assert len(shown) == 10 + 10 and len(held_out) == 10 + 10 * 4
+    assert len(shown) == 10 + 10 and len(held_out) == 10 + 10 * 2
     assert not {w.key() for w in shown} & {w.key() for w in held_out}
     assert split_examples(record, seed=3) == (shown, held_out)
     assert split_examples(record, seed=4).shown != shown
+    # shown more of each bucket, an explainer is still scored on the same windows
+    more = split_examples(record, explain_top=10, explain_quantile=3, seed=3)
+    assert more.held_out == held_out and len(more.shown) == 10 + 10 * 3
+    assert set(map(Window.key, shown)) < set(map(Window.key, more.shown))
+    assert not {w.key() for w in more.shown} & {w.key() for w in held_out}
 
 
 def test_split_never_holds_out_a_shown_window_or_a_silent_one() -> None:

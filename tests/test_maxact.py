@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.autointerp import maxact, simulation
+from training.autointerp import maxact, simulation, token_choice
 from training.autointerp.explain import LatentRecord, Window, explain_offline
 from training.autointerp.maxact import Description, describe, parse, simulate
 
@@ -67,7 +67,7 @@ def test_offline_explanation_scores_a_clean_latent_high_on_held_out_windows() ->
                  for i in range(30)]
     result = explain_offline(record, negatives)
     assert result.label.startswith('"def", "class" at line start')
-    held_out = 40 - 10 - 4  # 10 top + one per bucket shown: all others are held out
+    held_out = 10 + 4 * 2  # the top examples after the 10 shown, two of each bucket
     assert result.detection == 1.0 and result.detection_n == held_out + len(negatives)
     assert result.fuzzing == 1.0 and result.fuzzing_n == 2 * held_out
     assert result.simulation > 0.9 and result.simulation_n == held_out + len(negatives)
@@ -120,6 +120,31 @@ def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept()
     result = explain_offline(record, [Window([" the", " a", " b"], [0, 0, 0])] * 5,
                              frequencies=frequencies)
     assert " the" not in parse(result.label).fires_on and result.detection is not None
+
+
+def test_silent_windows_count_a_token_s_false_alarms() -> None:
+    """Given windows where the latent is silent, false alarms are counted on them, not
+    modelled from frequencies: " the" (common by its frequency) is named once it never
+    appears where the latent is silent, and " raise" (rare by its frequency) is left out
+    once it is in most silent windows."""
+    windows = []
+    for i in range(20):
+        if i % 5 == 4:
+            tokens, acts = [" the", " x", " the", " y"], [1.0, 0, 0, 0]
+        elif i % 5 == 3:
+            tokens, acts = [" raise", " z", " z", " w"], [1.0, 0, 0, 0]
+        else:
+            tokens, acts = [" the", " Error", " the", FILLER[i % 12]], [0, 2.0, 0, 0]
+        windows.append(Window(tokens, acts))
+    record = LatentRecord(index=3, max_activation=2.0, top=windows[:10],
+                          quantiles=[windows[10:]], top_logits=[" Error"])
+    frequencies = {"the": 0.1, "error": 1e-4, "raise": 1e-4, "x": 0.01}
+    assert describe(record, windows, frequencies).fires_on == (" Error", " raise")
+    silent = [[" raise", " q", FILLER[i % 12]] if i % 3 else [" q", " r", " s"]
+              for i in range(30)]
+    assert describe(record, windows, frequencies, silent).fires_on == (" Error", " the")
+    few = silent[:token_choice.MIN_SILENT - 1]  # too few to count on: modelled again
+    assert describe(record, windows, frequencies, few).fires_on == (" Error", " raise")
 
 
 def test_search_embeddings_read_a_label_as_plain_words() -> None:

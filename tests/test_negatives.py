@@ -62,3 +62,25 @@ def test_bad_pool_sizes(capture) -> None:
         window_pool(sae, store, contexts=4, width=32)
     with pytest.raises(ValueError, match="positive"):
         window_pool(sae, store, contexts=0)
+
+
+def test_maxact_calibrates_on_silent_windows_apart_from_its_scoring_negatives(
+        capture, tiny_llama_dir) -> None:
+    """The explain stage gives maxact every silent window of a latent except the ones its
+    detection is scored on: together they are the silent windows, and none is both."""
+    from transformers import AutoTokenizer
+
+    from worker.explain_stage import Pool, _negatives, calibration
+
+    store, _ = capture
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=64, k=4)).eval()
+    pool = Pool(window_pool(sae, store, contexts=100, width=8),
+                AutoTokenizer.from_pretrained(tiny_llama_dir))
+    for feature in range(64):
+        silent = [pool.texts[w] for w in pool.pool.silent_windows(feature)]
+        scored = [w.tokens for w in _negatives(pool, feature, 20)]
+        own = calibration(pool, feature, 20)
+        assert len(scored) == min(20, len(silent)) and len(own) == len(silent) - len(scored)
+        assert sorted(map(tuple, own + scored)) == sorted(map(tuple, silent))
+    assert calibration(None, 0, 20) == []

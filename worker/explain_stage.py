@@ -105,8 +105,9 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
     todo = [i for i in indices if i not in done]
     run.update(force=True, message=f"explaining {len(todo)} latents with {explainer.name} "
                                    f"({len(indices) - len(todo)} already done)")
+    calibrates = kind == "maxact" and bool(capture) and Path(capture).is_dir()
     pool = _negative_pool(sae_path, capture, model_name, settings) if (
-        params.score and todo) else None
+        todo and (params.score or calibrates)) else None
     work = _Work(run, explainer, key, sae_id, pool, params.score, settings.explain_max_usd)
     if kind == "maxact" and todo:
         work.frequencies = token_frequencies(capture, model_name, settings)
@@ -140,7 +141,9 @@ class _Work:
         for first in range(0, len(todo), OFFLINE_CHUNK):
             loaded = self._load(todo[first:first + OFFLINE_CHUNK], MAXACT_SETTINGS.detection_n)
             results = [explain_offline(record, negatives, seed=data["index"], score=self.score,
-                                       frequencies=self.frequencies)
+                                       frequencies=self.frequencies,
+                                       silent=calibration(self.pool, data["index"],
+                                                          MAXACT_SETTINGS.detection_n))
                        for record, negatives, data in loaded]
             self._store(loaded, results, len(todo))
         return self._summary(len(todo))
@@ -217,7 +220,7 @@ def _record(data: dict[str, Any]):
                         top_logits=data["top_logits"], bottom_logits=data["bottom_logits"])
 
 
-class _Pool:
+class Pool:
     """The capture's window pool with every window's token texts decoded once."""
 
     def __init__(self, pool, tokenizer) -> None:
@@ -228,7 +231,7 @@ class _Pool:
 
 
 def _negative_pool(sae_path: str, capture: str | None, model_name: str,
-                   settings: Settings) -> _Pool:
+                   settings: Settings) -> Pool:
     """Windows of the SAE's capture with every latent's code, and their texts."""
     from training.autointerp.negatives import window_pool
     from training.data.activations import ActivationStore
@@ -240,7 +243,7 @@ def _negative_pool(sae_path: str, capture: str | None, model_name: str,
                          "give score=false to explain without scores")
     sae, _ = load_sae(Path(sae_path))
     pool = window_pool(sae.eval(), ActivationStore(Path(capture)))
-    return _Pool(pool, load_tokenizer(model_name, data_dir=settings.data_dir))
+    return Pool(pool, load_tokenizer(model_name, data_dir=settings.data_dir))
 
 
 def token_frequencies(capture: str | None, model_name: str, settings: Settings
@@ -262,13 +265,30 @@ def token_frequencies(capture: str | None, model_name: str, settings: Settings
     return loose_frequencies(by_text)
 
 
-def _negatives(pool: _Pool, index: int, count: int) -> list:
+def _negatives(pool: Pool, index: int, count: int) -> list:
     """Up to ``count`` windows where latent ``index`` never fires (a fixed draw per latent)."""
     from training.autointerp.explain import Window
 
-    silent = pool.pool.silent_windows(index)
-    chosen = random.Random(index).sample(silent, min(count, len(silent)))
+    _, chosen = _silent_split(pool, index, count)
     return [Window(pool.texts[w], [0.0] * len(pool.texts[w])) for w in chosen]
+
+
+def calibration(pool: Pool | None, index: int, negatives: int) -> list[list[str]]:
+    """Token texts of latent ``index``'s silent windows that are not among the
+    ``negatives`` it is scored on, for maxact's false-alarm estimates (none without a
+    pool: they are then modelled from token frequencies)."""
+    if pool is None:
+        return []
+    silent, scored = _silent_split(pool, index, negatives)
+    scored_set = set(scored)
+    return [pool.texts[w] for w in silent if w not in scored_set]
+
+
+def _silent_split(pool: Pool, index: int, count: int) -> tuple[list[int], list[int]]:
+    """Latent ``index``'s silent windows, and the ``count`` of them (fewer if there are
+    fewer) drawn for scoring, a fixed draw per latent."""
+    silent = pool.pool.silent_windows(index)
+    return silent, random.Random(index).sample(silent, min(count, len(silent)))
 
 
 def _embed(run: JobRun, sae_id: int) -> None:

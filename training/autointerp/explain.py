@@ -70,7 +70,10 @@ class ExplainSettings:
     explain_top: int = 10
     """Top examples shown to the explainer."""
     explain_quantile: int = 1
-    """Samples shown from each activation-quantile bucket."""
+    """Samples shown from each activation-quantile bucket (out of those not held out)."""
+    held_out_quantile: int = 2
+    """Samples held out for scoring from each bucket (the analysis keeps 5 per bucket by
+    default), whatever the number shown: every explainer is scored on the same windows."""
     detection_n: int = 5
     """Held-out activating windows for detection, and as many non-activating ones."""
     fuzzing_n: int = 5
@@ -176,7 +179,8 @@ def explain_latent(record: LatentRecord, negatives: Sequence[Window], explainer:
 
 def _split(record: LatentRecord, settings: ExplainSettings, seed: int) -> Split:
     return split_examples(record, explain_top=settings.explain_top,
-                          explain_quantile=settings.explain_quantile, seed=seed)
+                          explain_quantile=settings.explain_quantile,
+                          held_out_quantile=settings.held_out_quantile, seed=seed)
 
 
 def _add_scores(result: ExplainResult, detection: list[JudgeItem], fuzzing: list[JudgeItem],
@@ -265,24 +269,26 @@ def _usage(reply: Completion | ExplainerError) -> Usage:
     return Usage() if isinstance(reply, ExplainerError) else Usage.of(reply)
 
 
-MAXACT_SETTINGS = ExplainSettings(explain_top=10, explain_quantile=1, detection_n=50,
-                                  fuzzing_n=50)
-"""A simulator costs nothing per question, so maxact labels are scored on every held-out
-window (up to 50, and as many non-activating ones)."""
+MAXACT_SETTINGS = ExplainSettings(explain_quantile=3, detection_n=50, fuzzing_n=50)
+"""Shown examples and questions cost nothing offline, so maxact reads every sample that is
+not held out and is scored on every held-out window (up to 50, and as many
+non-activating ones): the same held-out windows as an LLM explainer's."""
 
 
 def explain_offline(record: LatentRecord, negatives: Sequence[Window], *, seed: int = 0,
                     score: bool = True, settings: ExplainSettings = MAXACT_SETTINGS,
-                    frequencies: Mapping[str, float] | None = None) -> ExplainResult:
+                    frequencies: Mapping[str, float] | None = None,
+                    silent: Sequence[Sequence[str]] = ()) -> ExplainResult:
     """The ``maxact`` label of ``record`` from its shown windows (and the analysed text's
-    token ``frequencies``, see ``maxact.describe``), scored (``score``) by simulation on
-    the held-out ones: detection, fuzzing and the simulation correlation."""
+    token ``frequencies`` and the token texts of ``silent`` windows, which must not be
+    among ``negatives``; see ``maxact.describe``), scored (``score``) by simulation on the
+    held-out ones: detection, fuzzing and the simulation correlation."""
     result = ExplainResult(record.index, None)
     split = _split(record, settings, seed)
     if not split.shown:
         result.errors.append("no examples to explain")
         return result
-    result.label = maxact.explain_label(record, split.shown, frequencies)
+    result.label = maxact.explain_label(record, split.shown, frequencies, silent)
     if not score:
         return result
     if not split.held_out:

@@ -4,10 +4,11 @@ No language model is involved, so every latent of an SAE is labelled in seconds,
 and identically on every run. From the windows the explainer is shown (``split_examples``:
 top examples plus samples of each activation quantile, never the held-out ones) it reads:
 
-* the tokens it fires on. With the analysed text's token frequencies (what the explain
-  stage passes), the set whose expected detection score is best
+* the tokens it fires on. With the analysed text's token frequencies and windows of the
+  capture where the latent is silent (what the explain stage passes; never the windows
+  its detection is scored on), the set whose expected detection score is best
   (``training.autointerp.token_choice``): each token must catch more activating windows
-  than it costs in silent ones where it is common. Without them, the tokens marked as
+  than it raises false alarms in silent ones. Without them, the tokens marked as
   activating in most shown windows, in order of how many windows they cover (up to
   ``MAX_TOKENS``, until ``COVERAGE`` of the windows is covered, each marked in at least
   ``MIN_SHARE`` of them), with the context rules below;
@@ -35,7 +36,7 @@ from training.autointerp.records import LatentRecord, Window
 from training.autointerp.token_choice import choose_tokens
 from training.autointerp.token_choice import loose as loose_key
 
-VERSION = "maxact-2"
+VERSION = "maxact-3"
 """Changes whenever the label rules or the grammar change (part of the settings key)."""
 MAX_TOKENS = 6
 COVERAGE = 0.9
@@ -75,13 +76,15 @@ class Description:
 
 
 def describe(record: LatentRecord, shown: Sequence[Window],
-             frequencies: Mapping[str, float] | None = None) -> Description:
+             frequencies: Mapping[str, float] | None = None,
+             silent: Sequence[Sequence[str]] = ()) -> Description:
     """The description of a latent from the ``shown`` windows and its logit tokens;
-    ``frequencies`` (loose token key -> share of the analysed text) picks the tokens for
-    the best expected detection (then no context rule is added)."""
+    ``frequencies`` (loose token key -> share of the analysed text) and ``silent`` (token
+    texts of windows where the latent never fires, none of them scored on) pick the tokens
+    for the best expected detection (then no context rule is added)."""
     promotes = tuple(t for t in record.top_logits if t.strip())[:PROMOTED]
     if frequencies is not None:
-        keys = choose_tokens(shown, {w.key() for w in record.top}, frequencies)
+        keys = choose_tokens(shown, frequencies, silent)
         return Description(_spelled(shown, keys), promotes=promotes)
     peaks = [_peak(w) for w in shown if w.max_activation > 0]
     marked = [{w.tokens[i] for i in w.marked_positions()} for w in shown
@@ -107,8 +110,9 @@ def _spelled(shown: Sequence[Window], keys: Sequence[str]) -> tuple[str, ...]:
 
 
 def explain_label(record: LatentRecord, shown: Sequence[Window],
-                  frequencies: Mapping[str, float] | None = None) -> str:
-    return describe(record, shown, frequencies).text()
+                  frequencies: Mapping[str, float] | None = None,
+                  silent: Sequence[Sequence[str]] = ()) -> str:
+    return describe(record, shown, frequencies, silent).text()
 
 
 def parse(label: str) -> Description:

@@ -77,19 +77,23 @@ class Split(NamedTuple):
 
 
 def split_examples(record: LatentRecord, *, explain_top: int = 10, explain_quantile: int = 1,
-                   seed: int = 0) -> Split:
-    """Shown: the ``explain_top`` strongest examples, then ``explain_quantile`` random
-    samples of each bucket (highest bucket first). Held out: every other distinct window
-    that activates, top examples first. Deterministic for a given seed."""
-    if explain_top < 0 or explain_quantile < 0:
-        raise ValueError("explain_top and explain_quantile must be >= 0")
+                   held_out_quantile: int = 2, seed: int = 0) -> Split:
+    """Held out: the top examples after the ``explain_top`` strongest and
+    ``held_out_quantile`` random samples of each quantile bucket, the activating ones,
+    without repeats. Shown: the ``explain_top`` strongest, then up to ``explain_quantile``
+    of each bucket's other samples (highest bucket first). Which samples are held out does
+    not depend on ``explain_quantile``, so explainers shown more or fewer examples are
+    scored on the same windows. Deterministic for a given seed."""
+    if min(explain_top, explain_quantile, held_out_quantile) < 0:
+        raise ValueError("explain_top, explain_quantile and held_out_quantile must be >= 0")
     rng = random.Random(seed)
     shown = _distinct(record.top[:explain_top], set())
     rest = list(record.top[explain_top:])
     for bucket in record.quantiles:
-        picks = set(rng.sample(range(len(bucket)), min(explain_quantile, len(bucket))))
-        shown += _distinct([bucket[i] for i in sorted(picks)], {w.key() for w in shown})
-        rest += [w for i, w in enumerate(bucket) if i not in picks]
+        order = rng.sample(range(len(bucket)), len(bucket))
+        rest += [bucket[i] for i in order[:held_out_quantile]]
+        picks = sorted(order[held_out_quantile:held_out_quantile + explain_quantile])
+        shown += _distinct([bucket[i] for i in picks], {w.key() for w in shown})
     seen = {w.key() for w in shown}
     held_out = [w for w in _distinct(rest, seen) if w.max_activation > 0]
     return Split(shown, held_out)

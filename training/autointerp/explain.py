@@ -298,11 +298,11 @@ def explain_offline(record: LatentRecord, negatives: Sequence[Window], *, seed: 
     simulator = functools.partial(maxact.simulate, description)
     rng = random.Random(seed)
     positives = _sample(rng, split.held_out, settings.detection_n)
-    silent = _sample(rng, negatives, settings.detection_n)
-    measured = {"detection": simulation.detection(simulator, positives, silent),
+    quiet = _sample(rng, negatives, settings.detection_n)
+    measured = {"detection": simulation.detection(simulator, positives, quiet),
                 "fuzzing": simulation.fuzzing(simulator, _sample(rng, split.held_out,
                                                                  settings.fuzzing_n), seed),
-                "simulation": simulation.correlation(simulator, [*positives, *silent])}
+                "simulation": simulation.correlation(simulator, [*positives, *quiet])}
     for name, value in measured.items():
         setattr(result, name, value.value)
         setattr(result, f"{name}_n", value.n)

@@ -23,10 +23,12 @@ costs a few popcounts.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from training.autointerp.records import Window
 
+SilentRate = Callable[[Sequence[str]], float]
+"""A set of loose keys -> the share of silent windows it leaves alone."""
 MAX_TOKENS = 12
 MIN_SILENT = 20
 """Fewest silent windows the silent rate is counted on (else it is modelled)."""
@@ -83,7 +85,7 @@ def _masks(windows: Sequence[Sequence[str]]) -> dict[str, int]:
     return masks
 
 
-def _counted(hits: Mapping[str, int], silent: Sequence[Sequence[str]]):
+def _counted(hits: Mapping[str, int], silent: Sequence[Sequence[str]]) -> SilentRate:
     """The share of ``silent`` windows holding none of a set's keys."""
     wanted = set(hits)
     alarms = _masks([[t for t in tokens if loose(t) in wanted] for tokens in silent])
@@ -96,7 +98,7 @@ def _counted(hits: Mapping[str, int], silent: Sequence[Sequence[str]]):
     return rate
 
 
-def _modelled(active: Sequence[Window], frequencies: Mapping[str, float]):
+def _modelled(active: Sequence[Window], frequencies: Mapping[str, float]) -> SilentRate:
     """The modelled silent rate: Π over a set's keys of (1 − f·(1 − precision))^W."""
     seen, fired = Counter(), Counter()
     for window in active:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.store.db import open_store
+from app.store.explanations import NewExplanation, save_explanations
 from app.store.models import Explanation, Job, Latent
 from tests.fake_anthropic import FakeAnthropic, credit_too_low, user_text
 from training.autointerp import maxact
@@ -116,6 +117,17 @@ def test_local_model_explains_a_few_latents(store_copy) -> None:
 
 def test_maxact_labels_and_scores_every_live_latent_offline(store_copy) -> None:
     env, sessions, sae_id = store_copy
+    with sessions() as session:
+        first, second = session.scalars(select(Latent).where(
+            Latent.sae_id == sae_id, Latent.density > 0).order_by(Latent.index).limit(2)).all()
+        first_id, second_id = first.id, second.id
+    save_explanations(sessions, [  # an older maxact's label, shown (scored high), and a paid one
+        NewExplanation(first_id, "old maxact label", "maxact-1", "old", detection=0.99,
+                       fuzzing=0.99, detection_n=4, fuzzing_n=4),
+        NewExplanation(second_id, "old maxact label", "maxact-1", "old", detection=0.99,
+                       fuzzing=0.99, detection_n=4, fuzzing_n=4),
+        NewExplanation(second_id, "a paid label", "claude-test", "paid", detection=0.98,
+                       fuzzing=0.98, detection_n=10, fuzzing_n=10)])
     result, job = _explain(env, sae_id, "--latents", "all", "--explainer", "maxact")
     assert result.exit_code == 0, result.output
     summary = job["result"]["explain"]
@@ -127,6 +139,12 @@ def test_maxact_labels_and_scores_every_live_latent_offline(store_copy) -> None:
         rows = session.scalars(select(Explanation).where(
             Explanation.source == maxact.VERSION)).all()
     assert summary["explained"] == len(live) == len(rows) and not summary["failed"]
+    with sessions() as session:  # the older maxact's labels are replaced, the paid one kept
+        assert not session.scalars(select(Explanation).where(
+            Explanation.source == "maxact-1")).all()
+        assert session.get(Latent, first_id).explanation == next(
+            r.text for r in rows if r.latent_id == first_id)
+        assert session.get(Latent, second_id).explanation == "a paid label"
     assert summary["usage"]["cost_usd"] == 0
     assert summary["explainer"] == f"maxact ({maxact.VERSION})"
     assert all(lat.explanation for lat in live) and not any(lat.explanation for lat in dead)
@@ -138,10 +156,12 @@ def test_maxact_labels_and_scores_every_live_latent_offline(store_copy) -> None:
         assert -1 <= r.simulation_score <= 1
     mean = sum(r.detection_score for r in scored) / len(scored)
     assert mean > 0.6, f"maxact labels should beat chance clearly (mean detection {mean:.2f})"
-    index = next(lat.index for lat in live if lat.explanation == scored[0].text)
+    index, row = next((lat.index, r) for r in scored for lat in live
+                      if lat.id == r.latent_id and lat.id not in (first_id, second_id))
     shown = json.loads(runner.invoke(app, ["feature", str(sae_id), str(index), "--json"],
                                      env=env).stdout)
-    assert shown["explanations"][0]["simulation_n"] == scored[0].simulation_n
+    assert shown["explanation"] == row.text and len(shown["explanations"]) == 1
+    assert shown["explanations"][0]["simulation_n"] == row.simulation_n
     _, job = _explain(env, sae_id, "--latents", "all", "--explainer", "maxact")
     assert job["result"]["explain"]["skipped"] == len(live)
 

@@ -203,3 +203,35 @@ def test_concurrent_upgrades_of_a_fresh_database_are_safe(db_url) -> None:
     engine = make_engine(db_url)
     assert current_revision(engine) == "0007"
     engine.dispose()
+
+
+def test_a_new_maxact_version_supersedes_the_old_one_and_keeps_other_labels(db_url) -> None:
+    """On both databases: saving maxact-3 labels deletes the latents' maxact-1 labels (and
+    a latent that showed one shows its best remaining label), never a human one, and only
+    on the latents it labels; the prefix match is literal (``maxact_`` is not ``maxact-``)."""
+    from app.store.explanations import NewExplanation, save_explanations
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    _fill(engine)
+    sessions = session_factory(engine)
+    with sessions() as session:
+        first, second, third = (lat.id for lat in session.scalars(
+            select(Latent).order_by(Latent.index)))
+    old = {"detection": 0.99, "fuzzing": 0.99, "detection_n": 4, "fuzzing_n": 4}
+    save_explanations(sessions, [NewExplanation(first, "old a", "maxact-1", "k", **old),
+                                 NewExplanation(third, "old c", "maxact-1", "k", **old),
+                                 NewExplanation(third, "kept", "maxact_x", "k", **old)])
+    save_explanations(sessions, [NewExplanation(first, "new a", "maxact-3", "k3",
+                                                detection=0.7, fuzzing=0.7),
+                                 NewExplanation(second, "new b", "maxact-3", "k3",
+                                                detection=0.6, fuzzing=0.6)],
+                      supersede="maxact-")
+    with sessions() as session:
+        sources = {(e.latent_id, e.source) for e in session.scalars(select(Explanation))}
+        shown = {lat.id: lat.explanation for lat in session.scalars(select(Latent))}
+    assert (first, "maxact-1") not in sources and (first, "human") in sources
+    assert (third, "maxact-1") in sources  # not relabelled: left alone
+    assert (third, "maxact_x") in sources
+    assert shown[first] == "new a" and shown[second] == "new b"
+    engine.dispose()

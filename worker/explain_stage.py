@@ -199,7 +199,8 @@ class _Work:
                 simulation=result.simulation, detection_n=result.detection_n,
                 fuzzing_n=result.fuzzing_n, simulation_n=result.simulation_n,
                 usage=result.usage))
-        store.save_explanations(self.run.sessions, items)
+        store.save_explanations(self.run.sessions, items, supersede=(
+            "maxact-" if self.explainer.name == "maxact" else None))
         self.done += len(loaded)
         rate = self.done / max(time.monotonic() - self.started, 1e-9) * 60
         self.run.progress(self.done, total, latents_per_min=rate,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.store.models import Explanation, Latent
@@ -102,14 +102,19 @@ class NewExplanation:
         return sum(measured) / len(measured) if measured else None
 
 
-def save_explanations(sessions: sessionmaker[Session], items: Sequence[NewExplanation]
-                      ) -> None:
+def save_explanations(sessions: sessionmaker[Session], items: Sequence[NewExplanation],
+                      *, supersede: str | None = None) -> None:
     """Store explanations in one transaction; each becomes its latent's shown one unless
-    a better-scored explanation exists."""
+    a better-scored explanation exists. ``supersede`` (a source prefix, e.g. ``maxact-``)
+    first deletes these latents' explanations from other versions of that source: an
+    older deterministic labeller's labels, whose scores the new ones replace (a latent
+    that showed one of them shows its best remaining explanation)."""
     if not items:
         return
     with sessions.begin() as session:
         ids = [item.latent_id for item in items]
+        if supersede is not None:
+            _drop_superseded(session, ids, supersede, {item.source for item in items})
         best = dict(session.execute(select(Explanation.latent_id, func.max(Explanation.score))
                                     .where(Explanation.latent_id.in_(ids))
                                     .group_by(Explanation.latent_id)).all())
@@ -125,6 +130,27 @@ def save_explanations(sessions: sessionmaker[Session], items: Sequence[NewExplan
             if previous is None or (item.score is not None and item.score >= previous):
                 session.get(Latent, item.latent_id).explanation = item.text
                 best[item.latent_id] = item.score if item.score is not None else previous
+
+
+def _drop_superseded(session: Session, latent_ids: Sequence[int], prefix: str,
+                     current: set[str]) -> None:
+    """Delete the latents' explanations whose source starts with ``prefix`` but is not in
+    ``current``; a latent showing one of them shows its best-scored remaining one."""
+    old = session.execute(select(Explanation.id, Explanation.latent_id, Explanation.text)
+                          .where(Explanation.latent_id.in_(latent_ids),
+                                 Explanation.source.startswith(prefix, autoescape=True),
+                                 Explanation.source.not_in(current))).all()
+    if not old:
+        return
+    session.execute(delete(Explanation).where(Explanation.id.in_([row.id for row in old])))
+    dropped = {(row.latent_id, row.text) for row in old}
+    for latent_id in {row.latent_id for row in old}:
+        latent = session.get(Latent, latent_id)
+        if (latent_id, latent.explanation) in dropped:
+            latent.explanation = session.scalar(
+                select(Explanation.text).where(Explanation.latent_id == latent_id)
+                .order_by(Explanation.score.desc().nulls_last(), Explanation.id.desc())
+                .limit(1))
 
 
 def save_explanation(sessions: sessionmaker[Session], latent_id: int, *, text: str,

@@ -96,11 +96,10 @@ def test_simulator_needs_both_classes() -> None:
     assert maxact.VERSION in maxact.MaxActExplainer().model
 
 
-def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept() -> None:
-    """Windows of a latent firing on " Error" (in most) and on " the" (in a few, where " the"
-    is one of the text's commonest tokens and usually silent): the label names " Error" and
-    the rare " raise" it also fires on, not " the", whose false alarms would cost more
-    silent windows than its hits gain."""
+def _error_record() -> tuple[LatentRecord, list[Window], dict[str, float]]:
+    """A latent firing on " Error" in most windows, on " raise" in some and on " the" in
+    a few (" the" also sits silent in most of them), with token frequencies where " the"
+    is common and " raise" rare."""
     windows = []
     for i in range(20):
         if i % 5 == 4:  # fires on " the" here, though " the" is silent elsewhere
@@ -112,7 +111,15 @@ def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept()
         windows.append(Window(tokens, acts))
     record = LatentRecord(index=3, max_activation=2.0, top=windows[:10],
                           quantiles=[windows[10:]], top_logits=[" Error"])
-    frequencies = {"the": 0.1, "error": 1e-4, "raise": 1e-4, "x": 0.01}
+    return record, windows, {"the": 0.1, "error": 1e-4, "raise": 1e-4, "x": 0.01}
+
+
+def test_with_token_frequencies_a_common_token_is_left_out_and_a_rare_one_kept() -> None:
+    """Windows of a latent firing on " Error" (in most) and on " the" (in a few, where " the"
+    is one of the text's commonest tokens and usually silent): the label names " Error" and
+    the rare " raise" it also fires on, not " the", whose false alarms would cost more
+    silent windows than its hits gain."""
+    record, windows, frequencies = _error_record()
     description = describe(record, windows, frequencies)
     assert description.fires_on == (" Error", " raise")
     assert not description.after and not description.line_start
@@ -127,18 +134,7 @@ def test_silent_windows_count_a_token_s_false_alarms() -> None:
     modelled from frequencies: " the" (common by its frequency) is named once it never
     appears where the latent is silent, and " raise" (rare by its frequency) is left out
     once it is in most silent windows."""
-    windows = []
-    for i in range(20):
-        if i % 5 == 4:
-            tokens, acts = [" the", " x", " the", " y"], [1.0, 0, 0, 0]
-        elif i % 5 == 3:
-            tokens, acts = [" raise", " z", " z", " w"], [1.0, 0, 0, 0]
-        else:
-            tokens, acts = [" the", " Error", " the", FILLER[i % 12]], [0, 2.0, 0, 0]
-        windows.append(Window(tokens, acts))
-    record = LatentRecord(index=3, max_activation=2.0, top=windows[:10],
-                          quantiles=[windows[10:]], top_logits=[" Error"])
-    frequencies = {"the": 0.1, "error": 1e-4, "raise": 1e-4, "x": 0.01}
+    record, windows, frequencies = _error_record()
     assert describe(record, windows, frequencies).fires_on == (" Error", " raise")
     silent = [[" raise", " q", FILLER[i % 12]] if i % 3 else [" q", " r", " s"]
               for i in range(30)]

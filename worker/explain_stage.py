@@ -105,7 +105,7 @@ def explain_stage(run: JobRun, params: JobParams, settings: Settings, sae_id: in
     todo = [i for i in indices if i not in done]
     run.update(force=True, message=f"explaining {len(todo)} latents with {explainer.name} "
                                    f"({len(indices) - len(todo)} already done)")
-    calibrates = kind == "maxact" and bool(capture) and Path(capture).is_dir()
+    calibrates = kind == "maxact" and _capture_here(capture)
     pool = _negative_pool(sae_path, capture, model_name, settings) if (
         todo and (params.score or calibrates)) else None
     work = _Work(run, explainer, key, sae_id, pool, params.score, settings.explain_max_usd)
@@ -231,6 +231,11 @@ class Pool:
         self.texts = [[text[i] for i in row] for row in ids.tolist()]
 
 
+def _capture_here(capture: str | None) -> bool:
+    """The SAE's capture folder is named and on this machine."""
+    return bool(capture) and Path(capture).is_dir()
+
+
 def _negative_pool(sae_path: str, capture: str | None, model_name: str,
                    settings: Settings) -> Pool:
     """Windows of the SAE's capture with every latent's code, and their texts."""
@@ -239,7 +244,7 @@ def _negative_pool(sae_path: str, capture: str | None, model_name: str,
     from training.data.models import load_tokenizer
     from training.sae.folder import load_sae
 
-    if not capture or not Path(capture).is_dir():
+    if not _capture_here(capture):
         raise ValueError(f"scoring needs the SAE's capture, {capture!r}, which is not here: "
                          "give score=false to explain without scores")
     sae, _ = load_sae(Path(sae_path))
@@ -255,7 +260,7 @@ def token_frequencies(capture: str | None, model_name: str, settings: Settings
     from training.data.activations import ActivationStore
     from training.data.models import load_tokenizer
 
-    if not capture or not Path(capture).is_dir():
+    if not _capture_here(capture):
         return None
     ids = ActivationStore(Path(capture)).tokens()[:, 1:].reshape(-1).long()
     counts = ids.bincount()

@@ -9,6 +9,7 @@ takes the windows on which its code is zero everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -29,30 +30,28 @@ class WindowPool:
     """[W, T, k] latent indices of the codes."""
     n_latents: int
     """The SAE's width."""
-    fires: Tensor | None = None
-    """[W, n] bool: latent f fires somewhere in window w (built on first use)."""
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
     def silent_windows(self, feature: int) -> list[int]:
         """Windows on which ``feature`` never fires."""
-        return torch.nonzero(~self._fires()[:, feature]).flatten().tolist()
+        return torch.nonzero(~self.fires[:, feature]).flatten().tolist()
 
     def activations(self, window: int, feature: int) -> list[float]:
         """``feature``'s activation on each token of ``window`` ([T])."""
         hit = (self.indices[window] == feature) & (self.values[window] > 0)
         return (self.values[window] * hit).sum(-1).tolist()
 
-    def _fires(self) -> Tensor:
-        """The [W, n] firing matrix, from one scatter over every code (a latent's silent
-        windows are then a column read, not a pass over all W·T·k codes)."""
-        if self.fires is None:
-            flat = self.indices.flatten(1).long()
-            fired = (self.values.flatten(1) > 0).to(torch.uint8)
-            counts = torch.zeros(len(self), self.n_latents, dtype=torch.uint8)
-            self.fires = counts.scatter_reduce_(1, flat, fired, "amax").bool()
-        return self.fires
+    @cached_property
+    def fires(self) -> Tensor:
+        """[W, n] bool: latent f fires somewhere in window w. One scatter over every code,
+        built on first use, so a latent's silent windows are a column read, not a pass
+        over all W·T·k codes."""
+        flat = self.indices.flatten(1).long()
+        fired = (self.values.flatten(1) > 0).to(torch.uint8)
+        counts = torch.zeros(len(self), self.n_latents, dtype=torch.uint8)
+        return counts.scatter_reduce_(1, flat, fired, "amax").bool()
 
 
 @torch.no_grad()

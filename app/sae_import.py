@@ -46,13 +46,16 @@ class FolderSae:
     latents: int
     model: str | None
     layer: int | None
-    """The block whose output (the residual stream) it reads, when the folder says."""
+    """The block it reads (its output, the residual stream; a transcoder its MLP's input),
+    when the folder says."""
+    kind: str = "SAE"
+    """SAE, transcoder or skip-transcoder."""
 
     def describe(self) -> str:
         """One line: 'a dictionary_learning batchtopk SAE: d_in 64, 256 latents, ...'."""
         model = f"model {self.model}" if self.model else "no model named"
         layer = f"layer {self.layer}" if self.layer is not None else "no layer named"
-        return (f"a {self.source_format} {self.architecture} SAE: d_in {self.d_in}, "
+        return (f"a {self.source_format} {self.architecture} {self.kind}: d_in {self.d_in}, "
                 f"{self.latents:,} latents, {model}, {layer}")
 
 
@@ -69,7 +72,13 @@ def read_folder(folder: Path) -> FolderSae:
     return FolderSae(path=Path(folder).resolve(), source_format=source,
                      architecture=sae.cfg.architecture, d_in=sae.cfg.d_in,
                      latents=sae.cfg.n_latents, model=cfg.get("model_name") or None,
-                     layer=None if layer is None else int(layer))
+                     layer=None if layer is None else int(layer), kind=_kind(sae.cfg))
+
+
+def _kind(cfg) -> str:
+    if not cfg.transcoder:
+        return "SAE"
+    return "skip-transcoder" if cfg.skip else "transcoder"
 
 
 def import_params(folder: Path, *, model: str | None, layer: int | None, dataset: str,

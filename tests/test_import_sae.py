@@ -1,7 +1,8 @@
 """SAEs written by the real libraries — SAELens (ReLU, TopK, BatchTopK, JumpReLU with
-per-latent thresholds, gated) and EleutherAI's sparsify (TopK) — saved with their own save
-functions, loaded by saelab, and encoded to the same codes as the library's own
-``encode``; then ``saelab import-sae`` analyses one into the store."""
+per-latent thresholds, gated, and its four transcoders) and EleutherAI's sparsify (TopK) —
+saved with their own save functions, loaded by saelab, and encoded to the same codes as the
+library's own ``encode``; then ``saelab import-sae`` analyses an SAE and a transcoder into
+the store."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
+from training.data.activations import ActivationStore
 from training.sae.folder import SaeLoadError, load_sae
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is part of the dev extra")
@@ -144,3 +146,113 @@ def test_import_sae_analyses_a_foreign_sae_into_the_store(tmp_path, tiny_llama_d
     assert listed[0]["analysed_tokens"] >= 2048
     bad = runner.invoke(app, ["import-sae", str(tmp_path), "--now"], env=env)
     assert bad.exit_code == 2 and "not an SAE folder" in bad.output
+
+
+TRANSCODERS = ["transcoder", "skip_transcoder", "jumprelu_transcoder",
+               "jumprelu_skip_transcoder"]
+
+
+def _saelens_transcoder(arch: str, model: str = "tiny", layer: int = 1, **hooks: str):
+    """An SAELens transcoder of ``arch`` from block ``layer``'s MLP input to its output."""
+    from sae_lens.saes import transcoder as tc
+
+    cls, config = {"transcoder": (tc.Transcoder, tc.TranscoderConfig),
+                   "skip_transcoder": (tc.SkipTranscoder, tc.SkipTranscoderConfig),
+                   "jumprelu_transcoder": (tc.JumpReLUTranscoder, tc.JumpReLUTranscoderConfig),
+                   "jumprelu_skip_transcoder": (tc.JumpReLUSkipTranscoder,
+                                                tc.JumpReLUSkipTranscoderConfig)}[arch]
+    cfg = config(d_in=D, d_sae=N, d_out=D, apply_b_dec_to_input=False)
+    cfg.metadata.model_name = model
+    cfg.metadata.hook_name = hooks.get("hook_name", f"blocks.{layer}.ln2.hook_normalized")
+    cfg.metadata.hook_name_out = hooks.get("hook_name_out", f"blocks.{layer}.hook_mlp_out")
+    made = cls(cfg)
+    _randomised(made)
+    return made
+
+
+@pytest.mark.parametrize("arch", TRANSCODERS)
+def test_saelens_transcoders_run_like_saelens(arch, tmp_path) -> None:
+    transcoder = _saelens_transcoder(arch)
+    transcoder.save_model(tmp_path)
+    x = torch.randn(200, D) * 3
+    ours, cfg = load_sae(tmp_path)
+    assert (cfg["hook_layer"], cfg["model_name"], cfg["site"]) == (1, "tiny", "mlp")
+    assert ours.cfg.transcoder and ours.cfg.skip == ("skip" in arch)
+    # a ReLU transcoder is a JumpReLU one at θ = 0, which saelab runs as BatchTopK at θ = 0
+    assert ours.cfg.architecture == ("jumprelu" if arch.startswith("jumprelu") else "batchtopk")
+    with torch.no_grad():
+        got, expected = ours.dense_latents(x), transcoder.encode(x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert 0 < int((got > 0).sum()) < got.numel(), "the inputs must fire some latents"
+        torch.testing.assert_close(ours.forward_output(x), transcoder(x), atol=1e-3,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("hooks, problem", [
+    ({"hook_name": "blocks.1.hook_resid_mid"}, "MLP input after its norm"),
+    ({"hook_name": "blocks.1.hook_mlp_in"}, "MLP input after its norm"),
+    ({"hook_name_out": "blocks.2.hook_mlp_out"}, "blocks.1.hook_mlp_out"),
+    ({"hook_name_out": "blocks.1.hook_resid_post"}, "blocks.1.hook_mlp_out")])
+def test_transcoders_of_other_sites_are_refused(hooks, problem, tmp_path) -> None:
+    _saelens_transcoder("skip_transcoder", **hooks).save_model(tmp_path)
+    with pytest.raises(SaeLoadError, match=problem):
+        load_sae(tmp_path)
+
+
+def test_transcoders_between_widths_are_refused(tmp_path) -> None:
+    from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+
+    cfg = TranscoderConfig(d_in=D, d_sae=N, d_out=2 * D, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name, cfg.metadata.hook_name_out = ("blocks.1.ln2.hook_normalized",
+                                                          "blocks.1.hook_mlp_out")
+    Transcoder(cfg).save_model(tmp_path)
+    with pytest.raises(SaeLoadError, match="from width 64 to 128"):
+        load_sae(tmp_path)
+
+
+def test_import_sae_analyses_a_saelens_transcoder(tmp_path, tiny_llama_dir, tiny_model) -> None:
+    """A JumpReLU skip-transcoder of the tiny model's block 1 (circuit-tracer's hook name),
+    imported: the analysis captures that MLP's input, and the SAE page says what it is."""
+    from fastapi.testclient import TestClient
+
+    from app.sae_import import read_folder
+    from app.settings import Settings
+    from app.web.main import create_app
+
+    transcoder = _saelens_transcoder("jumprelu_skip_transcoder", str(tiny_llama_dir),
+                                     hook_name="blocks.1.mlp.hook_in")
+    with torch.no_grad():  # a per-latent threshold low enough that the MLP input fires it
+        transcoder.threshold.copy_(torch.rand(N) * 0.2)
+    folder = tmp_path / "transcoder"
+    transcoder.save_model(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"),
+           "SAELAB_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
+    result = runner.invoke(app, ["import-sae", str(folder), "--dataset", str(corpus),
+                                 "--tokens", "2048", "--now", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert read_folder(folder).describe().startswith(
+        "a saelens jumprelu skip-transcoder: d_in 64, 96 latents")
+    job = json.loads(result.stdout.strip().splitlines()[-1])
+    assert job["state"] == "succeeded", job["message"]
+    listed = json.loads(runner.invoke(app, ["saes", "--json"], env=env).stdout)
+    assert [(s["architecture"], s["site"], s["skip"], s["layer"]) for s in listed] == [
+        ("jumprelu", "mlp", True, 1)]
+    features = json.loads(runner.invoke(
+        app, ["features", str(listed[0]["id"]), "--limit", str(N), "--json"], env=env).stdout)
+    [manifest] = (tmp_path / "data").rglob("manifest.json")  # the job's own capture
+    capture = ActivationStore(manifest.parent)
+    assert capture.manifest.site == "mlp" and capture.manifest.layer == 1
+    ours, _ = load_sae(folder)
+    with torch.no_grad():
+        rows = capture.shard(0)[:listed[0]["analysed_tokens"]].float()
+        peaks = ours.dense_latents(rows).amax(0)
+    stored = torch.tensor([f["max_activation"] for f in features])
+    assert int((stored > 0).sum()) > N // 4, "the MLP input fires many latents"
+    torch.testing.assert_close(stored, peaks, atol=1e-3, rtol=1e-3)
+    client = TestClient(create_app(Settings(data_dir=tmp_path / "data",
+                                            database_url=env["SAELAB_DATABASE_URL"])))
+    page = client.get(f"/saes/{listed[0]['id']}")
+    assert page.status_code == 200
+    assert "skip-transcoder: it reads the input of block 1" in page.text

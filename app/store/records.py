@@ -17,7 +17,8 @@ def _when(value: datetime | None) -> str | None:
 def sae_record(sae: Sae) -> dict[str, Any]:
     return {"id": sae.id, "name": sae.name, "model": sae.model.name, "layer": sae.layer,
             "d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k,
-            "architecture": sae.architecture, "analysed_tokens": sae.analysed_tokens,
+            "architecture": sae.architecture, "site": (sae.config or {}).get("site", "resid"),
+            "skip": bool((sae.config or {}).get("skip")), "analysed_tokens": sae.analysed_tokens,
             "dead_share": sae.dead_share,
             "path": sae.path, "metrics": sae.metrics, "created_at": _when(sae.created_at)}
 

@@ -29,6 +29,11 @@ from training.sae.saelens import (
     check_shapes,
 )
 from training.sae.saelens_layout import normalise_layout
+from training.sae.saelens_transcoder_read import (
+    SAELENS_TRANSCODERS,
+    convert_saelens_transcoder,
+    is_saelens_transcoder,
+)
 
 Weights = dict[str, torch.Tensor]
 """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (float64)."""
@@ -55,7 +60,9 @@ def read_saelens_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     (computed in float64): ``rescale_acts_by_decoder_norm``, ``apply_b_dec_to_input: false``,
     a v5 ``finetuning_scaling_factor``, and an ``expected_average_only_in`` scaling factor
     or a ``covariance_whitening`` transform when the folder holds them (SAELens training
-    checkpoints). Anything else raises ValueError.
+    checkpoints). SAELens' transcoders (``transcoder``, ``skip_transcoder`` and their
+    ``jumprelu_`` forms) come back as saelab's MLP-site SAEs (``site: "mlp"``, ``skip``),
+    read by :mod:`training.sae.saelens_transcoder_read`. Anything else raises ValueError.
     """
     path = Path(path)
     cfg_path = path / CFG_FILE
@@ -84,6 +91,8 @@ def convert_saelens_sae(raw_cfg: dict[str, Any], state: dict[str, torch.Tensor],
         raise ValueError("this is an EleutherAI sparsify checkpoint (encoder.weight), not an "
                          "SAELens one: load_sae reads it as such")
     cfg, layout = normalise_layout(raw_cfg)
+    if is_saelens_transcoder(cfg):
+        return convert_saelens_transcoder(cfg, state)
     arch, (d_in, d_sae) = _checked_architecture(cfg), _dims(cfg)
     metadata: dict[str, Any] = cfg["metadata"]
     hook_layer, hook_name = _residual_hook(cfg, metadata)
@@ -123,7 +132,7 @@ def _checked_architecture(cfg: dict[str, Any]) -> str:
     arch = cfg["architecture"]
     if arch not in SUPPORTED_SAELENS_ARCHITECTURES:
         raise ValueError(f"unsupported SAELens architecture {arch!r}: saelab reads "
-                         f"{', '.join(SUPPORTED_SAELENS_ARCHITECTURES)}")
+                         f"{', '.join((*SUPPORTED_SAELENS_ARCHITECTURES, *SAELENS_TRANSCODERS))}")
     return arch
 
 

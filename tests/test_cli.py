@@ -260,6 +260,19 @@ def test_bench_eval_compares_shared_prefix_with_whole_passes(env) -> None:
     _one_line_error(invoke(env, "bench", "eval", "--layer", 9), "layer 9")
 
 
+def test_bench_eval_family_times_a_sweeps_evaluation(env) -> None:
+    result = invoke(env, "bench", "eval", "--layer", 1, "--tokens", 300, "--batch", 2,
+                    "--family", 3)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["saes"] == 3 and figures["k"] == [16, 32, 64]
+    assert figures["max_rel_diff"] < 1e-6  # together or alone: the same figures
+    assert set(figures["tokens_per_s_per_sae"]) == {"family", "alone", "whole"}
+    assert figures["family_vs_alone"] > 0 and figures["family_vs_whole_passes"] > 0
+    too_many = invoke(env, "bench", "eval", "--layer", 1, "--family", 17)
+    assert too_many.exit_code == 2 and "'--family'" in too_many.output
+
+
 def test_train_a_matryoshka_sae(env, acts, tmp_path) -> None:
     result = invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8, "--batch", 512,
                     "--tokens", 4096, "--arch", "batchtopk", "--matryoshka", "32,64",

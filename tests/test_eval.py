@@ -33,6 +33,53 @@ def test_shared_prefix_equals_three_whole_passes(tiny_model, layer, monkeypatch)
     assert shared.kl > 0 and shared.ce_ablate != shared.ce_clean and shared.tokens == 6 * 39
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_family_gets_the_figures_each_sae_gets_alone(tiny_model, share_prefix,
+                                                        monkeypatch) -> None:
+    """A sweep's SAEs evaluated together (one clean pass per batch for all) get exactly
+    the figures ``evaluate`` gives each of them alone."""
+    torch.manual_seed(7)
+    family = [SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8)),
+              SparseAutoencoder(SaeConfig(d_in=64, n_latents=256, k=16)),
+              SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=4,
+                                          architecture="batchtopk"))]
+    monkeypatch.setattr(metrics, "LOSS_CHUNK", 37)
+    together = metrics.evaluate_family(tiny_model, family, 2, _batches(3), progress=False,
+                                       share_prefix=share_prefix)
+    alone = [metrics.evaluate(tiny_model, sae, 2, _batches(3), progress=False,
+                              share_prefix=share_prefix) for sae in family]
+    for got, expected in zip(together, alone, strict=True):
+        for name, value in expected.to_dict().items():
+            assert getattr(got, name) == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    assert len({round(m.ce_sae, 6) for m in together}) == 3  # three different SAEs
+    assert len({m.ce_clean for m in together}) == 1
+
+
+def test_a_family_is_one_site_of_one_width(tiny_model) -> None:
+    resid = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8))
+    mlp = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8, architecture="batchtopk",
+                                      site="mlp"))
+    with pytest.raises(ValueError, match="different sites"):
+        metrics.evaluate_family(tiny_model, [resid, mlp], 1, _batches(), progress=False)
+    with pytest.raises(ValueError, match="no SAEs"):
+        metrics.evaluate_family(tiny_model, [], 1, _batches(), progress=False)
+    wide = SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4))
+    with pytest.raises(ValueError, match="d_in=32"):
+        metrics.evaluate_family(tiny_model, [resid, wide], 1, _batches(), progress=False)
+
+
+def test_low_precision_logits_get_float32_log_probs() -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 300) * 4).bfloat16()
+    ids = torch.randint(0, 300, (2, 6))
+    log_p, ce = metrics._clean_log_probs(logits, ids)
+    expected = torch.log_softmax(logits.float(), -1)
+    assert log_p.dtype == torch.float32
+    torch.testing.assert_close(log_p, expected, rtol=0, atol=1e-6)
+    picked = expected.gather(2, ids[:, 1:].unsqueeze(2))
+    assert ce == pytest.approx(-float(picked.sum()), rel=1e-6)
+
+
 def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) -> None:
     config = tiny_model.model.config
     assert metrics._Suffix.of(tiny_model, 1) is not None

@@ -157,17 +157,20 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def evaluate_stage(lm, sae, store, sae_dir: Path, tokens: int) -> None:
-    """CE loss recovered, KL, FVU ... with the SAE spliced in, on the text that follows its
-    capture (text the SAE was not trained on), saved as the folder's ``eval.json``."""
+def evaluate_stage(lm, saes: dict[Path, object], store, tokens: int) -> None:
+    """CE loss recovered, KL, FVU ... of each SAE (by folder) spliced in, on the text that
+    follows its capture (text the SAE was not trained on), saved as each folder's
+    ``eval.json``. Several SAEs of one capture (a sweep's) share each batch's clean pass."""
     from app.store.persist import EVAL_FILE
-    from training.train.metrics import evaluate_sae_on_dataset
+    from training.train.metrics import evaluate_family_on_dataset
 
     manifest = store.manifest
-    metrics = evaluate_sae_on_dataset(lm, sae, manifest.layer, dataset=manifest.dataset,
-                                      tokens=tokens, context=manifest.context,
-                                      skip_contexts=manifest.contexts, progress=False)
-    (sae_dir / EVAL_FILE).write_text(json.dumps(metrics.to_dict(), indent=2))
+    metrics = evaluate_family_on_dataset(lm, list(saes.values()), manifest.layer,
+                                         dataset=manifest.dataset, tokens=tokens,
+                                         context=manifest.context,
+                                         skip_contexts=manifest.contexts, progress=False)
+    for sae_dir, figures in zip(saes, metrics, strict=True):
+        (Path(sae_dir) / EVAL_FILE).write_text(json.dumps(figures.to_dict(), indent=2))
 
 
 def _die_with_parent() -> None:
@@ -182,9 +185,12 @@ def _die_with_parent() -> None:
 
 
 def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,
-                  acts: str | None, directory: Path | None = None) -> int:
+                  acts: str | None, directory: Path | None = None, *,
+                  evaluate: bool = True) -> int:
     """Analyse every latent of the SAE and persist it; returns the SAE's store id. Without
-    a capture (an imported SAE) the job's dataset is captured first, at the SAE's layer."""
+    a capture (an imported SAE) the job's dataset is captured first, at the SAE's layer.
+    ``evaluate=False``: its ``eval.json`` is written already (a sweep evaluates its SAEs
+    together)."""
     from app.store.persist import save_analysis, token_texts
     from training.analysis.latents import analyse_capture, checked_capture
     from training.sae.folder import load_sae
@@ -211,9 +217,9 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
 
     result = analyse_capture(sae.to(lm.device), store, lm.model.get_output_embeddings().weight,
                              max_tokens=params.analyze_tokens, progress=False, on_chunk=report)
-    if params.eval_tokens:
+    if params.eval_tokens and evaluate:
         run.update(force=True, message="evaluating the SAE spliced into the model")
-        evaluate_stage(lm, sae, store, Path(sae_dir), params.eval_tokens)
+        evaluate_stage(lm, {Path(sae_dir): sae}, store, params.eval_tokens)
     run.update(force=True, message=f"saving {sae.cfg.n_latents} latents to the store")
     sae_id = save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg,
                            model_name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,

@@ -74,10 +74,37 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
 
     saes, acts = result["saes"], result.get("acts") or params.acts
     done = result.setdefault("sae_ids", {})
+    if params.eval_tokens:
+        evaluate_members(run, params, settings, [Path(sae_dir) for name, sae_dir in
+                                                 saes.items() if name not in done], acts)
     for number, (name, sae_dir) in enumerate(saes.items(), start=1):
         if name in done:
             continue
         run.update(force=True, message=f"analysing {name} ({number} of {len(saes)})")
-        done[name] = analyze_stage(run, params, settings, sae_dir, acts, directory)
+        done[name] = analyze_stage(run, params, settings, sae_dir, acts, directory,
+                                   evaluate=False)
         run.update(force=True, result=dict(result))
     return done
+
+
+def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
+                     folders: list[Path], acts: str) -> None:
+    """Evaluate the sweep's SAEs in ``folders`` that have no ``eval.json`` yet together,
+    on the same batches (one clean pass per batch for all, then each SAE's spliced pass),
+    each into its folder's ``eval.json``. A folder's ``eval.json`` is this job's own: the
+    sweep writes each folder afresh, so one that is there was written after it."""
+    from app.store.persist import EVAL_FILE
+    from training.data.activations import ActivationStore
+    from training.sae.folder import load_sae
+    from worker.stages import evaluate_stage, load_model
+
+    todo = [folder for folder in folders if not (folder / EVAL_FILE).is_file()]
+    if not todo:
+        return
+    run.update(force=True, message=f"evaluating {len(todo)} SAEs spliced into the model, "
+                                   "on the same batches")
+    loaded = {folder: load_sae(folder) for folder in todo}
+    model = params.model or next(iter(loaded.values()))[1].get("model_name")
+    lm = load_model(JobParams(**{**params.model_dump(), "model": model}), settings)
+    saes = {folder: sae.to(lm.device) for folder, (sae, _) in loaded.items()}
+    evaluate_stage(lm, saes, ActivationStore(Path(acts)), params.eval_tokens)

@@ -75,12 +75,17 @@ def bench_eval(
     layer: Annotated[int, typer.Option("--layer", help="block, without --sae")] = 15,
     tokens: Annotated[int, typer.Option("--tokens", help="timed tokens per path")] = 4096,
     batch: Annotated[int, typer.Option("--batch", help="contexts per batch")] = 8,
+    family: Annotated[int, typer.Option("--family", help="S > 1: S random SAEs (n=8192, "
+                                        "k=16, 32, 64, ...) evaluated together, as a "
+                                        "sweep's are, vs each alone", min=1, max=16)] = 1,
     device: DeviceOpt = None,
 ) -> None:
-    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes."""
+    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes (with
+    --family, a sweep's SAEs evaluated together vs each alone)."""
     import torch
 
     from training.bench.evaluation import bench_eval as run
+    from training.bench.evaluation import bench_family as run_family
     from training.sae.autoencoder import SaeConfig, SparseAutoencoder
     from training.sae.folder import load_sae
 
@@ -95,7 +100,14 @@ def bench_eval(
             torch.manual_seed(0)
             loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
         lm.check_layer(layer)
-        result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
+        if family > 1:
+            if sae is not None:
+                raise ValueError("--family times random SAEs: leave out --sae")
+            result = run_family(lm, [SparseAutoencoder(SaeConfig(
+                d_in=lm.d_model, n_latents=8192, k=16 * 2 ** (i % 3))).to(lm.device)
+                for i in range(family)], layer, tokens=tokens, batch=batch)
+        else:
+            result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
     typer.echo(json.dumps(result))
 
 

@@ -2,6 +2,8 @@
 passes, on the same batches, alternated batch by batch.
 
 Both paths compute the same figures (checked: ``max_rel_diff``); only their cost differs.
+``bench_family`` times a sweep's evaluation: S SAEs of one layer evaluated together
+(one clean pass per batch for all) against each evaluated alone, both ways.
 The clean pass always runs the whole model; the shared path then runs blocks L+1.. and the
 LM head twice (spliced, ablated) where the whole path runs the model twice more, so the
 gain grows with how early block L is and shrinks with the LM head's share of the cost.
@@ -17,7 +19,7 @@ import torch
 from training.bench.timing import timed
 from training.data.models import LoadedModel
 from training.sae.autoencoder import SparseAutoencoder
-from training.train.metrics import dataset_batches, evaluate
+from training.train.metrics import dataset_batches, evaluate, evaluate_family
 
 
 def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: int = 4096,
@@ -54,3 +56,40 @@ def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
             other = right[name]
             worst = max(worst, abs(value - other) / max(abs(other), 1e-9))
     return worst
+
+
+def bench_family(lm: LoadedModel, saes: list[SparseAutoencoder], layer: int, *,
+                 tokens: int = 4096, batch: int = 8, context: int = 128,
+                 dataset: str = "embedded") -> dict[str, Any]:
+    """Per-SAE tokens/s of evaluating ``saes`` together (``evaluate_family``) and each
+    alone, with the shared prefix and with three whole passes; the three paths alternate
+    batch by batch, medians over the batches after a warm-up one. ``max_rel_diff``: the
+    family's figures against each SAE's alone."""
+    batches = list(dataset_batches(lm, dataset, tokens=tokens + batch * (context - 1),
+                                   context=context, batch=batch))
+    if len(batches) < 3:
+        raise ValueError(f"--tokens {tokens}: too few for two timed batches of {batch}")
+    paths = {
+        "family": lambda ids: evaluate_family(lm, saes, layer, [ids], progress=False),
+        "alone": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False)
+                              for sae in saes],
+        "whole": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False,
+                                       share_prefix=False) for sae in saes]}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    figures: dict[str, list[dict]] = {name: [] for name in paths}
+    for index, ids in enumerate(batches):
+        for name, path in paths.items():
+            seconds, results = timed(lambda ids=ids, path=path: path(ids))
+            if index:
+                times[name].append(seconds / sum(r.tokens for r in results))
+                figures[name].extend(r.to_dict() for r in results)
+    rates = {name: 1 / statistics.median(per_token) for name, per_token in times.items()}
+    return {"bench": "eval-family", "model": lm.name, "layer": layer,
+            "n_layers": lm.n_layers, "saes": len(saes),
+            "n": [sae.cfg.n_latents for sae in saes], "k": [sae.cfg.k for sae in saes],
+            "batch": batch, "context": context, "timed_batches": len(times["family"]),
+            "threads": torch.get_num_threads(), "device": str(lm.device),
+            "tokens_per_s_per_sae": rates,
+            "family_vs_alone": rates["family"] / rates["alone"],
+            "family_vs_whole_passes": rates["family"] / rates["whole"],
+            "max_rel_diff": _max_rel_diff(figures["family"], figures["alone"])}

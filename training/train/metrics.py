@@ -7,8 +7,10 @@ embeddings, mask), and the spliced pass runs only blocks L+1.. and the LM head f
 edited output (``_Suffix``; models whose layout it does not know run three whole passes).
 The ablated pass does not depend on the text in those models, so it runs once per (model,
 layer, context length) and each batch reads its CE from the cached log-probabilities
-(``training.train.ablation``). The losses are computed a chunk of positions at a time,
-so the [tokens, vocab] log-probabilities never exist whole. BOS positions are left
+(``training.train.ablation``). The losses are computed a chunk of positions at a time;
+the clean log-probabilities take the clean logits' place and serve every SAE of a family
+(``evaluate_family``: a sweep's SAEs on the same batches, one clean pass for all, each SAE
+adding only its spliced pass), so no second [B, T, vocab] tensor exists. BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
 MLP output instead (its prediction from the MLP's input; zero for the ablation), in three
 whole passes. Reported:
@@ -23,7 +25,7 @@ whole passes. Reported:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -110,12 +112,49 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
     """Metrics of ``sae`` (raw-activation units) at block ``layer`` over batches of contexts
     [B, T] (BOS first); ``share_prefix=False`` runs three whole passes per batch (the
     reference the benchmark compares with)."""
-    lm.check_layer(layer)
-    if sae.cfg.d_in != lm.d_model:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name}'s d={lm.d_model}")
-    sae.eval()
-    totals = _Totals(sae.cfg.n_latents)
+    return evaluate_family(lm, [sae], layer, contexts, total_tokens=total_tokens,
+                           progress=progress, share_prefix=share_prefix)[0]
 
+
+@torch.inference_mode()
+def evaluate_family(lm: LoadedModel, saes: Sequence[SparseAutoencoder], layer: int,
+                    contexts: Iterable[Tensor], *, total_tokens: int | None = None,
+                    progress: bool = True, share_prefix: bool = True) -> list[EvalMetrics]:
+    """:func:`evaluate` of several SAEs of one site of block ``layer`` (a sweep's) on the
+    same batches: each batch's clean pass, its log-probabilities and the ablated CE are
+    computed once for all of them, and each SAE adds only its spliced pass (blocks L+1..
+    and the LM head). Each SAE's figures are those ``evaluate`` gives it alone."""
+    if not saes:
+        raise ValueError("no SAEs to evaluate")
+    lm.check_layer(layer)
+    for sae in saes:
+        if sae.cfg.d_in != lm.d_model:
+            raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match {lm.name}'s "
+                             f"d={lm.d_model}")
+    sites = {sae.cfg.site for sae in saes}
+    if len(sites) > 1:
+        raise ValueError("SAEs of different sites (residual stream and MLP) are evaluated "
+                         "apart: their edits differ")
+    site = sites.pop()
+    totals = [_Totals(sae.cfg.n_latents) for sae in saes]
+    splices = [_splicer(sae.eval(), total) for sae, total in zip(saes, totals, strict=True)]
+    if site == "mlp":
+        share_prefix = False  # the edit is inside block L: no shared block-L output
+    suffix = _Suffix.of(lm, layer) if share_prefix else None
+    bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
+    with bar:
+        for ids in contexts:
+            ids = ids.to(lm.device)
+            _evaluate_batch(lm, layer, ids, totals, splices, suffix, site)
+            bar.update(ids.numel() - ids.shape[0])
+    if totals[0].tokens == 0:
+        raise ValueError("evaluation saw no tokens")
+    return [total.finish() for total in totals]
+
+
+def _splicer(sae: SparseAutoencoder, totals: _Totals):
+    """The edit that splices ``sae`` in, adding its reconstruction error and code to
+    ``totals``."""
     def splice(h: Tensor, source: Tensor | None = None) -> Tensor:
         """h [B, T, d] -> the SAE's reconstruction of it (or the transcoder's prediction of
         it from ``source``, the MLP's input) after position 0."""
@@ -128,43 +167,43 @@ def evaluate(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
         out[:, 1:] = y_hat.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
         return out
 
-    if sae.cfg.transcoder:
-        share_prefix = False  # the edit is inside block L: no shared block-L output
-    suffix = _Suffix.of(lm, layer) if share_prefix else None
-    bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
-    with bar:
-        for ids in contexts:
-            ids = ids.to(lm.device)
-            _evaluate_batch(lm, layer, ids, totals, splice, suffix, sae.cfg.site)
-            bar.update(ids.numel() - ids.shape[0])
-    if totals.tokens == 0:
-        raise ValueError("evaluation saw no tokens")
-    return totals.finish()
+    return splice
 
 
-def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: _Totals,
-                    splice, suffix: _Suffix | None, site: str = "resid") -> None:
-    """One batch's three passes: sharing the forward up to block L through ``suffix`` and
-    reading CE_ablate from the shared ablated pass, or (None) as three whole passes
-    (editing block L's output, or its MLP's at ``mlp``)."""
+def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Totals],
+                    splices: list, suffix: _Suffix | None, site: str = "resid") -> None:
+    """One batch: the clean pass (sharing the forward up to block L through ``suffix``, or
+    whole when it is None), then each SAE's spliced pass; CE_ablate from the shared
+    ablated pass, or a whole zero-ablated pass (editing block L's output, or its MLP's at
+    ``mlp``)."""
     if suffix is None:
         clean = lm.model(input_ids=ids, use_cache=False).logits
-        with edit_site(lm.blocks, layer, site, splice):
-            spliced = lm.model(input_ids=ids, use_cache=False).logits
         with edit_site(lm.blocks, layer, site, zero_after_bos):
             ce_ablate = _summed_ce_of_logits(lm.model(input_ids=ids, use_cache=False).logits,
                                              ids)
+
+        def spliced(splice) -> Tensor:
+            with edit_site(lm.blocks, layer, site, splice):
+                return lm.model(input_ids=ids, use_cache=False).logits
     else:
         ablated = ablated_log_probs(lm, layer, ids)
         with suffix.recording():
             clean = lm.model(input_ids=ids, use_cache=False).logits
-        spliced = suffix.logits(splice(suffix.hidden))
         if ablated is not None:
             ce_ablate = summed_ce(ablated, ids)
         else:  # e.g. contexts that start with different tokens
             ce_ablate = _summed_ce_of_logits(suffix.logits(zero_after_bos(suffix.hidden)), ids)
-    totals.ce["ablate"] += ce_ablate
-    _add_losses(totals, clean, spliced, ids)
+
+        def spliced(splice) -> Tensor:
+            return suffix.logits(splice(suffix.hidden))
+    log_p, ce_clean = _clean_log_probs(clean, ids)
+    for total, splice in zip(totals, splices, strict=True):
+        ce_sae, kl = _spliced_losses(log_p, spliced(splice), ids)
+        total.ce["clean"] += ce_clean
+        total.ce["ablate"] += ce_ablate
+        total.ce["sae"] += ce_sae
+        total.kl += kl
+        total.predicted += ids.numel() - ids.shape[0]
 
 
 LOSS_CHUNK = 512
@@ -181,20 +220,32 @@ def _chunks(ids: Tensor) -> Iterator[tuple[int, slice, Tensor]]:
             yield b, slice(start, stop), ids[b, start + 1: stop + 1].unsqueeze(1)
 
 
-def _add_losses(totals: _Totals, clean: Tensor, spliced: Tensor, ids: Tensor) -> None:
-    """Summed next-token CE of the clean and spliced logits [B, ≥ T − 1, V] and
-    KL(clean ‖ spliced), each log-softmax computed once per chunk and reused."""
-    sums = torch.zeros(3, dtype=torch.float64, device=clean.device)
+def _clean_log_probs(logits: Tensor, ids: Tensor) -> tuple[Tensor, float]:
+    """float32 log-probabilities of the clean logits [B, ≥ T − 1, V] at the predicted
+    positions of ids, which every SAE of a family reuses, and their summed next-token CE.
+    float32 logits become them in place (a chunk at a time: no second [B, T, V] tensor);
+    lower-precision ones get a float32 copy, so the KL never reads rounded log-probs."""
+    out = logits if logits.dtype == torch.float32 else torch.empty(
+        logits.shape, dtype=torch.float32, device=logits.device)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for b, positions, target in _chunks(ids):
-        log_p = F.log_softmax(clean[b, positions].float(), -1)
+        log_p = F.log_softmax(logits[b, positions].float(), -1)
+        out[b, positions] = log_p
+        total -= log_p.gather(1, target).sum().double()
+    return out, float(total)
+
+
+def _spliced_losses(clean_log_p: Tensor, spliced: Tensor, ids: Tensor) -> tuple[float, float]:
+    """Summed next-token CE of the spliced logits [B, ≥ T − 1, V] and KL(clean ‖ spliced),
+    from the clean log-probabilities of :func:`_clean_log_probs`; one log-softmax."""
+    sums = torch.zeros(2, dtype=torch.float64, device=spliced.device)
+    for b, positions, target in _chunks(ids):
+        log_p = clean_log_p[b, positions]
         log_q = F.log_softmax(spliced[b, positions].float(), -1)
-        sums += torch.stack([log_p.gather(1, target).sum(), log_q.gather(1, target).sum(),
+        sums += torch.stack([-log_q.gather(1, target).sum(),
                              (log_p.exp() * (log_p - log_q)).sum()]).double()
-    ce_clean, ce_sae, kl = sums.tolist()
-    totals.ce["clean"] -= ce_clean
-    totals.ce["sae"] -= ce_sae
-    totals.kl += kl
-    totals.predicted += ids.numel() - ids.shape[0]
+    ce_sae, kl = sums.tolist()
+    return ce_sae, kl
 
 
 def _summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:
@@ -277,6 +328,16 @@ def dataset_batches(lm: LoadedModel, dataset: str, *, tokens: int, context: int,
 def evaluate_sae_on_dataset(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *,
                             dataset: str, tokens: int, context: int = 128, batch: int = 8,
                             skip_contexts: int = 0, progress: bool = True) -> EvalMetrics:
+    return evaluate_family_on_dataset(lm, [sae], layer, dataset=dataset, tokens=tokens,
+                                      context=context, batch=batch,
+                                      skip_contexts=skip_contexts, progress=progress)[0]
+
+
+def evaluate_family_on_dataset(lm: LoadedModel, saes: Sequence[SparseAutoencoder],
+                               layer: int, *, dataset: str, tokens: int, context: int = 128,
+                               batch: int = 8, skip_contexts: int = 0, progress: bool = True
+                               ) -> list[EvalMetrics]:
+    """:func:`evaluate_family` on ``tokens`` predicted tokens of ``dataset``."""
     if tokens < 1:
         raise ValueError("--tokens must be positive")
     if context < 2:
@@ -287,4 +348,4 @@ def evaluate_sae_on_dataset(lm: LoadedModel, sae: SparseAutoencoder, layer: int,
         raise ValueError(f"--skip-contexts must not be negative (got {skip_contexts})")
     batches = dataset_batches(lm, dataset, tokens=tokens, context=context, batch=batch,
                               skip_contexts=skip_contexts)
-    return evaluate(lm, sae, layer, batches, total_tokens=tokens, progress=progress)
+    return evaluate_family(lm, saes, layer, batches, total_tokens=tokens, progress=progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,31 @@ def test_capture_train_eval(env, acts, corpus, tmp_path) -> None:
         (ev["ce_ablate"] - ev["ce_sae"])
         / (ev["ce_ablate"] - ev["ce_clean"]))
     assert ev["delta_lm_loss"] == pytest.approx(ev["ce_sae"] - ev["ce_clean"])
+
+
+def test_eval_of_a_sweeps_saes_together_matches_each_alone(env, acts, corpus, tmp_path
+                                                           ) -> None:
+    result = invoke(env, "train", "--acts", acts, "--latents", "64,128", "--k", 8, "--batch",
+                    512, "--tokens", 512 * 8, "--out", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    folders = sorted((tmp_path / "sweep").iterdir())
+    common = ["--dataset", corpus, "--tokens", 512, "--context", 64]
+    together = invoke(env, "eval", *[a for f in folders for a in ("--sae", f)], *common)
+    assert together.exit_code == 0, together.output
+    listed = json.loads(together.stdout.strip().splitlines()[-1])
+    assert [row["sae"] for row in listed] == [str(f) for f in folders]
+    for row, folder in zip(listed, folders, strict=True):
+        alone = json.loads(invoke(env, "eval", "--sae", folder, *common).stdout.strip()
+                           .splitlines()[-1])
+        for name, value in alone.items():
+            assert row[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    assert listed[0]["ce_sae"] != listed[1]["ce_sae"]
+    moved = tmp_path / "moved"  # the same SAE said to read another layer
+    shutil.copytree(folders[0], moved)
+    cfg = json.loads((moved / "cfg.json").read_text())
+    (moved / "cfg.json").write_text(json.dumps({**cfg, "hook_layer": 1}))
+    _one_line_error(invoke(env, "eval", "--sae", folders[0], "--sae", moved, *common),
+                    "--layer")
 
 
 def test_two_gloo_processes_match_one(env, acts, tmp_path) -> None:

@@ -239,7 +239,9 @@ def _drop_unresumable(out: Path) -> None:
 
 @app.command("eval")
 def evaluate(
-    sae: Annotated[Path, typer.Option("--sae", help="SAE directory")],
+    sae: Annotated[list[Path], typer.Option("--sae", help="SAE directory; repeat it to "
+                                            "evaluate several SAEs of one layer (a sweep's) "
+                                            "together, on the same batches")],
     tokens: Annotated[int, typer.Option("--tokens", help="tokens to evaluate on")] = 8192,
     model: ModelOpt = None,
     dataset: DatasetOpt = "embedded",
@@ -251,19 +253,37 @@ def evaluate(
         "SAE was trained on, when it is the same dataset]")] = None,
     device: DeviceOpt = None,
 ) -> None:
-    """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON."""
+    """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON (of
+    several, a JSON list, each with its "sae")."""
     from training.sae.folder import load_sae
-    from training.train.metrics import evaluate_sae_on_dataset
+    from training.train.metrics import evaluate_family_on_dataset
 
     with cli_errors():
-        sae_module, cfg = load_sae(sae)
-        lm = load_lm(model or cfg.get("model_name"), device)
-        metrics = evaluate_sae_on_dataset(
-            lm, sae_module.to(lm.device), layer if layer is not None else int(cfg["hook_layer"]),
-            dataset=dataset, tokens=tokens, context=context, batch=batch,
-            skip_contexts=_trained_contexts(cfg, dataset, context) if skip_contexts is None
-            else skip_contexts)
-    typer.echo(json.dumps(metrics.to_dict()))
+        loaded = [load_sae(path) for path in sae]
+        cfgs = [cfg for _, cfg in loaded]
+        model = model or _one("--model", [cfg.get("model_name") for cfg in cfgs])
+        where = layer if layer is not None else _one(
+            "--layer", [int(cfg["hook_layer"]) for cfg in cfgs])
+        skip = skip_contexts if skip_contexts is not None else _one(
+            "--skip-contexts", [_trained_contexts(cfg, dataset, context) for cfg in cfgs])
+        lm = load_lm(model, device)
+        metrics = evaluate_family_on_dataset(
+            lm, [module.to(lm.device) for module, _ in loaded], where, dataset=dataset,
+            tokens=tokens, context=context, batch=batch, skip_contexts=skip)
+    if len(sae) == 1:
+        typer.echo(json.dumps(metrics[0].to_dict()))
+    else:
+        typer.echo(json.dumps([{"sae": str(path), **figures.to_dict()}
+                               for path, figures in zip(sae, metrics, strict=True)]))
+
+
+def _one(flag: str, values: list):
+    """The value the SAEs agree on; SAEs that differ are evaluated apart (or given
+    ``flag``)."""
+    if len(set(values)) > 1:
+        raise ValueError(f"the SAEs differ ({', '.join(map(str, values))}): evaluate them "
+                         f"apart, or give {flag}")
+    return values[0]
 
 
 def _trained_contexts(cfg: dict, dataset: str, context: int) -> int:

@@ -1,6 +1,7 @@
 """The Add-an-SAE page: a folder written by saelab, SAELens, sparsify or dictionary_learning
-(inside the allowed roots) is read at once, then queued as the ``analyze`` job that
-``saelab import-sae`` queues (both build it with ``app.sae_import.import_params``).
+(an SAE, or a saelab or SAELens transcoder; inside the allowed roots) is read at once, then
+queued as the ``analyze`` job that ``saelab import-sae`` queues (both build it with
+``app.sae_import.import_params``).
 
 A folder that cannot be read, or that lacks a model or layer nobody gave, comes back as the
 form with the problem under its field (422) and nothing is stored. Registered before the

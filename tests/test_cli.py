@@ -95,6 +95,9 @@ def test_eval_of_a_sweeps_saes_together_matches_each_alone(env, acts, corpus, tm
     (moved / "cfg.json").write_text(json.dumps({**cfg, "hook_layer": 1}))
     _one_line_error(invoke(env, "eval", "--sae", folders[0], "--sae", moved, *common),
                     "--layer")
+    del cfg["hook_layer"]  # a folder that does not say which layer it reads
+    (moved / "cfg.json").write_text(json.dumps(cfg))
+    _one_line_error(invoke(env, "eval", "--sae", moved, *common), "give --layer")
 
 
 def test_two_gloo_processes_match_one(env, acts, tmp_path) -> None:

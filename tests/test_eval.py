@@ -52,7 +52,6 @@ def test_a_family_gets_the_figures_each_sae_gets_alone(tiny_model, share_prefix,
         for name, value in expected.to_dict().items():
             assert getattr(got, name) == pytest.approx(value, rel=1e-6, abs=1e-7), name
     assert len({round(m.ce_sae, 6) for m in together}) == 3  # three different SAEs
-    assert len({m.ce_clean for m in together}) == 1
 
 
 def test_a_family_is_one_site_of_one_width(tiny_model) -> None:

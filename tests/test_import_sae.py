@@ -199,6 +199,46 @@ def test_transcoders_of_other_sites_are_refused(hooks, problem, tmp_path) -> Non
         load_sae(tmp_path)
 
 
+def test_circuit_tracers_output_hook_and_a_log_threshold_are_read(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    transcoder = _saelens_transcoder("jumprelu_transcoder", hook_name="blocks.1.mlp.hook_in",
+                                     hook_name_out="blocks.1.mlp.hook_out")
+    transcoder.save_model(tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    state = load_file(str(weights))
+    state["log_threshold"] = state.pop("threshold").log()
+    save_file(state, str(weights))
+    ours, cfg = load_sae(tmp_path)
+    assert cfg["hook_name_out"] == "blocks.1.hook_mlp_out"
+    x = torch.randn(100, D) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(ours.dense_latents(x), transcoder.encode(x), atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda cfg, state: cfg.pop("apply_b_dec_to_input"), "apply_b_dec_to_input"),
+    (lambda cfg, state: cfg.update(normalize_activations="layer_norm"), "layer_norm"),
+    (lambda cfg, state: cfg.update(activation_fn="tanh"), "tanh"),
+    (lambda cfg, state: state.update(W_skip=torch.zeros(D, D + 1)), "W_skip has shape"),
+    (lambda cfg, state: state.update(threshold=torch.zeros(N + 1)), "threshold has shape"),
+    (lambda cfg, state: state.pop("threshold"), "lack a 'threshold'"),
+    (lambda cfg, state: state.update(extra=torch.zeros(3)), "unexpected tensors"),
+    (lambda cfg, state: state.pop("W_dec"), "lack W_dec")])
+def test_malformed_transcoder_folders_say_what_is_wrong(edit, problem, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _saelens_transcoder("jumprelu_skip_transcoder").save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    state = load_file(str(tmp_path / "sae_weights.safetensors"))
+    edit(cfg, state)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    save_file(state, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(SaeLoadError, match=problem):
+        load_sae(tmp_path)
+
+
 def test_transcoders_between_widths_are_refused(tmp_path) -> None:
     from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 

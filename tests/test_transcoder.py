@@ -191,6 +191,19 @@ def test_wrong_pairings_are_refused_with_the_flag(mlp_capture, tiny_model, tmp_p
     assert not (tmp_path / "sae").exists()
 
 
+def test_a_block_that_normalises_its_mlp_output_is_refused(tiny_model, tmp_path,
+                                                           monkeypatch) -> None:
+    """Gemma 2/3 normalise the MLP's output inside the block: there the MLP's own output
+    is not TransformerLens' hook_mlp_out, so saelab hooks no transcoder there."""
+    block = tiny_model.blocks[LAYER]
+    monkeypatch.setattr(block, "post_feedforward_layernorm", torch.nn.Identity(),
+                        raising=False)
+    with pytest.raises(ValueError, match="post_feedforward_layernorm"):
+        capture(tiny_model, CaptureConfig(layer=LAYER, tokens=600, context=64, site="mlp"),
+                tmp_path / "acts", progress=False)
+    assert not (tmp_path / "acts").exists()
+
+
 def test_the_explorer_shows_probes_and_steers_a_transcoder(transcoders, mlp_capture,
                                                            tiny_model, tmp_path) -> None:
     from fastapi.testclient import TestClient

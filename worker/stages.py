@@ -8,6 +8,7 @@ last shard and an interrupted training from its last checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -170,7 +171,9 @@ def evaluate_stage(lm, saes: dict[Path, object], store, tokens: int) -> None:
                                          context=manifest.context,
                                          skip_contexts=manifest.contexts, progress=False)
     for sae_dir, figures in zip(saes, metrics, strict=True):
-        (Path(sae_dir) / EVAL_FILE).write_text(json.dumps(figures.to_dict(), indent=2))
+        tmp = Path(sae_dir) / f".{EVAL_FILE}.tmp"  # whole or absent: a resume trusts it
+        tmp.write_text(json.dumps(figures.to_dict(), indent=2))
+        os.replace(tmp, Path(sae_dir) / EVAL_FILE)
 
 
 def _die_with_parent() -> None:

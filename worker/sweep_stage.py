@@ -4,6 +4,7 @@ their pages show the family's L0–FVU frontier."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
     todo = [folder for folder in folders if not (folder / EVAL_FILE).is_file()]
     if not todo:
         return
+    logging.getLogger(__name__).info("evaluating %d SAEs together, on the same batches",
+                                     len(todo))
     run.update(force=True, message=f"evaluating {len(todo)} SAEs spliced into the model, "
                                    "on the same batches")
     loaded = {folder: load_sae(folder) for folder in todo}

@@ -76,7 +76,7 @@ def bench_eval(
     tokens: Annotated[int, typer.Option("--tokens", help="timed tokens per path")] = 4096,
     batch: Annotated[int, typer.Option("--batch", help="contexts per batch")] = 8,
     family: Annotated[int, typer.Option("--family", help="S > 1: S random SAEs (n=8192, "
-                                        "k=16, 32, 64, ...) evaluated together, as a "
+                                        "k cycling 16, 32, 64) evaluated together, as a "
                                         "sweep's are, vs each alone", min=1, max=16)] = 1,
     device: DeviceOpt = None,
 ) -> None:
@@ -92,21 +92,21 @@ def bench_eval(
     with cli_errors():
         if tokens < 1 or batch < 1:
             raise ValueError("--tokens and --batch must be positive")
+        if family > 1 and sae is not None:
+            raise ValueError("--family times random SAEs: leave out --sae")
         if sae is not None:
             loaded, cfg = load_sae(sae)
             model, layer = model or cfg.get("model_name"), int(cfg["hook_layer"])
         lm = load_lm(model, device)
-        if sae is None:
-            torch.manual_seed(0)
-            loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
         lm.check_layer(layer)
+        torch.manual_seed(0)
         if family > 1:
-            if sae is not None:
-                raise ValueError("--family times random SAEs: leave out --sae")
             result = run_family(lm, [SparseAutoencoder(SaeConfig(
                 d_in=lm.d_model, n_latents=8192, k=16 * 2 ** (i % 3))).to(lm.device)
                 for i in range(family)], layer, tokens=tokens, batch=batch)
         else:
+            if sae is None:
+                loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
             result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
     typer.echo(json.dumps(result))
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -22,6 +22,8 @@ from app.cli.common import (
     int_list,
     load_lm,
 )
+
+T = TypeVar("T")
 
 
 @app.command()
@@ -263,7 +265,7 @@ def evaluate(
         cfgs = [cfg for _, cfg in loaded]
         model = model or _one("--model", [cfg.get("model_name") for cfg in cfgs])
         where = layer if layer is not None else _one(
-            "--layer", [int(cfg["hook_layer"]) for cfg in cfgs])
+            "--layer", [_layer_of(path, cfg) for path, cfg in zip(sae, cfgs, strict=True)])
         skip = skip_contexts if skip_contexts is not None else _one(
             "--skip-contexts", [_trained_contexts(cfg, dataset, context) for cfg in cfgs])
         lm = load_lm(model, device)
@@ -277,7 +279,13 @@ def evaluate(
                                for path, figures in zip(sae, metrics, strict=True)]))
 
 
-def _one(flag: str, values: list):
+def _layer_of(path: Path, cfg: dict) -> int:
+    if cfg.get("hook_layer") is None:
+        raise ValueError(f"--sae {path} does not say which layer it reads: give --layer")
+    return int(cfg["hook_layer"])
+
+
+def _one(flag: str, values: list[T]) -> T:
     """The value the SAEs agree on; SAEs that differ are evaluated apart (or given
     ``flag``)."""
     if len(set(values)) > 1:

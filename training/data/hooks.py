@@ -139,11 +139,25 @@ def recording_sae_input(blocks: nn.ModuleList, layer: int, site: str = "resid"
         handle.remove()
 
 
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+"""Names of a norm applied to the MLP's output inside the block (Gemma 2/3, OLMo 2)."""
+
+
 def mlp_of(blocks: nn.ModuleList, layer: int) -> nn.Module:
-    """Block ``layer``'s MLP (``.mlp`` in Llama-family models)."""
-    mlp = getattr(blocks[layer], "mlp", None)
+    """Block ``layer``'s MLP (``.mlp`` in Llama-family models). Blocks that normalise the
+    MLP's output before adding it are refused: there the MLP's own output is not what
+    TransformerLens (and so SAELens) calls ``hook_mlp_out``, so a transcoder of it would
+    be saved, and one from elsewhere read, at the wrong point."""
+    block = blocks[layer]
+    mlp = getattr(block, "mlp", None)
     if not isinstance(mlp, nn.Module):
         raise ValueError(f"block {layer} has no .mlp module: transcoders need one")
+    norm = next((name for name in POST_MLP_NORMS if hasattr(block, name)), None)
+    if norm is not None:
+        raise ValueError(f"block {layer} normalises its MLP's output ({norm}): saelab's "
+                         "transcoders read and write the MLP itself, which there is not "
+                         "the MLP output the block adds; they need a model without a "
+                         "post-MLP norm (Llama, Mistral, Qwen)")
     return mlp
 
 

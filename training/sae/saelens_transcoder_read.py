@@ -10,10 +10,13 @@ JumpReLU with zero thresholds (which ``load_sae`` then runs as BatchTopK at θ =
 same function).
 
 saelab's transcoders read block L's MLP input after its norm and predict the MLP's output,
-both of the model's width. So the input hook must be that input (TransformerLens'
-``blocks.L.ln2.hook_normalized``, or ``blocks.L.mlp.hook_in`` as circuit-tracer names
-it), the output hook ``blocks.L.hook_mlp_out`` of the same block, and ``d_out == d_in``;
-anything else is refused with the reason.
+both of the model's width. So the input hook must be that input (``blocks.L.mlp.hook_in``
+as circuit-tracer names it, or ``blocks.L.ln2.hook_normalized`` as SAELens labels such
+transcoders, Gemma Scope's among them), the output hook ``blocks.L.hook_mlp_out`` (or
+circuit-tracer's ``blocks.L.mlp.hook_out``, the same tensor without a post-MLP norm) of
+the same block, and ``d_out == d_in``; anything else is refused with the reason. Models
+whose blocks normalise the MLP's output (Gemma 2/3) are refused where the MLP is hooked
+(``training.data.hooks.mlp_of``): there ``hook_mlp_out`` is not the MLP's own output.
 """
 
 from __future__ import annotations
@@ -92,9 +95,9 @@ def _dims(cfg: dict[str, Any]) -> tuple[int, int, int]:
 def _check_run_time_settings(cfg: dict[str, Any]) -> None:
     """What saelab's MLP-site SAE cannot run: b_dec subtracted from the input (SAELens
     refuses it too), a run-time input normalisation, an activation other than ReLU."""
-    if cfg.get("apply_b_dec_to_input"):
-        raise ValueError("apply_b_dec_to_input is true: a transcoder's b_dec is its output "
-                         "bias (SAELens refuses this cfg too)")
+    if cfg.get("apply_b_dec_to_input", True):  # SAELens' default, which it refuses here
+        raise ValueError("apply_b_dec_to_input is true or missing: a transcoder's b_dec is "
+                         "its output bias (SAELens refuses this cfg too)")
     norm = cfg.get("normalize_activations", "none")
     if norm != "none":
         raise ValueError(f"normalize_activations={norm!r}: saelab reads transcoders that "
@@ -115,10 +118,10 @@ def _mlp_hooks(cfg: dict[str, Any], metadata: dict[str, Any]) -> tuple[int, str]
                          "(blocks.L.ln2.hook_normalized or blocks.L.mlp.hook_in)")
     layer = int(match.group(1))
     out = str(metadata.get("hook_name_out") or cfg.get("hook_name_out") or "")
-    if out != f"blocks.{layer}.hook_mlp_out":
+    if out not in (f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_out"):
         raise ValueError(f"a transcoder writing {out or 'an unnamed hook'!r}: saelab's "
                          f"transcoders predict the MLP output of the block they read "
-                         f"(blocks.{layer}.hook_mlp_out)")
+                         f"(blocks.{layer}.hook_mlp_out or blocks.{layer}.mlp.hook_out)")
     return layer, name
 
 

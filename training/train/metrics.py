@@ -10,7 +10,8 @@ layer, context length) and each batch reads its CE from the cached log-probabili
 (``training.train.ablation``). The losses are computed a chunk of positions at a time;
 the clean log-probabilities take the clean logits' place and serve every SAE of a family
 (``evaluate_family``: a sweep's SAEs on the same batches, one clean pass for all, each SAE
-adding only its spliced pass), so no second [B, T, vocab] tensor exists. BOS positions are left
+adding only its spliced pass); float32 logits become them in place (lower-precision ones
+get a float32 copy, so the KL never reads rounded log-probabilities). BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
 MLP output instead (its prediction from the MLP's input; zero for the ablation), in three
 whole passes. Reported:
@@ -25,7 +26,7 @@ whole passes. Reported:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -152,7 +153,11 @@ def evaluate_family(lm: LoadedModel, saes: Sequence[SparseAutoencoder], layer: i
     return [total.finish() for total in totals]
 
 
-def _splicer(sae: SparseAutoencoder, totals: _Totals):
+Splice = Callable[[Tensor, Tensor | None], Tensor]
+"""An edit of block L's output (or its MLP's, given the MLP's input) that splices an SAE."""
+
+
+def _splicer(sae: SparseAutoencoder, totals: _Totals) -> Splice:
     """The edit that splices ``sae`` in, adding its reconstruction error and code to
     ``totals``."""
     def splice(h: Tensor, source: Tensor | None = None) -> Tensor:
@@ -171,7 +176,8 @@ def _splicer(sae: SparseAutoencoder, totals: _Totals):
 
 
 def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Totals],
-                    splices: list, suffix: _Suffix | None, site: str = "resid") -> None:
+                    splices: list[Splice], suffix: _Suffix | None, site: str = "resid"
+                    ) -> None:
     """One batch: the clean pass (sharing the forward up to block L through ``suffix``, or
     whole when it is None), then each SAE's spliced pass; CE_ablate from the shared
     ablated pass, or a whole zero-ablated pass (editing block L's output, or its MLP's at

@@ -13,8 +13,10 @@ the clean log-probabilities take the clean logits' place and serve every SAE of 
 adding only its spliced pass); float32 logits become them in place (lower-precision ones
 get a float32 copy, so the KL never reads rounded log-probabilities). BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
-MLP output instead (its prediction from the MLP's input; zero for the ablation), in three
-whole passes. Reported:
+MLP output instead (its prediction from the MLP's input; zero for the ablation): the
+clean pass also records that output y, and since the block only adds y to its residual
+stream, the edited block output is its clean output − y + the edit, run through the
+suffix (the ablated pass too, as it depends on the text there). Reported:
 
 * FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens (of the MLP
   output y and ŷ for a transcoder).
@@ -36,7 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from training.data.corpus import iter_texts
-from training.data.hooks import edit_site
+from training.data.hooks import edit_site, mlp_of
 from training.data.models import LoadedModel
 from training.data.packing import pack_contexts
 from training.sae.autoencoder import Encoding, SparseAutoencoder
@@ -139,9 +141,7 @@ def evaluate_family(lm: LoadedModel, saes: Sequence[SparseAutoencoder], layer: i
     site = sites.pop()
     totals = [_Totals(sae.cfg.n_latents) for sae in saes]
     splices = [_splicer(sae.eval(), total) for sae, total in zip(saes, totals, strict=True)]
-    if site == "mlp":
-        share_prefix = False  # the edit is inside block L: no shared block-L output
-    suffix = _Suffix.of(lm, layer) if share_prefix else None
+    suffix = _Suffix.of(lm, layer, site) if share_prefix else None
     bar = tqdm(total=total_tokens, unit="tok", desc="eval", disable=not progress)
     with bar:
         for ids in contexts:
@@ -191,6 +191,15 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         def spliced(splice) -> Tensor:
             with edit_site(lm.blocks, layer, site, splice):
                 return lm.model(input_ids=ids, use_cache=False).logits
+    elif site == "mlp":
+        with suffix.recording():
+            clean = lm.model(input_ids=ids, use_cache=False).logits
+        y = suffix.mlp_out  # block L's output is its residual input plus y: swap y out
+        without = suffix.hidden - y
+        ce_ablate = _summed_ce_of_logits(suffix.logits(without + zero_after_bos(y)), ids)
+
+        def spliced(splice) -> Tensor:
+            return suffix.logits(without + splice(y, suffix.mlp_in))
     else:
         ablated = ablated_log_probs(lm, layer, ids)
         with suffix.recording():
@@ -271,15 +280,19 @@ are the LM head of the final norm, nothing more (others run three whole passes).
 class _Suffix:
     """The blocks after ``layer``, the final norm and the LM head of a Llama-layout model
     (``model.model.layers`` / ``.norm``, an output embedding), run from an edited block-L
-    output with the inputs block L+1 saw in the clean pass."""
+    output with the inputs block L+1 saw in the clean pass. At the ``mlp`` site it also
+    records block L's MLP input and output: the block adds that output to its residual
+    stream and nothing after, so swapping it in the block's output is the edit."""
 
-    def __init__(self, lm: LoadedModel, layer: int, norm, head) -> None:
-        self.lm, self.layer, self.norm, self.head = lm, layer, norm, head
+    def __init__(self, lm: LoadedModel, layer: int, norm, head, site: str = "resid") -> None:
+        self.lm, self.layer, self.norm, self.head, self.site = lm, layer, norm, head, site
         self.hidden: Tensor | None = None
+        self.mlp_in: Tensor | None = None
+        self.mlp_out: Tensor | None = None
         self.kwargs: dict = {}
 
     @classmethod
-    def of(cls, lm: LoadedModel, layer: int) -> _Suffix | None:
+    def of(cls, lm: LoadedModel, layer: int, site: str = "resid") -> _Suffix | None:
         inner = getattr(lm.model, "model", None)
         norm, head = getattr(inner, "norm", None), lm.model.get_output_embeddings()
         if getattr(inner, "layers", None) is not lm.blocks or norm is None or head is None:
@@ -289,22 +302,29 @@ class _Suffix:
             return None  # e.g. Granite/Cohere scale the logits after the head
         if len(set(getattr(config, "layer_types", None) or [])) > 1:
             return None  # sliding and full attention mixed: masks differ per block
-        return cls(lm, layer, norm, head)
+        return cls(lm, layer, norm, head, site)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Record block L's output and block L+1's keyword inputs during a forward."""
+        """Record block L's output and block L+1's keyword inputs during a forward (and, at
+        the mlp site, block L's MLP input and output)."""
         def keep_output(_module, _inputs, output):
             self.hidden = output[0] if isinstance(output, tuple) else output
 
         def keep_inputs(_module, _args, kwargs):
             self.kwargs = dict(kwargs)
 
+        def keep_mlp(_module, inputs, output):
+            self.mlp_in = inputs[0]
+            self.mlp_out = output[0] if isinstance(output, tuple) else output
+
         blocks = self.lm.blocks
         handles = [blocks[self.layer].register_forward_hook(keep_output)]
         if self.layer + 1 < len(blocks):
             handles.append(blocks[self.layer + 1].register_forward_pre_hook(
                 keep_inputs, with_kwargs=True))
+        if self.site == "mlp":
+            handles.append(mlp_of(blocks, self.layer).register_forward_hook(keep_mlp))
         try:
             yield
         finally:

@@ -5,7 +5,8 @@ Both paths compute the same figures (checked: ``max_rel_diff``); only their cost
 ``bench_family`` times a sweep's evaluation: S SAEs of one layer evaluated together
 (one clean pass per batch for all) against each evaluated alone, both ways.
 The clean pass always runs the whole model; the shared path then runs blocks L+1.. and the
-LM head twice (spliced, ablated) where the whole path runs the model twice more, so the
+LM head for the spliced pass (and, for a transcoder, the ablated one; an SAE's ablated pass
+is cached per model and layer) where the whole path runs the model twice more, so the
 gain grows with how early block L is and shrinks with the LM head's share of the cost.
 """
 

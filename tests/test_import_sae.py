@@ -163,7 +163,7 @@ def _saelens_transcoder(arch: str, model: str = "tiny", layer: int = 1, **hooks:
                                                 tc.JumpReLUSkipTranscoderConfig)}[arch]
     cfg = config(d_in=D, d_sae=N, d_out=D, apply_b_dec_to_input=False)
     cfg.metadata.model_name = model
-    cfg.metadata.hook_name = hooks.get("hook_name", f"blocks.{layer}.ln2.hook_normalized")
+    cfg.metadata.hook_name = hooks.get("hook_name", f"blocks.{layer}.mlp.hook_in")
     cfg.metadata.hook_name_out = hooks.get("hook_name_out", f"blocks.{layer}.hook_mlp_out")
     made = cls(cfg)
     _randomised(made)
@@ -191,6 +191,7 @@ def test_saelens_transcoders_run_like_saelens(arch, tmp_path) -> None:
 @pytest.mark.parametrize("hooks, problem", [
     ({"hook_name": "blocks.1.hook_resid_mid"}, "MLP input after its norm"),
     ({"hook_name": "blocks.1.hook_mlp_in"}, "MLP input after its norm"),
+    ({"hook_name": "blocks.1.ln2.hook_normalized"}, "before its gain"),
     ({"hook_name_out": "blocks.2.hook_mlp_out"}, "blocks.1.hook_mlp_out"),
     ({"hook_name_out": "blocks.1.hook_resid_post"}, "blocks.1.hook_mlp_out")])
 def test_transcoders_of_other_sites_are_refused(hooks, problem, tmp_path) -> None:
@@ -225,7 +226,9 @@ def test_circuit_tracers_output_hook_and_a_log_threshold_are_read(tmp_path) -> N
     (lambda cfg, state: state.update(threshold=torch.zeros(N + 1)), "threshold has shape"),
     (lambda cfg, state: state.pop("threshold"), "lack a 'threshold'"),
     (lambda cfg, state: state.update(extra=torch.zeros(3)), "unexpected tensors"),
-    (lambda cfg, state: state.pop("W_dec"), "lack W_dec")])
+    (lambda cfg, state: state.pop("W_dec"), "lack W_dec"),
+    (lambda cfg, state: cfg["metadata"].update(model_from_pretrained_kwargs={"fold_ln": True}),
+     "fold_ln")])
 def test_malformed_transcoder_folders_say_what_is_wrong(edit, problem, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -243,7 +246,7 @@ def test_transcoders_between_widths_are_refused(tmp_path) -> None:
     from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 
     cfg = TranscoderConfig(d_in=D, d_sae=N, d_out=2 * D, apply_b_dec_to_input=False)
-    cfg.metadata.hook_name, cfg.metadata.hook_name_out = ("blocks.1.ln2.hook_normalized",
+    cfg.metadata.hook_name, cfg.metadata.hook_name_out = ("blocks.1.mlp.hook_in",
                                                           "blocks.1.hook_mlp_out")
     Transcoder(cfg).save_model(tmp_path)
     with pytest.raises(SaeLoadError, match="from width 64 to 128"):

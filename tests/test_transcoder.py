@@ -72,8 +72,9 @@ def test_transcoders_learn_the_mlp_and_the_skip_path_helps(transcoders) -> None:
     cfg = json.loads((transcoders["skip"][0] / "cfg.json").read_text())
     assert cfg["site"] == "mlp" and cfg["skip"] is True and cfg["target_scale"] > 0
     assert cfg["architecture"] == "jumprelu_skip_transcoder"
-    assert cfg["metadata"]["hook_name"] == f"blocks.{LAYER}.ln2.hook_normalized"
+    assert cfg["metadata"]["hook_name"] == f"blocks.{LAYER}.mlp.hook_in"  # after the gain
     assert cfg["metadata"]["hook_name_out"] == f"blocks.{LAYER}.hook_mlp_out"
+    assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"fold_ln": False}
 
 
 @pytest.mark.parametrize("name, cls", [("plain", "JumpReLUTranscoder"),
@@ -92,6 +93,24 @@ def test_saelens_loads_the_transcoders_exactly(transcoders, mlp_capture, name, c
         torch.testing.assert_close(theirs(x), ours.forward_output(x), rtol=1e-4, atol=1e-5)
         fvu = (y - ours.forward_output(x)).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     assert float(fvu) == pytest.approx(transcoders[name][1]["heldout_fvu"], rel=0.3)
+
+
+def test_the_saelens_file_alone_reads_back_as_the_transcoder(transcoders, mlp_capture,
+                                                             tmp_path) -> None:
+    """Only ``sae_weights.safetensors`` (what SAELens reads and writes) read back through
+    the SAELens transcoder reader gives the same transcoder."""
+    import shutil
+
+    folder = tmp_path / "saelens-only"
+    shutil.copytree(transcoders["skip"][0], folder)
+    (folder / "sae.safetensors").unlink()
+    ours, _ = load_sae(transcoders["skip"][0])
+    theirs, cfg = load_sae(folder)
+    assert cfg["saelens_architecture"] == "jumprelu_skip_transcoder" and theirs.cfg.skip
+    x = ActivationStore(mlp_capture).tail(256)[:, :64]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_output(x), ours.forward_output(x),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_eval_replaces_the_mlp_output(tiny_model, transcoders) -> None:

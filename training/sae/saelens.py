@@ -34,10 +34,14 @@ Transcoders (saelab's ``site: "mlp"``, trained as BatchTopK) are saved as SAELen
 ``jumprelu_transcoder`` (``jumprelu_skip_transcoder`` with ``W_skip`` [d_out, d_in]) with
 the shared threshold per latent: SAELens' transcoders never subtract b_dec from the input
 (``apply_b_dec_to_input`` must be false), decode with ``z @ W_dec + b_dec`` (+ ``x @
-W_skip.T``), and read ``hook_name`` (the MLP's input, TransformerLens'
-``blocks.L.ln2.hook_normalized``) into ``hook_name_out`` (``blocks.L.hook_mlp_out``), which
-is saelab's maths exactly. A TopK transcoder has no SAELens form, so saelab trains
-transcoders as BatchTopK.
+W_skip.T``), and read ``hook_name`` into ``hook_name_out`` (``blocks.L.hook_mlp_out``),
+which is saelab's maths exactly. ``hook_name`` is ``blocks.L.mlp.hook_in``, the MLP's own
+input, which SAELens' ``HookedSAETransformer`` adds to every MLP (as circuit-tracer names
+it), with ``model_from_pretrained_kwargs: {"fold_ln": false}`` so the norm's gain stays in
+the norm: TransformerLens' ``ln2.hook_normalized`` is taken before that gain, so it is not
+what saelab's transcoders read (nor is the MLP's input with ``fold_ln``, which moves the
+gain into the MLP). A TopK transcoder has no SAELens form, so saelab trains transcoders as
+BatchTopK.
 
 saelab's ``batchtopk`` has no inference architecture in SAELens: SAELens itself saves its
 BatchTopK SAEs as ``jumprelu`` with a per-latent threshold equal to the learned scalar
@@ -84,7 +88,7 @@ def site_hooks(site: str, layer: int) -> dict[str, str]:
     """TransformerLens hook names of what an SAE at ``site`` of block ``layer`` reads
     (``hook_name``) and, for a transcoder, writes (``hook_name_out``)."""
     if site == "mlp":
-        return {"hook_name": f"blocks.{layer}.ln2.hook_normalized",
+        return {"hook_name": f"blocks.{layer}.mlp.hook_in",
                 "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
     return {"hook_name": f"blocks.{layer}.hook_resid_post"}
 
@@ -157,7 +161,8 @@ def saelens_cfg_fields(architecture: str, d_in: int, d_sae: int, k: int | None,
         "prepend_bos": bool(prepend_bos),
         "training_architecture": architecture,
         "training_architecture_details": details,
-        **({"hook_name_out": hooks["hook_name_out"]} if site == "mlp" else {}),
+        **({"hook_name_out": hooks["hook_name_out"],
+            "model_from_pretrained_kwargs": {"fold_ln": False}} if site == "mlp" else {}),
     }
     return fields
 

@@ -10,13 +10,15 @@ JumpReLU with zero thresholds (which ``load_sae`` then runs as BatchTopK at θ =
 same function).
 
 saelab's transcoders read block L's MLP input after its norm and predict the MLP's output,
-both of the model's width. So the input hook must be that input (``blocks.L.mlp.hook_in``
-as circuit-tracer names it, or ``blocks.L.ln2.hook_normalized`` as SAELens labels such
-transcoders, Gemma Scope's among them), the output hook ``blocks.L.hook_mlp_out`` (or
-circuit-tracer's ``blocks.L.mlp.hook_out``, the same tensor without a post-MLP norm) of
-the same block, and ``d_out == d_in``; anything else is refused with the reason. Models
-whose blocks normalise the MLP's output (Gemma 2/3) are refused where the MLP is hooked
-(``training.data.hooks.mlp_of``): there ``hook_mlp_out`` is not the MLP's own output.
+both of the model's width. So the input hook must be that input, ``blocks.L.mlp.hook_in``
+(as circuit-tracer and SAELens' ``HookedSAETransformer`` name it), the output hook
+``blocks.L.hook_mlp_out`` (or circuit-tracer's ``blocks.L.mlp.hook_out``, the same tensor
+without a post-MLP norm) of the same block, and ``d_out == d_in``; anything else is
+refused with the reason. TransformerLens' ``blocks.L.ln2.hook_normalized`` is refused
+too: it is taken before the norm's gain, so it is not the MLP's input (SAELens gives that
+name to Gemma Scope's transcoders, whose models saelab refuses for transcoders anyway:
+Gemma 2/3 normalise the MLP's output, ``training.data.hooks.mlp_of``). A model loaded with
+``fold_ln`` (the gain moved into the MLP) is refused for the same reason.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ SAELENS_TRANSCODERS: dict[str, tuple[bool, bool]] = {
     "jumprelu_transcoder": (True, False), "jumprelu_skip_transcoder": (True, True)}
 """SAELens' transcoder architectures -> (has a per-latent threshold, has a skip path)."""
 
-_MLP_INPUT = re.compile(r"^blocks\.(\d+)\.(ln2\.hook_normalized|mlp\.hook_in)$")
+_MLP_INPUT = re.compile(r"^blocks\.(\d+)\.mlp\.hook_in$")
+_BEFORE_GAIN = re.compile(r"^blocks\.(\d+)\.ln2\.hook_normalized$")
 
 
 def is_saelens_transcoder(cfg: dict[str, Any]) -> bool:
@@ -68,7 +71,7 @@ def convert_saelens_transcoder(cfg: dict[str, Any], state: dict[str, torch.Tenso
         "architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "k": _k(metadata),
         "threshold": None, "site": "mlp", "skip": skip,
         "model_name": metadata.get("model_name"), "hook_layer": layer,
-        "hook_name": f"blocks.{layer}.ln2.hook_normalized",
+        "hook_name": f"blocks.{layer}.mlp.hook_in",
         "hook_name_out": f"blocks.{layer}.hook_mlp_out", "dtype": "float32",
         "saelens_layout": "v6", "saelens_architecture": arch,
         "saelens_version": metadata.get("sae_lens_version")}
@@ -111,11 +114,19 @@ def _mlp_hooks(cfg: dict[str, Any], metadata: dict[str, Any]) -> tuple[int, str]
     """(layer, hook_name) of a transcoder from block L's MLP input to its
     output; the hooks saelab cannot run are refused."""
     name = str(metadata.get("hook_name") or cfg.get("hook_name") or "")
+    if _BEFORE_GAIN.match(name):
+        raise ValueError(f"a transcoder reading {name!r}, TransformerLens' norm output "
+                         "before its gain: saelab's transcoders read the MLP's own input, "
+                         "after the gain (blocks.L.mlp.hook_in)")
     match = _MLP_INPUT.match(name)
     if not match:
         raise ValueError(f"a transcoder reading {name or 'an unnamed hook'!r}: saelab's "
                          "transcoders read block L's MLP input after its norm "
-                         "(blocks.L.ln2.hook_normalized or blocks.L.mlp.hook_in)")
+                         "(blocks.L.mlp.hook_in)")
+    kwargs = metadata.get("model_from_pretrained_kwargs") or {}
+    if isinstance(kwargs, dict) and kwargs.get("fold_ln"):
+        raise ValueError("a transcoder of a model loaded with fold_ln: its MLP input "
+                         "lacks the norm's gain, which saelab's MLP input has")
     layer = int(match.group(1))
     out = str(metadata.get("hook_name_out") or cfg.get("hook_name_out") or "")
     if out not in (f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_out"):

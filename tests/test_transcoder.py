@@ -315,3 +315,66 @@ def test_a_skip_transcoder_resumes_exactly(mlp_capture, tmp_path) -> None:
     with pytest.raises(TrainError, match="--skip True"):
         train(mlp_capture, tmp_path / "other", replace(sae, skip=False), cfg,
               progress=False, resume=True)
+
+
+def test_saelens_hooked_transformer_splices_the_transcoder_where_saelab_does(tmp_path) -> None:
+    """SAELens' own HookedSAETransformer (TransformerLens), given a saelab transcoder's
+    folder, replaces the MLP output with the same prediction saelab computes, on a Llama
+    whose norm gains are not 1 (which is where blocks.L.mlp.hook_in and TransformerLens'
+    ln2.hook_normalized differ). A plain transcoder: HookedSAETransformer (6.54.12)
+    splices with encode and decode, which leave out a skip-transcoder's W_skip."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.sae.autoencoder import SparseAutoencoder
+    from training.sae.folder import save_sae
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for block in hf.model.layers:
+            block.input_layernorm.weight.uniform_(0.5, 1.5)
+            block.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    tl_cfg = HookedTransformerConfig(
+        d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128, n_layers=4,
+        n_ctx=256, d_vocab=512, act_fn="silu", normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=16, gated_mlp=True, final_rms=True,
+        eps=config.rms_norm_eps, original_architecture="LlamaForCausalLM")
+    tl = sae_lens.HookedSAETransformer(tl_cfg)
+    tl.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False,
+                                   center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False)
+    transcoder = SparseAutoencoder(SaeConfig(d_in=64, n_latents=N, k=K, site="mlp",
+                                             architecture="batchtopk"))
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+        transcoder.threshold.fill_(0.1)
+    transcoder.eval()  # its inference rule (the threshold), which is what is saved
+    save_sae(tmp_path / "tc", transcoder, 1.0, model="tiny", layer=LAYER, context=64)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "tc"))
+    ids = torch.randint(4, 512, (2, 24))
+    ids[:, 0] = 1
+
+    def predicted(_out, source):
+        flat = source.reshape(-1, 64)
+        return transcoder.forward_output(flat).reshape(source.shape)
+
+    with torch.no_grad():
+        clean = hf(ids).logits
+        with edit_site(hf.model.layers, LAYER, "mlp", predicted):
+            ours = hf(ids).logits
+        tl.add_sae(theirs)
+        spliced = tl(ids)
+        tl.reset_saes()
+        theirs.cfg.metadata.hook_name = f"blocks.{LAYER}.ln2.hook_normalized"
+        tl.add_sae(theirs)
+        before_gain = tl(ids)
+    torch.testing.assert_close(spliced, ours, rtol=1e-4, atol=1e-4)
+    assert (ours - clean).abs().max() > 1e-2  # the splice changed the logits
+    assert (before_gain - ours).abs().max() > 1e-2  # the norm's output before its gain

@@ -103,7 +103,8 @@ def import_params(folder: Path, *, model: str | None, layer: int | None, dataset
         raise SaeFolderError("layer", f"{folder} does not say which layer it reads",
                              missing=True)
     if layer is not None and found.layer is not None and layer != found.layer:
-        raise SaeFolderError("layer", f"{folder} reads the output of block {found.layer}, "
+        reads = "the output of" if found.kind == "SAE" else "the MLP of"
+        raise SaeFolderError("layer", f"{folder} reads {reads} block {found.layer}, "
                                       f"not {layer}")
     params = {"sae": str(found.path), "model": model, "dataset": dataset,
               "analyze_tokens": tokens, "layer": found.layer if layer is None else layer}

@@ -100,6 +100,34 @@ def test_a_folder_is_checked_and_queued_as_an_analyze_job(kind, client, settings
     assert again.status_code == 204 and again.headers["HX-Redirect"].startswith("/jobs/")
 
 
+def test_a_saelens_transcoder_is_queued_and_a_misplaced_one_refused(client, settings,
+                                                                    tiny_llama_dir) -> None:
+    """A SAELens transcoder of block 1's MLP is queued like an SAE; one that reads
+    TransformerLens' norm output before its gain comes back under its field."""
+    tc = pytest.importorskip("sae_lens.saes.transcoder", reason="sae-lens: the dev extra")
+
+    def saved(name: str, hook: str) -> Path:
+        cfg = tc.SkipTranscoderConfig(d_in=64, d_sae=96, d_out=64, apply_b_dec_to_input=False)
+        cfg.metadata.model_name, cfg.metadata.hook_name = str(tiny_llama_dir), hook
+        cfg.metadata.hook_name_out = "blocks.1.hook_mlp_out"
+        tc.SkipTranscoder(cfg).save_model(settings.data_dir / name)
+        return settings.data_dir / name
+
+    good = saved("tc", "blocks.1.mlp.hook_in")
+    answer = _post(client, sae="tc")
+    assert answer.status_code == 303, answer.text
+    (job,) = _jobs(settings)
+    assert (job.kind, job.params["sae"], job.params["layer"]) == (
+        "analyze", str(good.resolve()), 1)
+    answer = _post(client, HX, sae="tc", layer="2")
+    assert answer.status_code == 422 and "reads the MLP of block 1, not 2" in answer.text
+    saved("before-gain", "blocks.1.ln2.hook_normalized")
+    answer = _post(client, HX, sae="before-gain")
+    assert answer.status_code == 422 and 'data-field="sae"' in answer.text
+    assert "before its gain" in answer.text
+    assert len(_jobs(settings)) == 1
+
+
 def test_a_path_outside_the_allowed_roots_creates_nothing(client, settings, tiny_llama_dir,
                                                           tmp_path) -> None:
     outside = saelab_folder(tmp_path / "outside", str(tiny_llama_dir))

@@ -211,6 +211,16 @@ def saelens_state_dict(architecture: str, tensors: dict[str, torch.Tensor],
     return out
 
 
+def pop_jumprelu_threshold(rest: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """A JumpReLU state dict's per-latent threshold, popped from ``rest``: ``threshold``,
+    or ``log_threshold`` exponentiated (``kind`` names the weights in the error)."""
+    if "threshold" in rest:
+        return rest.pop("threshold")
+    if "log_threshold" in rest:
+        return rest.pop("log_threshold").exp()
+    raise ValueError(f"jumprelu {kind} weights lack a 'threshold' tensor")
+
+
 def saelab_architecture(cfg: dict[str, Any]) -> str:
     """saelab's architecture for a cfg.json written with :func:`saelens_cfg_fields`."""
     arch = cfg.get("architecture")

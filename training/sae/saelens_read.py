@@ -27,6 +27,7 @@ from training.sae.saelens import (
     SUPPORTED_SAELENS_ARCHITECTURES,
     WEIGHT_NAMES,
     check_shapes,
+    pop_jumprelu_threshold,
 )
 from training.sae.saelens_layout import normalise_layout
 from training.sae.saelens_transcoder_read import (
@@ -186,12 +187,7 @@ def _pop_threshold(rest: dict[str, torch.Tensor], cfg: dict[str, Any], arch: str
     expanded, zeros for a ReLU (standard) SAE; None for topk."""
     threshold: torch.Tensor | None = None
     if arch == "jumprelu":
-        if "threshold" in rest:
-            threshold = rest.pop("threshold")
-        elif "log_threshold" in rest:
-            threshold = rest.pop("log_threshold").exp()
-        else:
-            raise ValueError("jumprelu SAE weights lack a 'threshold' tensor")
+        threshold = pop_jumprelu_threshold(rest, "SAE")
     elif arch == "batchtopk":
         threshold = _batchtopk_threshold(rest, cfg).reshape(-1)
         if threshold.numel() == 1:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from training.sae.saelens import check_shapes
+from training.sae.saelens import check_shapes, pop_jumprelu_threshold
 
 SAELENS_TRANSCODERS: dict[str, tuple[bool, bool]] = {
     "transcoder": (False, False), "skip_transcoder": (False, True),
@@ -146,12 +146,7 @@ def _threshold(rest: dict[str, torch.Tensor], jump: bool, d_sae: int) -> torch.T
     """The per-latent threshold [d_sae]: a JumpReLU transcoder's own, zeros for ReLU."""
     if not jump:
         return torch.zeros(d_sae)
-    if "threshold" in rest:
-        threshold = rest.pop("threshold")
-    elif "log_threshold" in rest:
-        threshold = rest.pop("log_threshold").exp()
-    else:
-        raise ValueError("jumprelu transcoder weights lack a 'threshold' tensor")
+    threshold = pop_jumprelu_threshold(rest, "transcoder")
     if tuple(threshold.shape) != (d_sae,):
         raise ValueError(f"threshold has shape {tuple(threshold.shape)}, expected ({d_sae},)")
     return threshold

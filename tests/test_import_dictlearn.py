@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from tests import dictlearn_lib as dl
+from tests.import_cli import import_and_list
 from training.sae.folder import SaeLoadError, load_sae
 
 ARCHITECTURE = {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
@@ -113,16 +114,7 @@ def test_import_sae_analyses_a_dictionary_learning_sae(tmp_path, tiny_llama_dir,
     analysed into the store."""
     folder = dl.saved("BatchTopKSAE", tmp_path / "run" / "trainer_0",
                       model=str(tiny_llama_dir), layer=1)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)
-    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"),
-           "SAELAB_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
-    result = runner.invoke(app, ["import-sae", str(folder), "--dataset", str(corpus),
-                                 "--tokens", "2048", "--now", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    job = json.loads(result.stdout.strip().splitlines()[-1])
-    assert job["state"] == "succeeded", job["message"]
-    listed = json.loads(runner.invoke(app, ["saes", "--json"], env=env).stdout)
+    env, listed = import_and_list(folder, tmp_path)
     assert [(s["architecture"], s["n_latents"], s["layer"], s["k"]) for s in listed] == [
         ("batchtopk", dl.N, 1, dl.K)]
     mlp = dl.save_like_train_sae(dl.trainer("AutoEncoderTopK", submodule="mlp_out_layer_1"),

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
+from tests.import_cli import import_and_list
 from training.data.activations import ActivationStore
 from training.sae.folder import SaeLoadError, load_sae
 
@@ -131,16 +132,7 @@ def test_import_sae_analyses_a_foreign_sae_into_the_store(tmp_path, tiny_llama_d
         sae.threshold.copy_(torch.rand(N) * 0.2)
     folder = tmp_path / "jumprelu"
     sae.save_model(folder)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)
-    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"),
-           "SAELAB_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
-    result = runner.invoke(app, ["import-sae", str(folder), "--dataset", str(corpus),
-                                 "--tokens", "2048", "--now", "--json"], env=env)
-    assert result.exit_code == 0, result.output
-    job = json.loads(result.stdout.strip().splitlines()[-1])
-    assert job["state"] == "succeeded", job["message"]
-    listed = json.loads(runner.invoke(app, ["saes", "--json"], env=env).stdout)
+    env, listed = import_and_list(folder, tmp_path)
     assert [(s["architecture"], s["n_latents"], s["layer"]) for s in listed] == [
         ("jumprelu", N, 1)]
     assert listed[0]["analysed_tokens"] >= 2048
@@ -268,18 +260,9 @@ def test_import_sae_analyses_a_saelens_transcoder(tmp_path, tiny_llama_dir, tiny
         transcoder.threshold.copy_(torch.rand(N) * 0.2)
     folder = tmp_path / "transcoder"
     transcoder.save_model(folder)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)
-    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"),
-           "SAELAB_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
-    result = runner.invoke(app, ["import-sae", str(folder), "--dataset", str(corpus),
-                                 "--tokens", "2048", "--now", "--json"], env=env)
-    assert result.exit_code == 0, result.output
+    env, listed = import_and_list(folder, tmp_path)
     assert read_folder(folder).describe().startswith(
         "a saelens jumprelu skip-transcoder: d_in 64, 96 latents")
-    job = json.loads(result.stdout.strip().splitlines()[-1])
-    assert job["state"] == "succeeded", job["message"]
-    listed = json.loads(runner.invoke(app, ["saes", "--json"], env=env).stdout)
     assert [(s["architecture"], s["site"], s["skip"], s["layer"]) for s in listed] == [
         ("jumprelu", "mlp", True, 1)]
     features = json.loads(runner.invoke(

@@ -28,10 +28,7 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
                ) -> dict[str, Any]:
     """Tokens/s of ``evaluate`` with and without the shared prefix (medians over batches,
     after one warm-up batch of each) and the largest relative difference of their figures."""
-    batches = list(dataset_batches(lm, dataset, tokens=tokens + batch * (context - 1),
-                                   context=context, batch=batch))
-    if len(batches) < 3:
-        raise ValueError(f"--tokens {tokens}: too few for two timed batches of {batch}")
+    batches = _batches(lm, dataset, tokens, batch, context)
     times: dict[bool, list[float]] = {True: [], False: []}
     figures: dict[bool, list[dict]] = {True: [], False: []}
     for index, ids in enumerate(batches):
@@ -50,6 +47,17 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
             "max_rel_diff": _max_rel_diff(figures[True], figures[False])}
 
 
+def _batches(lm: LoadedModel, dataset: str, tokens: int, batch: int, context: int
+             ) -> list[torch.Tensor]:
+    """``tokens`` timed tokens of ``dataset`` in batches [batch, context], plus one warm-up
+    batch in front."""
+    batches = list(dataset_batches(lm, dataset, tokens=tokens + batch * (context - 1),
+                                   context=context, batch=batch))
+    if len(batches) < 3:
+        raise ValueError(f"--tokens {tokens}: too few for two timed batches of {batch}")
+    return batches
+
+
 def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
     worst = 0.0
     for left, right in zip(a, b, strict=True):
@@ -66,10 +74,7 @@ def bench_family(lm: LoadedModel, saes: list[SparseAutoencoder], layer: int, *,
     alone, with the shared prefix and with three whole passes; the three paths alternate
     batch by batch, medians over the batches after a warm-up one. ``max_rel_diff``: the
     family's figures against each SAE's alone."""
-    batches = list(dataset_batches(lm, dataset, tokens=tokens + batch * (context - 1),
-                                   context=context, batch=batch))
-    if len(batches) < 3:
-        raise ValueError(f"--tokens {tokens}: too few for two timed batches of {batch}")
+    batches = _batches(lm, dataset, tokens, batch, context)
     paths = {
         "family": lambda ids: evaluate_family(lm, saes, layer, [ids], progress=False),
         "alone": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False)

@@ -13,9 +13,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.paths import EMBEDDED_NAMES
+
+if TYPE_CHECKING:  # the training code loads only when a folder is read
+    from training.sae.autoencoder import SaeConfig
 
 EMBEDDED_WIDTH = 576
 """Hidden size of the embedded model (SmolLM2-135M)."""
@@ -75,7 +78,7 @@ def read_folder(folder: Path) -> FolderSae:
                      layer=None if layer is None else int(layer), kind=_kind(sae.cfg))
 
 
-def _kind(cfg) -> str:
+def _kind(cfg: SaeConfig) -> str:
     if not cfg.transcoder:
         return "SAE"
     return "skip-transcoder" if cfg.skip else "transcoder"

@@ -25,6 +25,12 @@ def load_model(params: JobParams, settings: Settings):
     return load(params.model or settings.default_model, data_dir=settings.data_dir)
 
 
+def load_sae_model(params: JobParams, settings: Settings, sae_cfg: dict):
+    """The job's model, else the one the SAE's cfg names (an imported SAE, a sweep's)."""
+    model = params.model or sae_cfg.get("model_name")
+    return load_model(JobParams(**{**params.model_dump(), "model": model}), settings)
+
+
 def capture_stage(run: JobRun, params: JobParams, settings: Settings, directory: Path
                   ) -> str:
     """Capture ``params.tokens`` activations of ``params.layer``; returns the directory."""
@@ -203,8 +209,7 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
         cfg["hook_layer"] = params.layer
     if cfg.get("hook_layer") is None:
         raise ValueError(f"sae: {sae_dir} does not say which layer it reads: give layer")
-    lm = load_model(JobParams(**{**params.model_dump(), "model": params.model or cfg.get(
-        "model_name")}), settings)
+    lm = load_sae_model(params, settings, cfg)
     source = acts or cfg.get("activations")
     if not source:
         if directory is None:

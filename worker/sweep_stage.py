@@ -97,7 +97,7 @@ def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
     from app.store.persist import EVAL_FILE
     from training.data.activations import ActivationStore
     from training.sae.folder import load_sae
-    from worker.stages import evaluate_stage, load_model
+    from worker.stages import evaluate_stage, load_sae_model
 
     todo = [folder for folder in folders if not (folder / EVAL_FILE).is_file()]
     if not todo:
@@ -107,7 +107,6 @@ def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
     run.update(force=True, message=f"evaluating {len(todo)} SAEs spliced into the model, "
                                    "on the same batches")
     loaded = {folder: load_sae(folder) for folder in todo}
-    model = params.model or next(iter(loaded.values()))[1].get("model_name")
-    lm = load_model(JobParams(**{**params.model_dump(), "model": model}), settings)
+    lm = load_sae_model(params, settings, next(iter(loaded.values()))[1])
     saes = {folder: sae.to(lm.device) for folder, (sae, _) in loaded.items()}
     evaluate_stage(lm, saes, ActivationStore(Path(acts)), params.eval_tokens)

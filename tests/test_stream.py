@@ -98,9 +98,71 @@ def test_the_command_trains_from_a_model(tiny_llama_dir, text_file, tmp_path) ->
     assert json.loads(result.stdout.strip().splitlines()[-1])["streamed"]
     missing = runner.invoke(app, args, env=env)
     assert missing.exit_code == 2 and "--tokens" in missing.output
-    sweep = runner.invoke(app, [*args[:-6], "--latents", "64,128", "--k", "8", "--tokens",
-                                "2048", "--out", str(tmp_path / "s")], env=env)
-    assert sweep.exit_code == 2 and "--model" in sweep.output
+    spread = runner.invoke(app, [*args, "--tokens", "2048", "--nproc", "2"], env=env)
+    assert spread.exit_code == 2 and "--nproc" in spread.output
+
+
+def test_the_command_trains_a_sweep_from_a_model(tiny_llama_dir, text_file, tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    args = ["train", "--layer", "1", "--dataset", str(text_file), "--latents", "64,128",
+            "--k", "4,8", "--batch", "256", "--buffer-rows", "2048", "--tokens", "1024",
+            "--out", str(tmp_path / "sweep")]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    members = json.loads(result.stdout.strip().splitlines()[-1])["sweep"]
+    assert [m["name"] for m in members] == ["n64-k4-topk", "n64-k8-topk", "n128-k4-topk",
+                                            "n128-k8-topk"]
+    for member in members:
+        _, cfg = load_sae(member["out"])
+        assert cfg["streamed"] and cfg["d_sae"] == int(member["name"][1:].split("-")[0])
+        assert member["streamed"] and member["sweep_size"] == 4 and member["steps"] == 4
+    resumed = runner.invoke(app, [*args, "--resume"], env=env)
+    assert resumed.exit_code == 2 and "--resume" in resumed.output
+    too_wide = runner.invoke(app, [*args[:-4], "--k", "4,64", "--tokens", "1024", "--out",
+                                   str(tmp_path / "other")], env=env)
+    assert too_wide.exit_code == 2 and "--k 64 is not below --latents 64" in too_wide.output
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_streaming_sweep_trains_the_saes_streaming_runs_would(tiny_model, text_file,
+                                                               tmp_path) -> None:
+    from training.train.stream_sweep import train_streaming_sweep
+
+    configs = {"a": SaeConfig(d_in=64, n_latents=64, k=4),
+               "b": SaeConfig(d_in=64, n_latents=128, k=8, architecture="batchtopk")}
+    steps: list[int] = []
+    swept = train_streaming_sweep(tiny_model, {tmp_path / n: c for n, c in configs.items()},
+                                  _cfg(), _stream(text_file), progress=False,
+                                  on_step=lambda index, stats: steps.append(index))
+    assert steps == [0, 1] * 16
+    for (name, sae_cfg), metrics in zip(configs.items(), swept, strict=True):
+        alone = train_streaming(tiny_model, tmp_path / f"alone-{name}", sae_cfg, _cfg(),
+                                _stream(text_file), progress=False)
+        assert metrics["heldout_fvu"] == pytest.approx(alone["heldout_fvu"], rel=1e-5)
+        assert metrics["sweep_size"] == 2 and metrics["heldout_rows"] == 512
+        ours, ours_cfg = load_sae(tmp_path / name)
+        theirs, theirs_cfg = load_sae(tmp_path / f"alone-{name}")
+        torch.testing.assert_close(ours.w_dec, theirs.w_dec, rtol=1e-5, atol=1e-6)
+        assert ours_cfg["stream_contexts"] == theirs_cfg["stream_contexts"] > 0
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_streaming_sweep_that_runs_out_leaves_nothing(tiny_model, tmp_path) -> None:
+    from training.train.stream_sweep import train_streaming_sweep
+
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(f"Line {i} is short." for i in range(300)))
+    outs = {tmp_path / "a": SaeConfig(d_in=64, n_latents=64, k=4),
+            tmp_path / "b": SaeConfig(d_in=64, n_latents=128, k=4)}
+    with pytest.raises(ValueError, match="ran out .* lower --tokens"):
+        train_streaming_sweep(tiny_model, outs, _cfg(holdout_rows=64, tokens=256 * 64),
+                              _stream(short), progress=False)
+    assert not list(tmp_path.glob(".*.partial")) and not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="d_in=32"):
+        train_streaming_sweep(tiny_model, {tmp_path / "c": SaeConfig(d_in=32, n_latents=64,
+                                                                     k=4)},
+                              _cfg(), _stream(short), progress=False)
 
 
 def test_bench_stream_compares_with_capture_then_train(tiny_llama_dir, tmp_path) -> None:
@@ -113,6 +175,22 @@ def test_bench_stream_compares_with_capture_then_train(tiny_llama_dir, tmp_path)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["streaming_s"] > 0 and figures["capture_then_train_s"] > figures["capture_s"]
     assert 0 < figures["heldout_fvu_stream"] < 2 and 0 < figures["heldout_fvu_disk"] < 2
+
+
+def test_bench_sweep_from_the_model_times_it_against_streaming_runs(tiny_llama_dir,
+                                                                   tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    args = ["bench", "sweep", "--latents", "64,128", "--k", "8", "--tokens", "1024",
+            "--batch", "256", "--buffer-rows", "1024"]
+    result = runner.invoke(app, [*args, "--layer", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["streamed"] and figures["saes"] == ["n64-k8-topk", "n128-k8-topk"]
+    assert figures["sweep_s"] > 0 and figures["separate_s"] > 0
+    assert figures["max_fvu_difference"] < 1e-6
+    neither = runner.invoke(app, args, env=env)
+    assert neither.exit_code == 2 and "--acts" in neither.output and "--layer" in neither.output
 
 
 def test_a_resume_with_other_settings_names_the_flag(tiny_model, text_file, tmp_path) -> None:

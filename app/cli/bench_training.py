@@ -113,21 +113,39 @@ def bench_eval(
 
 @bench_app.command("sweep")
 def bench_sweep(
-    acts: Annotated[Path, typer.Option("--acts", help="capture directory")],
+    acts: Annotated[Path | None, typer.Option("--acts", help="capture directory (without "
+                                              "it: stream from --model's --layer)")] = None,
+    model: ModelOpt = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="without --acts: the block")
+                     ] = None,
     latents: Annotated[str, typer.Option("--latents")] = "4096,8192",
     k: Annotated[str, typer.Option("--k")] = "16,32",
     arch: Annotated[str, typer.Option("--arch")] = "topk",
     batch: Annotated[int, typer.Option("--batch")] = 4096,
     tokens: Annotated[int, typer.Option("--tokens", help="training tokens per SAE")] = 65_536,
+    buffer_rows: Annotated[int, typer.Option("--buffer-rows", help="without --acts: rows "
+                                             "in the shuffle buffer")] = 1 << 16,
 ) -> None:
-    """A sweep from one read vs the same SAEs trained one run at a time (wall time)."""
+    """A sweep from one read vs the same SAEs trained one run at a time (wall time), on a
+    capture or straight from the model."""
+    from training.bench.sweep import bench_stream_sweep
     from training.bench.sweep import bench_sweep as run
 
     with cli_errors():
         sizes, ks = int_list(latents, "--latents"), int_list(k, "--k")
+        if (acts is None) == (layer is None):
+            raise ValueError("give --acts (a capture) or --layer (stream from --model)")
         with tempfile.TemporaryDirectory(prefix="saelab-bench-") as work:
-            result = run(acts, Path(work), latents=sizes, ks=ks,
-                         architectures=arch.split(","), batch=batch, tokens=tokens)
+            if acts is not None:
+                result = run(acts, Path(work), latents=sizes, ks=ks,
+                             architectures=arch.split(","), batch=batch, tokens=tokens)
+            else:
+                lm = load_lm(model, None)
+                lm.check_layer(layer)
+                result = bench_stream_sweep(lm, Path(work), layer=layer, latents=sizes,
+                                            ks=ks, architectures=arch.split(","),
+                                            batch=batch, tokens=tokens,
+                                            buffer_rows=buffer_rows)
     typer.echo(json.dumps(result))
 
 

@@ -144,10 +144,13 @@ def _train(o: dict) -> dict:
                                               "checkpoint_every", "precision")}}
     sweep = len(sizes) * len(ks) * len(archs) > 1
     if o["acts"] is None:
-        if sweep or o["nproc"] != 1:
-            raise ValueError("training from --model (no --acts) is one SAE in one process: "
-                             "drop the lists and --nproc")
-        return _run_streaming(spec, o)
+        if o["nproc"] != 1:
+            raise ValueError("training from --model (no --acts) runs in one process: drop "
+                             "--nproc")
+        if sweep and o["resume"]:
+            raise ValueError("a sweep (several --latents, --k or --arch) cannot --resume: "
+                             "drop --resume")
+        return _run_streaming(spec, o, (sizes, ks, archs) if sweep else None)
     spec["sae"]["d_in"] = manifest.d_model
     if sweep:
         if o["nproc"] != 1 or o["resume"]:
@@ -158,38 +161,60 @@ def _train(o: dict) -> dict:
     return _run_train(spec, o["nproc"])
 
 
-def _run_streaming(spec: dict, o: dict) -> dict:
-    """Train from --model's block --layer as it reads --dataset (no capture on disk)."""
+def _run_streaming(spec: dict, o: dict,
+                   sweep: tuple[list[int], list[int], list[str]] | None) -> dict:
+    """Train from --model's block --layer as it reads --dataset (no capture on disk): one
+    SAE, or every combination of ``sweep`` from one read of the stream."""
     from training.data.capture import CaptureConfig
     from training.sae.autoencoder import SaeConfig
     from training.train.stream import StreamConfig, train_streaming
+    from training.train.stream_sweep import train_streaming_sweep
     from training.train.trainer import TrainConfig
 
     if o["layer"] is None or o["tokens"] is None:
         raise ValueError("training without --acts needs --layer and --tokens (and --model)")
     lm = load_lm(o["model"], None)
+    lm.check_layer(o["layer"])
     spec["sae"]["d_in"] = lm.d_model
     stream = StreamConfig(CaptureConfig(layer=o["layer"], tokens=o["tokens"],
                                         dataset=o["dataset"], dtype="fp32"),
                           buffer_rows=o["buffer_rows"])
-    return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]),
-                           TrainConfig.from_dict(spec["train"]), stream, resume=o["resume"])
+    cfg = TrainConfig.from_dict(spec["train"])
+    if sweep is None:
+        return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]), cfg,
+                               stream, resume=o["resume"])
+    names, members = _sweep_members(spec, *sweep)
+    results = train_streaming_sweep(lm, members, cfg, stream)
+    return _sweep_result(spec, names, results)
 
 
 def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:
     """Every combination from one read of --acts, each to OUT/n<n>-k<k>-<arch>."""
-    from training.sae.autoencoder import SaeConfig
-    from training.train.sweep import sweep_configs, train_sweep
+    from training.train.sweep import train_sweep
     from training.train.trainer import TrainConfig
+
+    names, members = _sweep_members(spec, sizes, ks, archs)
+    results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
+    return _sweep_result(spec, names, results)
+
+
+def _sweep_members(spec: dict, sizes: list[int], ks: list[int], archs: list[str]
+                   ) -> tuple[list[str], dict]:
+    """The sweep's folder names and {OUT/name: config}."""
+    from training.sae.autoencoder import SaeConfig
+    from training.train.sweep import sweep_configs
 
     base = {**spec["sae"], "n_latents": max(sizes), "k": min(ks), "matryoshka_widths": ()}
     configs = sweep_configs(SaeConfig.from_dict(base), sizes, ks, archs,
                             spec["sae"]["matryoshka_widths"])
     out = Path(spec["out"])
-    members = {out / name: cfg for name, cfg in configs.items()}
-    results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
+    return list(configs), {out / name: cfg for name, cfg in configs.items()}
+
+
+def _sweep_result(spec: dict, names: list[str], results: list[dict]) -> dict:
+    out = Path(spec["out"])
     return {"sweep": [{"name": name, "out": str(out / name), **metrics}
-                      for name, metrics in zip(configs, results, strict=True)]}
+                      for name, metrics in zip(names, results, strict=True)]}
 
 
 def _validate_train_spec(spec: dict, nproc: int) -> None:

@@ -1,6 +1,7 @@
 """``saelab bench sweep``: a sweep of SAEs from one read against the same SAEs trained one
-run at a time, on the same capture, batches and seed (so both write the same SAEs: the
-figures' largest difference is reported beside the wall times)."""
+run at a time, on the same capture (or straight from the model: the same stream), batches
+and seed (so both write the same SAEs: the figures' largest difference is reported beside
+the wall times)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from typing import Any
 import torch
 
 from training.data.activations import ActivationStore
+from training.data.capture import CaptureConfig
+from training.data.models import LoadedModel
 from training.sae.autoencoder import SaeConfig
 from training.train.run import train
+from training.train.stream import StreamConfig, train_streaming
+from training.train.stream_sweep import train_streaming_sweep
 from training.train.sweep import sweep_configs, train_sweep
 from training.train.trainer import TrainConfig
 
@@ -33,11 +38,40 @@ def bench_sweep(acts: Path, work: Path, *, latents: list[int], ks: list[int],
     alone = [train(acts, work / "alone" / name, c, cfg, progress=False)
              for name, c in configs.items()]
     alone_s = time.perf_counter() - started
+    return {"bench": "sweep", "acts": str(acts), "d": store.d_model, "saes": list(configs),
+            "batch": batch, "tokens": tokens, **_figures(configs, swept, alone, sweep_s,
+                                                         alone_s)}
+
+
+def bench_stream_sweep(lm: LoadedModel, work: Path, *, layer: int, latents: list[int],
+                       ks: list[int], architectures: list[str], batch: int = 4096,
+                       tokens: int = 65_536, buffer_rows: int = 1 << 16) -> dict[str, Any]:
+    """The same, straight from the model: one streaming sweep (one forward per batch of
+    contexts for all) against a streaming run per SAE (the forwards again for each)."""
+    configs = sweep_configs(SaeConfig(d_in=lm.d_model, n_latents=max(latents), k=min(ks)),
+                            latents, ks, architectures)
+    cfg = TrainConfig(batch=batch, tokens=tokens, checkpoint_every=0)
+    stream = StreamConfig(CaptureConfig(layer=layer, tokens=tokens, dtype="fp32"),
+                          buffer_rows=buffer_rows)
+    started = time.perf_counter()
+    swept = train_streaming_sweep(lm, {work / "sweep" / n: c for n, c in configs.items()},
+                                  cfg, stream, progress=False)
+    sweep_s = time.perf_counter() - started
+    started = time.perf_counter()
+    alone = [train_streaming(lm, work / "alone" / name, c, cfg, stream, progress=False)
+             for name, c in configs.items()]
+    alone_s = time.perf_counter() - started
+    return {"bench": "sweep", "streamed": True, "model": lm.name, "layer": layer,
+            "d": lm.d_model, "saes": list(configs), "batch": batch, "tokens": tokens,
+            "buffer_rows": buffer_rows, **_figures(configs, swept, alone, sweep_s, alone_s)}
+
+
+def _figures(configs: dict, swept: list[dict], alone: list[dict], sweep_s: float,
+             alone_s: float) -> dict[str, Any]:
     diff = max(abs(a["heldout_fvu"] - b["heldout_fvu"]) for a, b in zip(swept, alone,
                                                                          strict=True))
-    return {"bench": "sweep", "acts": str(acts), "d": store.d_model, "saes": list(configs),
-            "batch": batch, "tokens": tokens, "threads": torch.get_num_threads(),
-            "sweep_s": sweep_s, "separate_s": alone_s, "ratio": sweep_s / alone_s,
+    return {"threads": torch.get_num_threads(), "sweep_s": sweep_s, "separate_s": alone_s,
+            "ratio": sweep_s / alone_s,
             "heldout_fvu": {name: m["heldout_fvu"] for name, m in zip(configs, swept,
                                                                       strict=True)},
             "max_fvu_difference": diff}

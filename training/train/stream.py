@@ -113,17 +113,16 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
     if sae_cfg.d_in != lm.d_model:
         raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
     out, total_steps = Path(out), cfg.tokens // cfg.batch
-    if out.exists() and not (out / "cfg.json").is_file():
-        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
+    check_out(out)
     work = partial_dir(out)
     trainer = Trainer(sae_cfg, cfg, total_steps, device=lm.device)
     try:
-        state = _resume(trainer, work, stream) if resume else _fresh(work)
+        state = _resume(trainer, work, stream) if resume else fresh_dir(work)
         source = activation_stream(lm, stream.capture, skip_contexts=state["contexts"])
-        counted = _Counted(source, state["contexts"])
+        counted = CountedRows(source, state["contexts"])
         holdout = state.get("holdout")
         if holdout is None:
-            holdout = _take_rows(counted, cfg.holdout_rows)
+            holdout = take_rows(counted, cfg.holdout_rows)
         batches = iter(ShuffleBuffer(counted, stream.buffer_rows, cfg.batch, cfg.seed
                                      + state["contexts"]))
         if not resume:
@@ -131,12 +130,14 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
             if first is None:
                 raise TrainError(f"dataset {stream.capture.dataset!r} yielded no batch")
             trainer.initialise(first, estimate_input_scale(first))
-            batches = _prepend(first, batches)
+            batches = prepend(first, batches)
         history = state.get("history", [])
         seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step,
                         _settings(trainer, stream))
-        metrics = _metrics(trainer, holdout, history, seconds, state["steps"], cfg.batch)
-        _finish(trainer, lm, stream, out, work, metrics, history, counted.contexts)
+        metrics = stream_metrics(trainer, holdout, history, seconds, state["steps"],
+                                 cfg.batch)
+        finish_stream_run(trainer, lm, stream, out, work, metrics, history,
+                          counted.contexts)
         return metrics
     except BaseException as exc:
         if not isinstance(exc, Interrupted) and not (work / CHECKPOINT).is_file():
@@ -144,7 +145,13 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
         raise
 
 
-class _Counted:
+def check_out(out: Path) -> None:
+    """An output folder a run may replace: absent, or an SAE folder."""
+    if out.exists() and not (out / "cfg.json").is_file():
+        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
+
+
+class CountedRows:
     """The activation stream's rows, remembering how many contexts it has consumed."""
 
     def __init__(self, source: Iterator[tuple[Tensor, int]], contexts: int) -> None:
@@ -158,7 +165,7 @@ class _Counted:
         return rows
 
 
-def _take_rows(rows: Iterator[Tensor], count: int) -> Tensor:
+def take_rows(rows: Iterator[Tensor], count: int) -> Tensor:
     taken, have = [], 0
     while have < count:
         chunk = next(rows, None)
@@ -169,12 +176,12 @@ def _take_rows(rows: Iterator[Tensor], count: int) -> Tensor:
     return torch.cat(taken)[:count] if taken else torch.empty(0)
 
 
-def _prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
+def prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield first
     yield from rest
 
 
-def _fresh(work: Path) -> dict:
+def fresh_dir(work: Path) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -197,7 +204,7 @@ def _resume(trainer: Trainer, work: Path, stream: StreamConfig) -> dict:
     return {**state, "steps": trainer.steps_done}
 
 
-def _loop(trainer: Trainer, batches: Iterator[Tensor], counted: _Counted, holdout: Tensor,
+def _loop(trainer: Trainer, batches: Iterator[Tensor], counted: CountedRows, holdout: Tensor,
           work: Path, history: list[dict], progress: bool, on_step: StepCallback | None,
           settings: dict) -> float:
     cfg, total = trainer.cfg, trainer.total_steps
@@ -229,14 +236,14 @@ def _checkpoint(trainer: Trainer, work: Path, history: list[dict], contexts: int
     os.replace(tmp, work / CHECKPOINT)
 
 
-def _metrics(trainer: Trainer, holdout: Tensor, history: list[dict], seconds: float,
-             first_step: int, batch: int) -> dict:
+def stream_metrics(trainer: Trainer, holdout: Tensor, history: list[dict], seconds: float,
+                   first_step: int, batch: int) -> dict:
     tokens_per_s = (trainer.steps_done - first_step) * batch / max(seconds, 1e-9)
     return {**final_metrics(trainer, holdout, history, tokens_per_s), "streamed": True}
 
 
-def _finish(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path, work: Path,
-            metrics: dict, history: list[dict], contexts: int) -> None:
+def finish_stream_run(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path,
+                      work: Path, metrics: dict, history: list[dict], contexts: int) -> None:
     capture = stream.capture
     write_run(trainer, out, work, metrics, history, model=lm.name, layer=capture.layer,
               context=capture.context,

@@ -15,11 +15,12 @@ from __future__ import annotations
 import itertools
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from training.data.activations import ActivationStore, estimate_input_scale
@@ -89,32 +90,54 @@ def _start(store: ActivationStore, configs: list[SaeConfig], cfg: TrainConfig,
            total_steps: int, train_rows: int, works: list[Path]) -> list[Trainer]:
     """A trainer per member, initialised from the one sample a separate run would draw."""
     sample = store.sample(cfg.init_rows, seed=cfg.seed, limit_rows=train_rows)
-    scale = estimate_input_scale(sample)
     device = default_device()
     trainers = [Trainer(sae_cfg, cfg, total_steps, device=device) for sae_cfg in configs]
-    scaled = sample.to(device, torch.float32) * scale  # as Trainer.initialise scales it
-    center = geometric_median(scaled) if cfg.b_dec_init == "median" else None
+    initialise_members(trainers, sample)
+    fresh_dirs(works)
+    return trainers
+
+
+def initialise_members(trainers: list[Trainer], sample: Tensor) -> None:
+    """Every member's input scale and b_dec from one raw sample [N, d], as a separate run
+    would set them (the geometric median, the costly part, computed once for all)."""
+    scale = estimate_input_scale(sample)
+    scaled = sample.to(trainers[0].device, torch.float32) * scale  # as initialise scales it
+    center = geometric_median(scaled) if trainers[0].cfg.b_dec_init == "median" else None
     for trainer in trainers:
         trainer.initialise(sample, scale, center=center)
+
+
+def fresh_dirs(works: list[Path]) -> None:
+    """Each member's partial directory, empty."""
     for work in works:
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-    return trainers
 
 
 def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, progress: bool,
           on_step: SweepStep | None) -> tuple[list[list[dict]], float]:
-    """Each batch read once, every trainer stepped on it; (histories, seconds)."""
+    cfg = trainers[0].cfg
+    batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
+    return step_members(trainers, batches, progress, on_step, f"sweep of {len(trainers)}")
+
+
+def step_members(trainers: list[Trainer], batches: Iterator[Tensor], progress: bool,
+                 on_step: SweepStep | None, desc: str) -> tuple[list[list[dict]], float]:
+    """Each batch [batch, d] read once, every trainer stepped on it, until their common
+    number of steps; (each member's logged history, seconds). A stream that runs out
+    first is a TrainError."""
     cfg, total = trainers[0].cfg, trainers[0].total_steps
     log_every = cfg.log_every or max(1, total // CURVE_POINTS)
     histories: list[list[dict]] = [[] for _ in trainers]
-    batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
     started = time.perf_counter()
-    with tqdm(total=total * cfg.batch, unit="tok", unit_scale=True,
-              desc=f"sweep of {len(trainers)}", disable=not progress) as bar:
+    with tqdm(total=total * cfg.batch, unit="tok", unit_scale=True, desc=desc,
+              disable=not progress) as bar:
         for step in range(1, total + 1):
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                raise TrainError(f"the activations ran out after {step - 1} of {total} "
+                                 "steps: lower --tokens")
             for index, trainer in enumerate(trainers):
                 stats = trainer.step(batch)
                 if step % log_every == 0 or step == total:

@@ -8,6 +8,7 @@ last shard and an interrupted training from its last checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,7 +23,9 @@ from worker.runtime import SERIES_POINTS, JobRun
 def load_model(params: JobParams, settings: Settings):
     from training.data.models import load_model as load
 
-    return load(params.model or settings.default_model, data_dir=settings.data_dir)
+    spec = params.model or settings.default_model
+    logging.getLogger(__name__).info("loading the model %s", spec)
+    return load(spec, data_dir=settings.data_dir)
 
 
 def load_sae_model(params: JobParams, settings: Settings, sae_cfg: dict):
@@ -195,11 +198,11 @@ def _die_with_parent() -> None:
 
 def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: str,
                   acts: str | None, directory: Path | None = None, *,
-                  evaluate: bool = True) -> int:
+                  evaluate: bool = True, lm=None) -> int:
     """Analyse every latent of the SAE and persist it; returns the SAE's store id. Without
     a capture (an imported SAE) the job's dataset is captured first, at the SAE's layer.
     ``evaluate=False``: its ``eval.json`` is written already (a sweep evaluates its SAEs
-    together)."""
+    together); ``lm``: the SAE's model, loaded already (a sweep's members share one)."""
     from app.store.persist import save_analysis, token_texts
     from training.analysis.latents import analyse_capture, checked_capture
     from training.sae.folder import load_sae
@@ -209,7 +212,7 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
         cfg["hook_layer"] = params.layer
     if cfg.get("hook_layer") is None:
         raise ValueError(f"sae: {sae_dir} does not say which layer it reads: give layer")
-    lm = load_sae_model(params, settings, cfg)
+    lm = lm or load_sae_model(params, settings, cfg)
     source = acts or cfg.get("activations")
     if not source:
         if directory is None:

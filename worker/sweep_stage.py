@@ -71,25 +71,30 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
     """Analyse each member of ``result["saes"]`` into the store; ``result["sae_ids"]``
     ({name: SAE id}) grows, and is written to the job's row, as each finishes, so a resumed
     job skips those."""
-    from worker.stages import analyze_stage
+    from training.sae.folder import load_sae
+    from worker.stages import analyze_stage, load_sae_model
 
     saes, acts = result["saes"], result.get("acts") or params.acts
     done = result.setdefault("sae_ids", {})
+    todo = {name: sae_dir for name, sae_dir in saes.items() if name not in done}
+    if not todo:
+        return done
+    # every member reads the same capture of the same model: load it once for all
+    lm = load_sae_model(params, settings, load_sae(Path(next(iter(todo.values()))))[1])
     if params.eval_tokens:
-        evaluate_members(run, params, settings, [Path(sae_dir) for name, sae_dir in
-                                                 saes.items() if name not in done], acts)
+        evaluate_members(run, params, [Path(sae_dir) for sae_dir in todo.values()], acts, lm)
     for number, (name, sae_dir) in enumerate(saes.items(), start=1):
         if name in done:
             continue
         run.update(force=True, message=f"analysing {name} ({number} of {len(saes)})")
         done[name] = analyze_stage(run, params, settings, sae_dir, acts, directory,
-                                   evaluate=False)
+                                   evaluate=False, lm=lm)
         run.update(force=True, result=dict(result))
     return done
 
 
-def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
-                     folders: list[Path], acts: str) -> None:
+def evaluate_members(run: JobRun, params: JobParams, folders: list[Path], acts: str,
+                     lm) -> None:
     """Evaluate the sweep's SAEs in ``folders`` that have no ``eval.json`` yet together,
     on the same batches (one clean pass per batch for all, then each SAE's spliced pass),
     each into its folder's ``eval.json``. A folder's ``eval.json`` is this job's own: the
@@ -97,7 +102,7 @@ def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
     from app.store.persist import EVAL_FILE
     from training.data.activations import ActivationStore
     from training.sae.folder import load_sae
-    from worker.stages import evaluate_stage, load_sae_model
+    from worker.stages import evaluate_stage
 
     todo = [folder for folder in folders if not (folder / EVAL_FILE).is_file()]
     if not todo:
@@ -106,7 +111,5 @@ def evaluate_members(run: JobRun, params: JobParams, settings: Settings,
                                      len(todo))
     run.update(force=True, message=f"evaluating {len(todo)} SAEs spliced into the model, "
                                    "on the same batches")
-    loaded = {folder: load_sae(folder) for folder in todo}
-    lm = load_sae_model(params, settings, next(iter(loaded.values()))[1])
-    saes = {folder: sae.to(lm.device) for folder, (sae, _) in loaded.items()}
+    saes = {folder: load_sae(folder)[0].to(lm.device) for folder in todo}
     evaluate_stage(lm, saes, ActivationStore(Path(acts)), params.eval_tokens)

@@ -117,6 +117,7 @@ def fresh_dirs(works: list[Path]) -> None:
 
 def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, progress: bool,
           on_step: SweepStep | None) -> tuple[list[list[dict]], float]:
+    """The capture's shuffled batches, each read once for every trainer."""
     cfg = trainers[0].cfg
     batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
     return step_members(trainers, batches, progress, on_step, f"sweep of {len(trainers)}")

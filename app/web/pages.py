@@ -67,6 +67,7 @@ async def sae_page(request: Request, sae_id: int, session: SessionDep, render: R
     if fragment_name(request) != "latent_list":
         context.update(await run_in_threadpool(lambda: {
             "curve": views.loss_curve(sae), "frontier": views.frontier(session, sae),
+            "frontier_of": (views.training_source(sae.config) or ("capture",))[0],
             "density": views.density_histogram(session, sae_id)}))
     return render(request, "sae.html", context)
 

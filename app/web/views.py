@@ -86,24 +86,42 @@ def headline(sae: Sae) -> dict[str, float | None]:
             "ce_loss_recovered": evaluated.get("ce_loss_recovered")}
 
 
+def training_source(config: dict | None) -> tuple | None:
+    """What an SAE was trained and held out on, so SAEs sharing it are comparable: its
+    capture's folder, or, trained straight from the model, the dataset, context, held-out
+    rows (the stream's first) and contexts read (evaluation starts after them), which the
+    members of one streaming sweep share; None when unknown (an imported SAE)."""
+    config = config or {}
+    if config.get("activations"):
+        return ("capture", config["activations"])
+    if config.get("streamed") and config.get("dataset"):
+        return ("stream", config["dataset"], config.get("context_size"),
+                (config.get("train") or {}).get("holdout_rows"), config.get("stream_contexts"))
+    return None
+
+
 def frontier(session: Session, sae: Sae) -> list[dict[str, Any]]:
-    """The SAEs trained on the same capture as ``sae`` (a sweep, or runs compared by hand),
-    each with its L0, FVU and CE loss recovered, by L0; empty when it has no sibling."""
-    capture = (sae.config or {}).get("activations")
-    if not capture:
+    """The SAEs trained on the same capture or stream as ``sae`` (a sweep, or runs compared
+    by hand), each with its L0, FVU, CE loss recovered and the tokens they were measured
+    on, by L0; empty when it has no sibling."""
+    source = training_source(sae.config)
+    if source is None:
         return []
     siblings = session.scalars(select(Sae).where(Sae.model_id == sae.model_id,
                                                  Sae.layer == sae.layer)).all()
     points = []
     for other in siblings:
-        if (other.config or {}).get("activations") != capture:
+        if training_source(other.config) != source:
             continue
         figures = headline(other)
         if figures["explained_variance"] is None or figures["l0"] is None:
             continue
         points.append({"id": other.id, "name": other.name, "l0": figures["l0"],
                        "fvu": 1 - figures["explained_variance"],
+                       "fvu_tokens": figures["eval_tokens"] or (other.metrics or {}).get(
+                           "heldout_rows"),
                        "ce_loss_recovered": figures["ce_loss_recovered"],
+                       "ce_tokens": figures["eval_tokens"],
                        "current": other.id == sae.id})
     return sorted(points, key=lambda p: p["l0"]) if len(points) > 1 else []
 

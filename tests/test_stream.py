@@ -122,29 +122,68 @@ def test_the_command_trains_a_sweep_from_a_model(tiny_llama_dir, text_file, tmp_
     too_wide = runner.invoke(app, [*args[:-4], "--k", "4,64", "--tokens", "1024", "--out",
                                    str(tmp_path / "other")], env=env)
     assert too_wide.exit_code == 2 and "--k 64 is not below --latents 64" in too_wide.output
-    assert not (tmp_path / "other").exists()
+    for extra, flag in ((["--buffer-rows", "300"], "--buffer-rows"), (["--skip"], "--skip"),
+                        (["--arch", "topk,relu"], "--arch")):
+        bad = runner.invoke(app, [*args, *extra], env=env)
+        assert bad.exit_code == 2 and flag in bad.output, bad.output
 
 
+@pytest.mark.parametrize("b_dec_init", ["median", "mean"])
 def test_a_streaming_sweep_trains_the_saes_streaming_runs_would(tiny_model, text_file,
-                                                               tmp_path) -> None:
+                                                               tmp_path, b_dec_init) -> None:
     from training.train.stream_sweep import train_streaming_sweep
 
     configs = {"a": SaeConfig(d_in=64, n_latents=64, k=4),
                "b": SaeConfig(d_in=64, n_latents=128, k=8, architecture="batchtopk")}
     steps: list[int] = []
+    cfg = _cfg(b_dec_init=b_dec_init)
     swept = train_streaming_sweep(tiny_model, {tmp_path / n: c for n, c in configs.items()},
-                                  _cfg(), _stream(text_file), progress=False,
+                                  cfg, _stream(text_file), progress=False,
                                   on_step=lambda index, stats: steps.append(index))
     assert steps == [0, 1] * 16
     for (name, sae_cfg), metrics in zip(configs.items(), swept, strict=True):
-        alone = train_streaming(tiny_model, tmp_path / f"alone-{name}", sae_cfg, _cfg(),
+        alone = train_streaming(tiny_model, tmp_path / f"alone-{name}", sae_cfg, cfg,
                                 _stream(text_file), progress=False)
-        assert metrics["heldout_fvu"] == pytest.approx(alone["heldout_fvu"], rel=1e-5)
+        assert metrics["heldout_fvu"] == alone["heldout_fvu"]
         assert metrics["sweep_size"] == 2 and metrics["heldout_rows"] == 512
         ours, ours_cfg = load_sae(tmp_path / name)
         theirs, theirs_cfg = load_sae(tmp_path / f"alone-{name}")
         torch.testing.assert_close(ours.w_dec, theirs.w_dec, rtol=1e-5, atol=1e-6)
         assert ours_cfg["stream_contexts"] == theirs_cfg["stream_contexts"] > 0
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_failed_or_interrupted_streaming_sweep_keeps_the_family_it_replaces(
+        tiny_model, text_file, tmp_path, monkeypatch) -> None:
+    import training.train.run as run_module
+    from training.train.stream_sweep import train_streaming_sweep
+
+    outs = {tmp_path / "a": SaeConfig(d_in=64, n_latents=64, k=4),
+            tmp_path / "b": SaeConfig(d_in=64, n_latents=128, k=4)}
+    short = _cfg(tokens=256 * 4)
+    train_streaming_sweep(tiny_model, outs, short, _stream(text_file), progress=False)
+    before = {out: load_sae(out)[0].w_dec.clone() for out in outs}
+
+    def stop(index: int, stats) -> None:
+        if index == 1 and stats.step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_streaming_sweep(tiny_model, outs, _cfg(tokens=256 * 4, seed=1),
+                              _stream(text_file), progress=False, on_step=stop)
+    saved = run_module.save_sae
+
+    def full_disk_on_the_second(directory, *args, **kwargs) -> None:
+        if "b.partial" in str(directory):
+            raise OSError(28, "No space left on device")
+        saved(directory, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "save_sae", full_disk_on_the_second)
+    with pytest.raises(OSError, match="No space"):
+        train_streaming_sweep(tiny_model, outs, _cfg(tokens=256 * 4, seed=1),
+                              _stream(text_file), progress=False)
+    for out, w_dec in before.items():
+        assert torch.equal(load_sae(out)[0].w_dec, w_dec), "no member of a failed sweep"
     assert not list(tmp_path.glob(".*.partial"))
 
 

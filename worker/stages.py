@@ -212,7 +212,8 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
         cfg["hook_layer"] = params.layer
     if cfg.get("hook_layer") is None:
         raise ValueError(f"sae: {sae_dir} does not say which layer it reads: give layer")
-    lm = lm or load_sae_model(params, settings, cfg)
+    if lm is None:
+        lm = load_sae_model(params, settings, cfg)
     source = acts or cfg.get("activations")
     if not source:
         if directory is None:

@@ -4,6 +4,7 @@ their pages show the family's L0–FVU frontier."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -71,7 +72,6 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
     """Analyse each member of ``result["saes"]`` into the store; ``result["sae_ids"]``
     ({name: SAE id}) grows, and is written to the job's row, as each finishes, so a resumed
     job skips those."""
-    from training.sae.folder import load_sae
     from worker.stages import analyze_stage, load_sae_model
 
     saes, acts = result["saes"], result.get("acts") or params.acts
@@ -80,7 +80,8 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
     if not todo:
         return done
     # every member reads the same capture of the same model: load it once for all
-    lm = load_sae_model(params, settings, load_sae(Path(next(iter(todo.values()))))[1])
+    first_cfg = json.loads((Path(next(iter(todo.values()))) / "cfg.json").read_text())
+    lm = load_sae_model(params, settings, first_cfg)
     if params.eval_tokens:
         evaluate_members(run, params, [Path(sae_dir) for sae_dir in todo.values()], acts, lm)
     for number, (name, sae_dir) in enumerate(saes.items(), start=1):

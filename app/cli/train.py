@@ -173,13 +173,18 @@ def _run_streaming(spec: dict, o: dict,
 
     if o["layer"] is None or o["tokens"] is None:
         raise ValueError("training without --acts needs --layer and --tokens (and --model)")
-    lm = load_lm(o["model"], None)
-    lm.check_layer(o["layer"])
-    spec["sae"]["d_in"] = lm.d_model
     stream = StreamConfig(CaptureConfig(layer=o["layer"], tokens=o["tokens"],
                                         dataset=o["dataset"], dtype="fp32"),
                           buffer_rows=o["buffer_rows"])
     cfg = TrainConfig.from_dict(spec["train"])
+    spec["sae"]["d_in"] = 1  # the model's d is not known yet: check the rest first
+    if sweep is None:
+        SaeConfig.from_dict(spec["sae"])
+    else:
+        _sweep_members(spec, *sweep)
+    lm = load_lm(o["model"], None)
+    lm.check_layer(o["layer"])
+    spec["sae"]["d_in"] = lm.d_model
     if sweep is None:
         return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]), cfg,
                                stream, resume=o["resume"])

@@ -252,13 +252,26 @@ def write_run(trainer: Trainer, out: Path, work: Path, metrics: dict, history: l
               *, model: str, layer: int, context: int, extra: dict) -> None:
     """Save the trained SAE with its metrics and loss curve in ``work``, then put it in
     place of ``out`` (atomically) and remove ``work``."""
+    stage_run(trainer, work, metrics, history, model=model, layer=layer, context=context,
+              extra=extra)
+    publish_run(work, out)
+
+
+def stage_run(trainer: Trainer, work: Path, metrics: dict, history: list[dict], *,
+              model: str, layer: int, context: int, extra: dict) -> None:
+    """Save the trained SAE with its metrics and loss curve in ``work/sae`` (a sweep
+    stages every member before it publishes any, so a failure leaves no mixed family)."""
     save_sae(work / "sae", trainer.sae, trainer.input_scale, model=model, layer=layer,
              context=context, extra={"train": trainer.cfg.to_dict(), **extra},
              target_scale=trainer.target_scale)
     final = work / "sae"
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_curve(final / "loss_curve.csv", history)
-    replace_dir(final, out)
+
+
+def publish_run(work: Path, out: Path) -> None:
+    """Put the SAE staged in ``work`` in place of ``out`` (atomically); remove ``work``."""
+    replace_dir(work / "sae", out)
     shutil.rmtree(work, ignore_errors=True)
 
 

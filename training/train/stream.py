@@ -45,8 +45,9 @@ from training.train.run import (
     final_metrics,
     load_checkpoint,
     partial_dir,
+    publish_run,
     run_settings,
-    write_run,
+    stage_run,
 )
 from training.train.trainer import TrainConfig, Trainer
 
@@ -114,6 +115,7 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
         raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
     out, total_steps = Path(out), cfg.tokens // cfg.batch
     check_out(out)
+    check_buffer(stream, cfg)
     work = partial_dir(out)
     trainer = Trainer(sae_cfg, cfg, total_steps, device=lm.device)
     try:
@@ -143,6 +145,14 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
         if not isinstance(exc, Interrupted) and not (work / CHECKPOINT).is_file():
             shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def check_buffer(stream: StreamConfig, cfg: TrainConfig) -> None:
+    """The shuffle buffer must hold two batches (one served while the next mixes in);
+    checked before the model runs."""
+    if stream.buffer_rows < 2 * cfg.batch:
+        raise TrainError(f"--buffer-rows {stream.buffer_rows} must hold at least two "
+                         f"--batch ({cfg.batch})")
 
 
 def check_out(out: Path) -> None:
@@ -244,8 +254,15 @@ def stream_metrics(trainer: Trainer, holdout: Tensor, history: list[dict], secon
 
 def finish_stream_run(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, out: Path,
                       work: Path, metrics: dict, history: list[dict], contexts: int) -> None:
+    stage_stream_run(trainer, lm, stream, work, metrics, history, contexts)
+    publish_run(work, out)
+
+
+def stage_stream_run(trainer: Trainer, lm: LoadedModel, stream: StreamConfig, work: Path,
+                     metrics: dict, history: list[dict], contexts: int) -> None:
+    """A streamed run's SAE folder, staged in ``work`` (``stage_run``)."""
     capture = stream.capture
-    write_run(trainer, out, work, metrics, history, model=lm.name, layer=capture.layer,
+    stage_run(trainer, work, metrics, history, model=lm.name, layer=capture.layer,
               context=capture.context,
               extra={"activations": None, "streamed": True, "dataset": capture.dataset,
                      "buffer_rows": stream.buffer_rows, "stream_contexts": contexts})

@@ -13,25 +13,31 @@ interrupted streaming sweep starts again (its partial folders are removed).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from training.data.capture import activation_stream
 from training.data.models import LoadedModel
 from training.sae.autoencoder import SaeConfig
-from training.train.run import TrainError, partial_dir
+from training.train.run import TrainError
 from training.train.stream import (
     CountedRows,
     ShuffleBuffer,
     StreamConfig,
+    check_buffer,
     check_out,
-    finish_stream_run,
     prepend,
+    stage_stream_run,
     stream_metrics,
     take_rows,
 )
-from training.train.sweep import SweepStep, fresh_dirs, initialise_members, step_members
+from training.train.sweep import (
+    SweepStep,
+    initialise_members,
+    member_dirs,
+    publish_members,
+    step_members,
+)
 from training.train.trainer import TrainConfig, Trainer
 
 
@@ -41,14 +47,12 @@ def train_streaming_sweep(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: 
     """Train every ``members`` SAE (its output folder -> its config) on block
     ``stream.capture.layer`` of ``lm`` as it reads the dataset, ``cfg.tokens`` tokens
     each (required); returns each one's metrics, in order."""
-    _check(lm, members, cfg)
+    _check(lm, members, cfg, stream)
     cfg = replace(cfg, checkpoint_every=0)
     total_steps = cfg.tokens // cfg.batch
-    works = [partial_dir(out) for out in members]
-    try:
-        trainers = [Trainer(sae_cfg, cfg, total_steps, device=lm.device)
-                    for sae_cfg in members.values()]
-        fresh_dirs(works)
+    trainers = [Trainer(sae_cfg, cfg, total_steps, device=lm.device)
+                for sae_cfg in members.values()]
+    with member_dirs(list(members)) as works:
         counted = CountedRows(activation_stream(lm, stream.capture), 0)
         holdout = take_rows(counted, cfg.holdout_rows)
         batches = iter(ShuffleBuffer(counted, stream.buffer_rows, cfg.batch, cfg.seed))
@@ -59,25 +63,23 @@ def train_streaming_sweep(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: 
         histories, seconds = step_members(trainers, prepend(first, batches), progress,
                                           on_step, f"sweep of {len(trainers)} (streaming)")
         results = []
-        for trainer, out, work, history in zip(trainers, members, works, histories,
-                                               strict=True):
+        for trainer, work, history in zip(trainers, works, histories, strict=True):
             metrics = {**stream_metrics(trainer, holdout, history, seconds, 0, cfg.batch),
                        "sweep_size": len(members)}
-            finish_stream_run(trainer, lm, stream, out, work, metrics, history,
-                              counted.contexts)
+            stage_stream_run(trainer, lm, stream, work, metrics, history, counted.contexts)
             results.append(metrics)
+        publish_members(works, list(members))
         return results
-    finally:
-        for work in works:
-            shutil.rmtree(work, ignore_errors=True)
 
 
-def _check(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: TrainConfig) -> None:
-    """What a streaming sweep refuses before it loads a batch."""
+def _check(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: TrainConfig,
+           stream: StreamConfig) -> None:
+    """What a streaming sweep refuses before the model runs."""
     if cfg.tokens is None:
         raise TrainError("--tokens is required when training from the model")
     if not members:
         raise TrainError("a sweep needs at least one SAE")
+    check_buffer(stream, cfg)
     for out, sae_cfg in members.items():
         if sae_cfg.transcoder:
             raise TrainError("a sweep trains residual-stream SAEs: train a transcoder on its "

@@ -5,7 +5,8 @@ Run one by one, each run reads and shuffles the whole capture again; a sweep rea
 batch once and steps every SAE on it. Every member sees exactly the batches, the seed, the
 input scale and the b_dec start a separate run with the same settings would, so a sweep's
 SAEs are the SAEs those runs would write (tested); each lands in its own folder, written
-the same way (a hidden partial directory, then one rename).
+the same way (a hidden partial directory, then one rename), and none is renamed into
+place before every member is saved.
 
 A sweep runs in one process and has no checkpoints: an interrupted sweep starts again.
 """
@@ -16,6 +17,7 @@ import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,8 +34,9 @@ from training.train.run import (
     final_metrics,
     partial_dir,
     plan_run,
+    publish_run,
     run_folder_fields,
-    write_run,
+    stage_run,
 )
 from training.train.trainer import StepStats, TrainConfig, Trainer, geometric_median
 
@@ -67,34 +70,46 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
                          "(one --latents, --k and --arch)")
     store, (holdout, train_rows, total_steps) = plan_run(Path(acts_dir), members, cfg)
     cfg = replace(cfg, checkpoint_every=0)
-    works = [partial_dir(Path(out)) for out in members]
-    try:
-        trainers = _start(store, list(members.values()), cfg, total_steps, train_rows, works)
+    device = default_device()
+    trainers = [Trainer(sae_cfg, cfg, total_steps, device=device)
+                for sae_cfg in members.values()]
+    with member_dirs(list(members)) as works:
+        initialise_members(trainers, store.sample(cfg.init_rows, seed=cfg.seed,
+                                                  limit_rows=train_rows))
         histories, seconds = _loop(trainers, store, train_rows, progress, on_step)
         results = []
         rows = store.tail(holdout) if holdout else None  # read once for every member
-        for trainer, out, work, history in zip(trainers, members, works, histories,
-                                               strict=True):
+        for trainer, work, history in zip(trainers, works, histories, strict=True):
             metrics = final_metrics(trainer, rows, history,
                                     total_steps * cfg.batch / max(seconds, 1e-9))
             metrics["sweep_size"] = len(members)
-            write_run(trainer, Path(out), work, metrics, history, **run_folder_fields(store))
+            stage_run(trainer, work, metrics, history, **run_folder_fields(store))
             results.append(metrics)
+        publish_members(works, list(members))
         return results
+
+
+@contextmanager
+def member_dirs(outs: list[Path]) -> Iterator[list[Path]]:
+    """Each member's partial directory, emptied (an interrupted sweep starts again), and
+    removed when the sweep ends, published or failed."""
+    works = [partial_dir(Path(out)) for out in outs]
+    for work in works:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    try:
+        yield works
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _start(store: ActivationStore, configs: list[SaeConfig], cfg: TrainConfig,
-           total_steps: int, train_rows: int, works: list[Path]) -> list[Trainer]:
-    """A trainer per member, initialised from the one sample a separate run would draw."""
-    sample = store.sample(cfg.init_rows, seed=cfg.seed, limit_rows=train_rows)
-    device = default_device()
-    trainers = [Trainer(sae_cfg, cfg, total_steps, device=device) for sae_cfg in configs]
-    initialise_members(trainers, sample)
-    fresh_dirs(works)
-    return trainers
+def publish_members(works: list[Path], outs: list[Path]) -> None:
+    """Put every staged member in place, only once all are staged: a sweep that fails
+    before this leaves no member of it (and every older SAE of those names) in place."""
+    for work, out in zip(works, outs, strict=True):
+        publish_run(work, Path(out))
 
 
 def initialise_members(trainers: list[Trainer], sample: Tensor) -> None:
@@ -105,14 +120,6 @@ def initialise_members(trainers: list[Trainer], sample: Tensor) -> None:
     center = geometric_median(scaled) if trainers[0].cfg.b_dec_init == "median" else None
     for trainer in trainers:
         trainer.initialise(sample, scale, center=center)
-
-
-def fresh_dirs(works: list[Path]) -> None:
-    """Each member's partial directory, empty."""
-    for work in works:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
 
 
 def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, progress: bool,

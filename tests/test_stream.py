@@ -153,6 +153,65 @@ def test_a_streaming_sweep_trains_the_saes_streaming_runs_would(tiny_model, text
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_a_layer_sweep_trains_each_block_as_its_own_streaming_run_would(tiny_model, text_file,
+                                                                       tmp_path) -> None:
+    from training.train.stream_sweep import train_layer_sweep
+
+    layers = {3: {tmp_path / "deep": SaeConfig(d_in=64, n_latents=64, k=4)},
+              1: {tmp_path / "a": SaeConfig(d_in=64, n_latents=64, k=4),
+                  tmp_path / "b": SaeConfig(d_in=64, n_latents=128, k=8)}}
+    steps: list[int] = []
+    swept = train_layer_sweep(tiny_model, layers, _cfg(), _stream(text_file), progress=False,
+                              on_step=lambda index, stats: steps.append(index))
+    assert steps == [0, 1, 2] * 16 and [m["sweep_size"] for m in swept] == [3] * 3
+    outs = [(layer, out, sae_cfg) for layer, group in layers.items()
+            for out, sae_cfg in group.items()]
+    for (layer, out, sae_cfg), metrics in zip(outs, swept, strict=True):
+        stream = StreamConfig(CaptureConfig(layer=layer, tokens=1, dataset=str(text_file),
+                                            context=32, dtype="fp32", batch_contexts=8),
+                              buffer_rows=2048)
+        alone = train_streaming(tiny_model, tmp_path / f"alone-{out.name}", sae_cfg, _cfg(),
+                                stream, progress=False)
+        assert metrics["heldout_fvu"] == alone["heldout_fvu"]
+        ours, ours_cfg = load_sae(out)
+        theirs, theirs_cfg = load_sae(tmp_path / f"alone-{out.name}")
+        assert torch.equal(ours.w_dec, theirs.w_dec) and ours_cfg["hook_layer"] == layer
+        assert ours_cfg["stream_contexts"] == theirs_cfg["stream_contexts"]
+    assert swept[0]["heldout_fvu"] != swept[1]["heldout_fvu"], "block 3 is not block 1"
+    with pytest.raises(ValueError, match="same folder"):
+        train_layer_sweep(tiny_model, {1: {tmp_path / "x": SaeConfig(d_in=64, n_latents=64,
+                                                                     k=4)},
+                                       2: {tmp_path / "x": SaeConfig(d_in=64, n_latents=64,
+                                                                     k=4)}},
+                          _cfg(), _stream(text_file), progress=False)
+
+
+def test_the_command_trains_several_layers_from_one_stream(tiny_llama_dir, text_file,
+                                                           tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
+        tiny_llama_dir)}
+    args = ["train", "--dataset", str(text_file), "--batch", "256", "--buffer-rows", "1024",
+            "--tokens", "1024"]
+    one_each = runner.invoke(app, [*args, "--layer", "1,3", "--latents", "64", "--k", "4",
+                                   "--out", str(tmp_path / "one")], env=env)
+    assert one_each.exit_code == 0, one_each.output
+    members = json.loads(one_each.stdout.strip().splitlines()[-1])["sweep"]
+    assert [m["name"] for m in members] == ["L1", "L3"]
+    assert [load_sae(tmp_path / "one" / f"L{i}")[1]["hook_layer"] for i in (1, 3)] == [1, 3]
+    family = runner.invoke(app, [*args, "--layer", "2,1", "--latents", "64", "--k", "4,8",
+                                 "--out", str(tmp_path / "family")], env=env)
+    assert family.exit_code == 0, family.output
+    names = [m["name"] for m in json.loads(family.stdout.strip().splitlines()[-1])["sweep"]]
+    assert names == ["L2/n64-k4-topk", "L2/n64-k8-topk", "L1/n64-k4-topk", "L1/n64-k8-topk"]
+    assert all((tmp_path / "family" / name / "cfg.json").is_file() for name in names)
+    for extra, message in ((["--layer", "1,1"], "--layer"), (["--layer", "1,9"], "layer 9"),
+                           (["--layer", "1,2", "--resume"], "--resume")):
+        bad = runner.invoke(app, [*args, *extra, "--latents", "64", "--k", "4", "--out",
+                                  str(tmp_path / "bad")], env=env)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_failed_or_interrupted_streaming_sweep_keeps_the_family_it_replaces(
         tiny_model, text_file, tmp_path, monkeypatch) -> None:
     import training.train.run as run_module
@@ -222,10 +281,11 @@ def test_bench_sweep_from_the_model_times_it_against_streaming_runs(tiny_llama_d
         tiny_llama_dir)}
     args = ["bench", "sweep", "--latents", "64,128", "--k", "8", "--tokens", "1024",
             "--batch", "256", "--buffer-rows", "1024"]
-    result = runner.invoke(app, [*args, "--layer", "1"], env=env)
+    result = runner.invoke(app, [*args, "--layer", "1,2"], env=env)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["streamed"] and figures["saes"] == ["n64-k8-topk", "n128-k8-topk"]
+    assert figures["streamed"] and figures["saes"] == ["L1/n64-k8-topk", "L1/n128-k8-topk",
+                                                       "L2/n64-k8-topk", "L2/n128-k8-topk"]
     assert figures["sweep_s"] > 0 and figures["separate_s"] > 0
     assert figures["max_fvu_difference"] < 1e-6
     neither = runner.invoke(app, args, env=env)

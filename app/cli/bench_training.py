@@ -116,8 +116,8 @@ def bench_sweep(
     acts: Annotated[Path | None, typer.Option("--acts", help="capture directory (without "
                                               "it: stream from --model's --layer)")] = None,
     model: ModelOpt = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="without --acts: the block")
-                     ] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="without --acts: the block, "
+                                              "or several as 3,6,9")] = None,
     latents: Annotated[str, typer.Option("--latents")] = "4096,8192",
     k: Annotated[str, typer.Option("--k")] = "16,32",
     arch: Annotated[str, typer.Option("--arch")] = "topk",
@@ -140,9 +140,11 @@ def bench_sweep(
                 result = run(acts, Path(work), latents=sizes, ks=ks,
                              architectures=arch.split(","), batch=batch, tokens=tokens)
             else:
+                layers = int_list(layer, "--layer", "3,6,9")
                 lm = load_lm(model, None)
-                lm.check_layer(layer)
-                result = bench_stream_sweep(lm, Path(work), layer=layer, latents=sizes,
+                for index in layers:
+                    lm.check_layer(index)
+                result = bench_stream_sweep(lm, Path(work), layers=layers, latents=sizes,
                                             ks=ks, architectures=arch.split(","),
                                             batch=batch, tokens=tokens,
                                             buffer_rows=buffer_rows)

@@ -91,8 +91,9 @@ def train(
     acts: Annotated[Path | None, typer.Option("--acts", help="capture directory (without it: "
                                               "train from --model as it reads)")] = None,
     model: ModelOpt = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="without --acts: the block")
-                     ] = None,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="without --acts: the block, or several as 4,8,12 (one forward for "
+        "all, OUT/L4, ...)")] = None,
     dataset: DatasetOpt = "embedded",
     buffer_rows: Annotated[int, typer.Option("--buffer-rows", help="without --acts: rows in "
                                              "the in-memory shuffle buffer")] = 1 << 18,
@@ -147,9 +148,9 @@ def _train(o: dict) -> dict:
         if o["nproc"] != 1:
             raise ValueError("training from --model (no --acts) runs in one process: drop "
                              "--nproc")
-        if sweep and o["resume"]:
-            raise ValueError("a sweep (several --latents, --k or --arch) cannot --resume: "
-                             "drop --resume")
+        if (sweep or "," in (o["layer"] or "")) and o["resume"]:
+            raise ValueError("a sweep (several --latents, --k, --arch or --layer) cannot "
+                             "--resume: drop --resume")
         return _run_streaming(spec, o, (sizes, ks, archs) if sweep else None)
     spec["sae"]["d_in"] = manifest.d_model
     if sweep:
@@ -163,34 +164,55 @@ def _train(o: dict) -> dict:
 
 def _run_streaming(spec: dict, o: dict,
                    sweep: tuple[list[int], list[int], list[str]] | None) -> dict:
-    """Train from --model's block --layer as it reads --dataset (no capture on disk): one
-    SAE, or every combination of ``sweep`` from one read of the stream."""
+    """Train from --model's block(s) --layer as it reads --dataset (no capture on disk):
+    one SAE, or every combination of ``sweep`` at every block, from one read of the
+    stream."""
     from training.data.capture import CaptureConfig
     from training.sae.autoencoder import SaeConfig
     from training.train.stream import StreamConfig, train_streaming
-    from training.train.stream_sweep import train_streaming_sweep
+    from training.train.stream_sweep import train_layer_sweep
     from training.train.trainer import TrainConfig
 
     if o["layer"] is None or o["tokens"] is None:
         raise ValueError("training without --acts needs --layer and --tokens (and --model)")
-    stream = StreamConfig(CaptureConfig(layer=o["layer"], tokens=o["tokens"],
+    layers = _parse_layers(o["layer"])
+    stream = StreamConfig(CaptureConfig(layer=layers[0], tokens=o["tokens"],
                                         dataset=o["dataset"], dtype="fp32"),
                           buffer_rows=o["buffer_rows"])
     cfg = TrainConfig.from_dict(spec["train"])
     spec["sae"]["d_in"] = 1  # the model's d is not known yet: check the rest first
-    if sweep is None:
-        SaeConfig.from_dict(spec["sae"])
-    else:
-        _sweep_members(spec, *sweep)
+    _layer_members(spec, layers, sweep)
     lm = load_lm(o["model"], None)
-    lm.check_layer(o["layer"])
+    for layer in layers:
+        lm.check_layer(layer)
     spec["sae"]["d_in"] = lm.d_model
-    if sweep is None:
+    if sweep is None and len(layers) == 1:
         return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]), cfg,
                                stream, resume=o["resume"])
-    names, members = _sweep_members(spec, *sweep)
-    results = train_streaming_sweep(lm, members, cfg, stream)
-    return _sweep_result(spec, names, results)
+    names, groups = _layer_members(spec, layers, sweep)
+    return _sweep_result(spec, names, train_layer_sweep(lm, groups, cfg, stream))
+
+
+def _layer_members(spec: dict, layers: list[int],
+                   sweep: tuple[list[int], list[int], list[str]] | None
+                   ) -> tuple[list[str], dict[int, dict]]:
+    """Every block's members, {layer: {OUT/name: config}}, and their names in order: at
+    one block OUT/n<n>-k<k>-<arch>; at several OUT/L<layer>/n<n>-k<k>-<arch>, or
+    OUT/L<layer> for one SAE per block."""
+    from training.sae.autoencoder import SaeConfig
+
+    configs = ({"": SaeConfig.from_dict(spec["sae"])} if sweep is None
+               else _sweep_configs(spec, *sweep))
+    out, names, groups = Path(spec["out"]), [], {}
+    for layer in layers:
+        prefix = f"L{layer}" if len(layers) > 1 else ""
+        group = {}
+        for name, cfg in configs.items():
+            full = "/".join(part for part in (prefix, name) if part)
+            names.append(full)
+            group[out / full] = cfg
+        groups[layer] = group
+    return names, groups
 
 
 def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:
@@ -206,14 +228,19 @@ def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) ->
 def _sweep_members(spec: dict, sizes: list[int], ks: list[int], archs: list[str]
                    ) -> tuple[list[str], dict]:
     """The sweep's folder names and {OUT/name: config}."""
+    configs = _sweep_configs(spec, sizes, ks, archs)
+    out = Path(spec["out"])
+    return list(configs), {out / name: cfg for name, cfg in configs.items()}
+
+
+def _sweep_configs(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:
+    """Every combination as {n<n>-k<k>-<arch>: config}."""
     from training.sae.autoencoder import SaeConfig
     from training.train.sweep import sweep_configs
 
     base = {**spec["sae"], "n_latents": max(sizes), "k": min(ks), "matryoshka_widths": ()}
-    configs = sweep_configs(SaeConfig.from_dict(base), sizes, ks, archs,
-                            spec["sae"]["matryoshka_widths"])
-    out = Path(spec["out"])
-    return list(configs), {out / name: cfg for name, cfg in configs.items()}
+    return sweep_configs(SaeConfig.from_dict(base), sizes, ks, archs,
+                         spec["sae"]["matryoshka_widths"])
 
 
 def _sweep_result(spec: dict, names: list[str], results: list[dict]) -> dict:

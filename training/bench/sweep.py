@@ -6,6 +6,7 @@ the wall times)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from training.data.models import LoadedModel
 from training.sae.autoencoder import SaeConfig
 from training.train.run import train
 from training.train.stream import StreamConfig, train_streaming
-from training.train.stream_sweep import train_streaming_sweep
+from training.train.stream_sweep import train_layer_sweep
 from training.train.sweep import sweep_configs, train_sweep
 from training.train.trainer import TrainConfig
 
@@ -43,30 +44,35 @@ def bench_sweep(acts: Path, work: Path, *, latents: list[int], ks: list[int],
                                                          alone_s)}
 
 
-def bench_stream_sweep(lm: LoadedModel, work: Path, *, layer: int, latents: list[int],
+def bench_stream_sweep(lm: LoadedModel, work: Path, *, layers: list[int], latents: list[int],
                        ks: list[int], architectures: list[str], batch: int = 4096,
                        tokens: int = 65_536, buffer_rows: int = 1 << 16) -> dict[str, Any]:
-    """The same, straight from the model: one streaming sweep (one forward per batch of
-    contexts for all) against a streaming run per SAE (the forwards again for each)."""
+    """The same, straight from the model: one streaming sweep of every combination at
+    every block (one forward per batch of contexts, up to the deepest, for all) against
+    a streaming run per SAE (its forwards again for each)."""
     configs = sweep_configs(SaeConfig(d_in=lm.d_model, n_latents=max(latents), k=min(ks)),
                             latents, ks, architectures)
     cfg = TrainConfig(batch=batch, tokens=tokens, checkpoint_every=0)
-    stream = StreamConfig(CaptureConfig(layer=layer, tokens=tokens, dtype="fp32"),
+    stream = StreamConfig(CaptureConfig(layer=layers[0], tokens=tokens, dtype="fp32"),
                           buffer_rows=buffer_rows)
+    names = [f"L{layer}/{name}" for layer in layers for name in configs]
     started = time.perf_counter()
-    swept = train_streaming_sweep(lm, {work / "sweep" / n: c for n, c in configs.items()},
-                                  cfg, stream, progress=False)
+    swept = train_layer_sweep(lm, {layer: {work / "sweep" / f"L{layer}" / name: c
+                                           for name, c in configs.items()}
+                                   for layer in layers}, cfg, stream, progress=False)
     sweep_s = time.perf_counter() - started
     started = time.perf_counter()
-    alone = [train_streaming(lm, work / "alone" / name, c, cfg, stream, progress=False)
-             for name, c in configs.items()]
+    alone = [train_streaming(lm, work / "alone" / f"L{layer}" / name, c, cfg,
+                             replace(stream, capture=replace(stream.capture, layer=layer)),
+                             progress=False)
+             for layer in layers for name, c in configs.items()]
     alone_s = time.perf_counter() - started
-    return {"bench": "sweep", "streamed": True, "model": lm.name, "layer": layer,
-            "d": lm.d_model, "saes": list(configs), "batch": batch, "tokens": tokens,
-            "buffer_rows": buffer_rows, **_figures(configs, swept, alone, sweep_s, alone_s)}
+    return {"bench": "sweep", "streamed": True, "model": lm.name, "layers": layers,
+            "d": lm.d_model, "saes": names, "batch": batch, "tokens": tokens,
+            "buffer_rows": buffer_rows, **_figures(names, swept, alone, sweep_s, alone_s)}
 
 
-def _figures(configs: dict, swept: list[dict], alone: list[dict], sweep_s: float,
+def _figures(configs, swept: list[dict], alone: list[dict], sweep_s: float,
              alone_s: float) -> dict[str, Any]:
     diff = max(abs(a["heldout_fvu"] - b["heldout_fvu"]) for a, b in zip(swept, alone,
                                                                          strict=True))

@@ -280,7 +280,17 @@ def activation_stream(lm: LoadedModel, cfg: CaptureConfig, *, skip_contexts: int
     """Block ``cfg.layer``'s non-BOS activations of ``cfg.dataset`` straight from the
     model, one forward batch at a time, without writing anything: (rows [C·(T−1), d] as
     float32, contexts consumed so far), after skipping the first ``skip_contexts``."""
-    lm.check_layer(cfg.layer)
+    for rows, consumed in layer_streams(lm, cfg, [cfg.layer], skip_contexts=skip_contexts):
+        yield rows[cfg.layer], consumed
+
+
+def layer_streams(lm: LoadedModel, cfg: CaptureConfig, layers: list[int], *,
+                  skip_contexts: int = 0) -> Iterator[tuple[dict[int, Tensor], int]]:
+    """``activation_stream`` for several blocks from one forward per batch (it stops
+    after the deepest): ({layer: rows [C·(T−1), d]}, contexts consumed so far); each
+    block's rows are those a stream of that block alone yields."""
+    for layer in layers:
+        lm.check_layer(layer)
     _check_context(lm, cfg.context)
     if cfg.site != "resid":
         raise CaptureError("training from the model as it reads is for residual-stream SAEs; "
@@ -289,9 +299,9 @@ def activation_stream(lm: LoadedModel, cfg: CaptureConfig, *, skip_contexts: int
     consumed = skip_contexts
     for group in _batched(contexts, cfg.batch_contexts):
         ids = torch.tensor(group, dtype=torch.long)
-        rows = _activations(lm, [cfg.layer], cfg.batch_contexts, ids, lambda _rows: None)
+        rows = _activations(lm, list(layers), cfg.batch_contexts, ids, lambda _rows: None)
         consumed += len(group)
-        yield rows[cfg.layer], consumed
+        yield rows, consumed
 
 
 def _contexts(lm: LoadedModel, cfg: CaptureConfig) -> Iterator[list[int]]:

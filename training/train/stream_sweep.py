@@ -13,10 +13,14 @@ interrupted streaming sweep starts again (its partial folders are removed).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.data.capture import activation_stream
+from torch import Tensor
+
+from training.data.capture import layer_streams
 from training.data.models import LoadedModel
 from training.sae.autoencoder import SaeConfig
 from training.train.run import TrainError
@@ -47,29 +51,93 @@ def train_streaming_sweep(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: 
     """Train every ``members`` SAE (its output folder -> its config) on block
     ``stream.capture.layer`` of ``lm`` as it reads the dataset, ``cfg.tokens`` tokens
     each (required); returns each one's metrics, in order."""
+    return train_layer_sweep(lm, {stream.capture.layer: members}, cfg, stream,
+                             progress=progress, on_step=on_step)
+
+
+def train_layer_sweep(lm: LoadedModel, layers: dict[int, dict[Path, SaeConfig]],
+                      cfg: TrainConfig, stream: StreamConfig, *, progress: bool = True,
+                      on_step: SweepStep | None = None) -> list[dict]:
+    """Train each block's ``layers[block]`` SAEs (output folder -> config) from one
+    stream of the model up to the deepest block, ``cfg.tokens`` tokens each; returns the
+    metrics block by block, member by member (``on_step``'s index counts the same way)."""
+    members = {out: sae_cfg for group in layers.values() for out, sae_cfg in group.items()}
+    if len(members) != sum(len(group) for group in layers.values()):
+        raise TrainError("two SAEs of the sweep would write the same folder")
     _check(lm, members, cfg, stream)
     cfg = replace(cfg, checkpoint_every=0)
     total_steps = cfg.tokens // cfg.batch
     trainers = [Trainer(sae_cfg, cfg, total_steps, device=lm.device)
                 for sae_cfg in members.values()]
+    group_of = [index for index, group in enumerate(layers.values()) for _ in group]
     with member_dirs(list(members)) as works:
-        counted = CountedRows(activation_stream(lm, stream.capture), 0)
+        fanout = LayerFanout(layer_streams(lm, stream.capture, list(layers)), list(layers))
+        readers = [_LayerReader.start(fanout, layer, cfg, stream) for layer in layers]
+        for index, reader in enumerate(readers):
+            initialise_members([t for t, g in zip(trainers, group_of, strict=True)
+                                if g == index], reader.first)
+        desc = f"sweep of {len(trainers)} (streaming)"
+        every_layer = zip(*(r.batches for r in readers), strict=False)  # all run out at once
+        histories, seconds = step_members(trainers, every_layer, group_of, progress, on_step,
+                                          desc)
+        results = []
+        for trainer, work, history, group in zip(trainers, works, histories, group_of,
+                                                 strict=True):
+            reader = readers[group]
+            metrics = {**stream_metrics(trainer, reader.holdout, history, seconds, 0,
+                                        cfg.batch), "sweep_size": len(members)}
+            stage_stream_run(trainer, lm, reader.stream, work, metrics, history,
+                             reader.counted.contexts)
+            results.append(metrics)
+        publish_members(works, list(members))
+        return results
+
+
+class LayerFanout:
+    """One stream of several blocks' rows split into a reader per block: a forward runs
+    when a reader finds its queue empty, and the other blocks' rows wait in theirs."""
+
+    def __init__(self, source: Iterator[tuple[dict[int, Tensor], int]],
+                 layers: list[int]) -> None:
+        self.source = source
+        self.queues: dict[int, deque[tuple[Tensor, int]]] = {
+            layer: deque() for layer in layers}
+
+    def reader(self, layer: int) -> Iterator[tuple[Tensor, int]]:
+        """Block ``layer``'s (rows, contexts consumed), as ``activation_stream`` yields."""
+        queue = self.queues[layer]
+        while True:
+            if not queue:
+                item = next(self.source, None)
+                if item is None:
+                    return
+                rows, consumed = item
+                for other, waiting in self.queues.items():
+                    waiting.append((rows[other], consumed))
+            yield queue.popleft()
+
+
+@dataclass
+class _LayerReader:
+    """One block's share of the stream, as a single streaming run of it reads it."""
+
+    stream: StreamConfig
+    counted: CountedRows
+    holdout: Tensor
+    first: Tensor
+    batches: Iterator[Tensor]
+
+    @classmethod
+    def start(cls, fanout: LayerFanout, layer: int, cfg: TrainConfig,
+              stream: StreamConfig) -> _LayerReader:
+        counted = CountedRows(fanout.reader(layer), 0)
         holdout = take_rows(counted, cfg.holdout_rows)
         batches = iter(ShuffleBuffer(counted, stream.buffer_rows, cfg.batch, cfg.seed))
         first = next(batches, None)
         if first is None:
             raise TrainError(f"dataset {stream.capture.dataset!r} yielded no batch")
-        initialise_members(trainers, first)
-        histories, seconds = step_members(trainers, prepend(first, batches), progress,
-                                          on_step, f"sweep of {len(trainers)} (streaming)")
-        results = []
-        for trainer, work, history in zip(trainers, works, histories, strict=True):
-            metrics = {**stream_metrics(trainer, holdout, history, seconds, 0, cfg.batch),
-                       "sweep_size": len(members)}
-            stage_stream_run(trainer, lm, stream, work, metrics, history, counted.contexts)
-            results.append(metrics)
-        publish_members(works, list(members))
-        return results
+        return cls(replace(stream, capture=replace(stream.capture, layer=layer)), counted,
+                   holdout, first, prepend(first, batches))
 
 
 def _check(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: TrainConfig,

@@ -127,14 +127,17 @@ def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, prog
     """The capture's shuffled batches, each read once for every trainer."""
     cfg = trainers[0].cfg
     batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
-    return step_members(trainers, batches, progress, on_step, f"sweep of {len(trainers)}")
+    return step_members(trainers, ((batch,) for batch in batches), [0] * len(trainers),
+                        progress, on_step, f"sweep of {len(trainers)}")
 
 
-def step_members(trainers: list[Trainer], batches: Iterator[Tensor], progress: bool,
-                 on_step: SweepStep | None, desc: str) -> tuple[list[list[dict]], float]:
-    """Each batch [batch, d] read once, every trainer stepped on it, until their common
-    number of steps; (each member's logged history, seconds). A stream that runs out
-    first is a TrainError."""
+def step_members(trainers: list[Trainer], batches: Iterator[Sequence[Tensor]],
+                 group_of: Sequence[int], progress: bool, on_step: SweepStep | None,
+                 desc: str) -> tuple[list[list[dict]], float]:
+    """Each step's batches ([batch, d], one per group of members: a layer's) read once,
+    every trainer stepped on its group's (``group_of[i]``), until their common number of
+    steps; (each member's logged history, seconds). A stream that runs out first is a
+    TrainError."""
     cfg, total = trainers[0].cfg, trainers[0].total_steps
     log_every = cfg.log_every or max(1, total // CURVE_POINTS)
     histories: list[list[dict]] = [[] for _ in trainers]
@@ -142,12 +145,12 @@ def step_members(trainers: list[Trainer], batches: Iterator[Tensor], progress: b
     with tqdm(total=total * cfg.batch, unit="tok", unit_scale=True, desc=desc,
               disable=not progress) as bar:
         for step in range(1, total + 1):
-            batch = next(batches, None)
-            if batch is None:
+            step_batches = next(batches, None)
+            if step_batches is None:
                 raise TrainError(f"the activations ran out after {step - 1} of {total} "
                                  "steps: lower --tokens")
             for index, trainer in enumerate(trainers):
-                stats = trainer.step(batch)
+                stats = trainer.step(step_batches[group_of[index]])
                 if step % log_every == 0 or step == total:
                     histories[index].append(asdict(stats))
                 if on_step is not None:

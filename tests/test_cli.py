@@ -328,7 +328,8 @@ def test_train_a_sweep_from_one_read(env, acts, tmp_path) -> None:
     assert [m["name"] for m in sweep] == ["n64-k8-topk", "n64-k8-batchtopk", "n128-k8-topk",
                                           "n128-k8-batchtopk"]
     assert all((tmp_path / "sweep" / m["name"] / "cfg.json").is_file() for m in sweep)
-    for args, flag in ((("--latents", "64,x"), "--latents"), (("--nproc", "2"), "--nproc")):
+    for args, flag in ((("--latents", "64,x"), "--latents"), (("--nproc", "2"), "--nproc"),
+                       (("--layer", "4,8"), "--layer")):
         bad = invoke(env, "train", "--acts", acts, "--latents", "64,128", "--k", 8,
                      "--out", tmp_path / "bad", *args)
         _one_line_error(bad, flag)

@@ -186,6 +186,41 @@ def test_a_layer_sweep_trains_each_block_as_its_own_streaming_run_would(tiny_mod
                           _cfg(), _stream(text_file), progress=False)
 
 
+def test_the_fanout_gives_each_block_every_forward_in_order_and_bounds_its_queues() -> None:
+    from training.train.stream_sweep import LayerFanout
+
+    source = (({3: torch.full((2, 1), float(i)), 1: torch.full((2, 1), -float(i))}, i + 1)
+              for i in range(50))
+    fanout = LayerFanout(source, [3, 1])
+    deep, shallow = fanout.reader(3), fanout.reader(1)
+    longest = 0
+    seen: dict[int, list] = {3: [], 1: []}
+    for _ in range(50):
+        for layer, reader in ((3, deep), (1, shallow)):
+            rows, consumed = next(reader)
+            seen[layer].append((float(rows[0, 0]), consumed))
+            longest = max(longest, *(len(q) for q in fanout.queues.values()))
+    assert seen[3] == [(float(i), i + 1) for i in range(50)]
+    assert seen[1] == [(-float(i), i + 1) for i in range(50)]
+    assert longest <= 1, "readers in step keep at most one forward waiting"
+    assert next(deep, None) is None and next(shallow, None) is None
+
+
+def test_bad_streaming_flags_are_refused_before_the_model_loads(text_file, tmp_path) -> None:
+    env = {"SAELAB_DATA_DIR": str(tmp_path / "data"),
+           "SAELAB_DEFAULT_MODEL": str(tmp_path / "no-such-model")}
+    args = ["train", "--layer", "1,2", "--dataset", str(text_file), "--latents", "64,128",
+            "--k", "4", "--batch", "256", "--tokens", "1024", "--out", str(tmp_path / "o")]
+    for extra, flag in ((["--buffer-rows", "300"], "--buffer-rows"),
+                        (["--k", "4,64"], "--k 64"), (["--skip"], "--skip"),
+                        (["--arch", "relu"], "--arch")):
+        bad = runner.invoke(app, [*args, *extra], env=env)
+        assert bad.exit_code == 2 and flag in bad.output, bad.output
+        assert "no-such-model" not in bad.output
+    unloadable = runner.invoke(app, args, env=env)
+    assert unloadable.exit_code == 2 and "no-such-model" in unloadable.output
+
+
 def test_the_command_trains_several_layers_from_one_stream(tiny_llama_dir, text_file,
                                                            tmp_path) -> None:
     env = {"SAELAB_DATA_DIR": str(tmp_path / "data"), "SAELAB_DEFAULT_MODEL": str(
@@ -252,11 +287,12 @@ def test_a_streaming_sweep_that_runs_out_leaves_nothing(tiny_model, tmp_path) ->
     short = tmp_path / "short.txt"
     short.write_text("\n".join(f"Line {i} is short." for i in range(300)))
     outs = {tmp_path / "a": SaeConfig(d_in=64, n_latents=64, k=4),
-            tmp_path / "b": SaeConfig(d_in=64, n_latents=128, k=4)}
+            tmp_path / "family" / "L1" / "b": SaeConfig(d_in=64, n_latents=128, k=4)}
     with pytest.raises(ValueError, match="ran out .* lower --tokens"):
         train_streaming_sweep(tiny_model, outs, _cfg(holdout_rows=64, tokens=256 * 64),
                               _stream(short), progress=False)
     assert not list(tmp_path.glob(".*.partial")) and not (tmp_path / "a").exists()
+    assert not (tmp_path / "family").exists(), "the folders it made for its members go too"
     with pytest.raises(ValueError, match="d_in=32"):
         train_streaming_sweep(tiny_model, {tmp_path / "c": SaeConfig(d_in=32, n_latents=64,
                                                                      k=4)},

@@ -11,7 +11,15 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import DeviceOpt, ModelOpt, bench_app, cli_errors, int_list, load_lm
+from app.cli.common import (
+    DeviceOpt,
+    ModelOpt,
+    bench_app,
+    cli_errors,
+    int_list,
+    layer_list,
+    load_lm,
+)
 
 
 @bench_app.command("dead")
@@ -140,7 +148,7 @@ def bench_sweep(
                 result = run(acts, Path(work), latents=sizes, ks=ks,
                              architectures=arch.split(","), batch=batch, tokens=tokens)
             else:
-                layers = int_list(layer, "--layer", "3,6,9")
+                layers = layer_list(layer)
                 lm = load_lm(model, None)
                 for index in layers:
                     lm.check_layer(index)

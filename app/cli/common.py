@@ -45,6 +45,14 @@ def int_list(text: str, flag: str, example: str = "16,32") -> list[int]:
                          f"(got {text!r})") from None
 
 
+def layer_list(text: str) -> list[int]:
+    """``--layer`` as one block or a comma-separated list of distinct blocks."""
+    layers = int_list(text, "--layer", "4,8,12")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--layer: {text!r} names a block twice")
+    return layers
+
+
 def load_lm(model: str | None, device: str | None, precision: str = "fp32"):
     """The model named by --model (default: settings), converted under the data dir, with
     its weights in ``precision`` (fp32, bf16)."""

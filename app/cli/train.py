@@ -20,6 +20,7 @@ from app.cli.common import (
     app,
     cli_errors,
     int_list,
+    layer_list,
     load_lm,
 )
 
@@ -52,7 +53,7 @@ def capture(
     from training.data.capture import CaptureConfig, capture_layers
 
     with cli_errors():
-        layers = _parse_layers(layer)
+        layers = layer_list(layer)
         cfg = CaptureConfig(layer=layers[0], tokens=tokens, dataset=dataset, context=context,
                             dtype=dtype, batch_contexts=batch, split=split,
                             text_column=text_column, site=site)
@@ -71,14 +72,6 @@ def capture(
 def _parse_widths(text: str | None) -> list[int]:
     """``--matryoshka`` widths (checked by SaeConfig); none when not given."""
     return int_list(text, "--matryoshka", "1024,4096") if text else []
-
-
-def _parse_layers(text: str) -> list[int]:
-    """``--layer`` as one block or a comma-separated list of distinct blocks."""
-    layers = int_list(text, "--layer", "4,8,12")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"--layer: {text!r} names a block twice")
-    return layers
 
 
 @app.command()
@@ -152,6 +145,9 @@ def _train(o: dict) -> dict:
             raise ValueError("a sweep (several --latents, --k, --arch or --layer) cannot "
                              "--resume: drop --resume")
         return _run_streaming(spec, o, (sizes, ks, archs) if sweep else None)
+    if o["layer"] is not None and layer_list(o["layer"]) != [manifest.layer]:
+        raise ValueError(f"--layer {o['layer']}: --acts {o['acts']} holds block "
+                         f"{manifest.layer} only (drop --layer, or train from --model)")
     spec["sae"]["d_in"] = manifest.d_model
     if sweep:
         if o["nproc"] != 1 or o["resume"]:
@@ -169,17 +165,18 @@ def _run_streaming(spec: dict, o: dict,
     stream."""
     from training.data.capture import CaptureConfig
     from training.sae.autoencoder import SaeConfig
-    from training.train.stream import StreamConfig, train_streaming
+    from training.train.stream import StreamConfig, check_buffer, train_streaming
     from training.train.stream_sweep import train_layer_sweep
     from training.train.trainer import TrainConfig
 
     if o["layer"] is None or o["tokens"] is None:
         raise ValueError("training without --acts needs --layer and --tokens (and --model)")
-    layers = _parse_layers(o["layer"])
+    layers = layer_list(o["layer"])
     stream = StreamConfig(CaptureConfig(layer=layers[0], tokens=o["tokens"],
                                         dataset=o["dataset"], dtype="fp32"),
                           buffer_rows=o["buffer_rows"])
     cfg = TrainConfig.from_dict(spec["train"])
+    check_buffer(stream, cfg)
     spec["sae"]["d_in"] = 1  # the model's d is not known yet: check the rest first
     _layer_members(spec, layers, sweep)
     lm = load_lm(o["model"], None)

@@ -55,7 +55,8 @@ def bench_stream_sweep(lm: LoadedModel, work: Path, *, layers: list[int], latent
     cfg = TrainConfig(batch=batch, tokens=tokens, checkpoint_every=0)
     stream = StreamConfig(CaptureConfig(layer=layers[0], tokens=tokens, dtype="fp32"),
                           buffer_rows=buffer_rows)
-    names = [f"L{layer}/{name}" for layer in layers for name in configs]
+    names = [f"L{layer}/{name}" if len(layers) > 1 else name for layer in layers
+             for name in configs]
     started = time.perf_counter()
     swept = train_layer_sweep(lm, {layer: {work / "sweep" / f"L{layer}" / name: c
                                            for name, c in configs.items()}

@@ -94,6 +94,8 @@ def member_dirs(outs: list[Path]) -> Iterator[list[Path]]:
     """Each member's partial directory, emptied (an interrupted sweep starts again), and
     removed when the sweep ends, published or failed."""
     works = [partial_dir(Path(out)) for out in outs]
+    made = sorted({parent for work in works for parent in work.parents
+                   if not parent.exists()}, key=lambda path: len(path.parts), reverse=True)
     for work in works:
         if work.exists():
             shutil.rmtree(work)
@@ -103,6 +105,9 @@ def member_dirs(outs: list[Path]) -> Iterator[list[Path]]:
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
+        for parent in made:  # deepest first: the folders a failed sweep made, left empty
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
 
 
 def publish_members(works: list[Path], outs: list[Path]) -> None:

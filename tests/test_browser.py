@@ -94,6 +94,16 @@ def test_home_and_sae_page(page, live) -> None:
     page.locator(".plot .main-svg").first.wait_for()
     rows = page.locator("#latent-list tbody tr:not(.more)")
     assert rows.count() == 50
+    for width in (1280, 800, 420):  # the toolbar's controls never overlap, however narrow
+        page.set_viewport_size({"width": width, "height": 900})
+        boxes = [page.locator(sel).bounding_box() for sel in (
+            ".toolbar input[name=q]", ".toolbar select[name=sort]", ".toolbar form.goto")]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert (a["x"] + a["width"] <= b["x"] + 0.5 or b["x"] + b["width"] <= a["x"] + 0.5
+                        or a["y"] + a["height"] <= b["y"] + 0.5
+                        or b["y"] + b["height"] <= a["y"] + 0.5), (width, a, b)
+    page.set_viewport_size({"width": 1280, "height": 900})
     page.locator("tr.more").scroll_into_view_if_needed()
     page.wait_for_function("document.querySelectorAll('#latent-list tbody tr').length > 60")
     page.fill("input[name=q]", "punctuation")

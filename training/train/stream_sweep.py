@@ -4,8 +4,15 @@ Where the activations are streamed (no capture on disk), reading a batch *is* th
 model's forward, the dominant cost of a run; training a family one run at a time pays it
 once per SAE. A streaming sweep runs the stream once: the held-out rows, the shuffle
 buffer and its batches are those a single streaming run with the same settings draws,
-and every member is stepped on each batch, so each member is the SAE that run would
-write (tested), saved to its own folder the same way.
+and every member is stepped on each batch, so each member has the weights and figures
+that run would (tested), saved to its own folder the same way; no member is put in place
+before every member is saved.
+
+A sweep over several blocks runs one forward per batch up to the deepest; each block's
+rows wait in their own queue for that block's reader (its held-out rows, its shuffle
+buffer), so every block's members see what a sweep of that block alone would. The
+readers advance in step, so a queue holds at most about one buffer fill: memory is up to
+twice --buffer-rows rows per block.
 
 Like a sweep from a capture, it runs in one process and has no checkpoints: an
 interrupted streaming sweep starts again (its partial folders are removed).

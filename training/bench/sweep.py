@@ -40,8 +40,8 @@ def bench_sweep(acts: Path, work: Path, *, latents: list[int], ks: list[int],
              for name, c in configs.items()]
     alone_s = time.perf_counter() - started
     return {"bench": "sweep", "acts": str(acts), "d": store.d_model, "saes": list(configs),
-            "batch": batch, "tokens": tokens, **_figures(configs, swept, alone, sweep_s,
-                                                         alone_s)}
+            "batch": batch, "tokens": tokens, **_figures(list(configs), swept, alone,
+                                                         sweep_s, alone_s)}
 
 
 def bench_stream_sweep(lm: LoadedModel, work: Path, *, layers: list[int], latents: list[int],
@@ -73,12 +73,14 @@ def bench_stream_sweep(lm: LoadedModel, work: Path, *, layers: list[int], latent
             "buffer_rows": buffer_rows, **_figures(names, swept, alone, sweep_s, alone_s)}
 
 
-def _figures(configs, swept: list[dict], alone: list[dict], sweep_s: float,
+def _figures(names: list[str], swept: list[dict], alone: list[dict], sweep_s: float,
              alone_s: float) -> dict[str, Any]:
+    """Both wall times, their ratio, and each SAE's held-out FVU with the largest
+    difference between its sweep and separate figures."""
     diff = max(abs(a["heldout_fvu"] - b["heldout_fvu"]) for a, b in zip(swept, alone,
                                                                          strict=True))
     return {"threads": torch.get_num_threads(), "sweep_s": sweep_s, "separate_s": alone_s,
             "ratio": sweep_s / alone_s,
-            "heldout_fvu": {name: m["heldout_fvu"] for name, m in zip(configs, swept,
+            "heldout_fvu": {name: m["heldout_fvu"] for name, m in zip(names, swept,
                                                                       strict=True)},
             "max_fvu_difference": diff}

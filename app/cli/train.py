@@ -200,15 +200,11 @@ def _layer_members(spec: dict, layers: list[int],
 
     configs = ({"": SaeConfig.from_dict(spec["sae"])} if sweep is None
                else _sweep_configs(spec, *sweep))
-    out, names, groups = Path(spec["out"]), [], {}
+    names, groups = [], {}
     for layer in layers:
-        prefix = f"L{layer}" if len(layers) > 1 else ""
-        group = {}
-        for name, cfg in configs.items():
-            full = "/".join(part for part in (prefix, name) if part)
-            names.append(full)
-            group[out / full] = cfg
-        groups[layer] = group
+        layer_names, groups[layer] = _members(spec, configs,
+                                              f"L{layer}" if len(layers) > 1 else "")
+        names += layer_names
     return names, groups
 
 
@@ -217,17 +213,17 @@ def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) ->
     from training.train.sweep import train_sweep
     from training.train.trainer import TrainConfig
 
-    names, members = _sweep_members(spec, sizes, ks, archs)
+    names, members = _members(spec, _sweep_configs(spec, sizes, ks, archs), "")
     results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
     return _sweep_result(spec, names, results)
 
 
-def _sweep_members(spec: dict, sizes: list[int], ks: list[int], archs: list[str]
-                   ) -> tuple[list[str], dict]:
-    """The sweep's folder names and {OUT/name: config}."""
-    configs = _sweep_configs(spec, sizes, ks, archs)
+def _members(spec: dict, configs: dict, prefix: str) -> tuple[list[str], dict]:
+    """The folder names (``prefix/name``, or ``name`` / ``prefix`` alone) of ``configs``
+    ({name: config}) and {OUT/folder: config}."""
+    names = ["/".join(part for part in (prefix, name) if part) for name in configs]
     out = Path(spec["out"])
-    return list(configs), {out / name: cfg for name, cfg in configs.items()}
+    return names, {out / name: cfg for name, cfg in zip(names, configs.values(), strict=True)}
 
 
 def _sweep_configs(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) -> dict:

@@ -105,6 +105,11 @@ def _check_out(out: Path, acts_dir: Path) -> None:
     """Refuse an --out that would overwrite something other than an earlier SAE."""
     if out.resolve() == acts_dir.resolve() or acts_dir.resolve().is_relative_to(out.resolve()):
         raise TrainError(f"--out {out} would overwrite the activations in --acts {acts_dir}")
+    check_out(out)
+
+
+def check_out(out: Path) -> None:
+    """An output folder a run may replace: absent, or an SAE folder."""
     if out.exists() and not (out / "cfg.json").is_file():
         raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
 

@@ -42,6 +42,7 @@ from training.train.run import (
     CURVE_POINTS,
     StepCallback,
     TrainError,
+    check_out,
     final_metrics,
     load_checkpoint,
     partial_dir,
@@ -109,17 +110,13 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
                     on_step: StepCallback | None = None) -> dict:
     """Train an SAE on block ``stream.capture.layer`` of ``lm`` as it reads the dataset;
     ``cfg.tokens`` training tokens (required). Returns the metrics dict."""
-    if cfg.tokens is None:
-        raise TrainError("--tokens is required when training from the model")
-    if sae_cfg.d_in != lm.d_model:
-        raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
-    out, total_steps = Path(out), cfg.tokens // cfg.batch
-    check_out(out)
-    check_buffer(stream, cfg)
+    out = Path(out)
+    check_stream_run(lm, out, sae_cfg, cfg, stream)
+    total_steps = cfg.tokens // cfg.batch
     work = partial_dir(out)
     trainer = Trainer(sae_cfg, cfg, total_steps, device=lm.device)
     try:
-        state = _resume(trainer, work, stream) if resume else fresh_dir(work)
+        state = _resume(trainer, work, stream) if resume else _fresh(work)
         source = activation_stream(lm, stream.capture, skip_contexts=state["contexts"])
         counted = CountedRows(source, state["contexts"])
         holdout = state.get("holdout")
@@ -147,18 +144,23 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
         raise
 
 
+def check_stream_run(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainConfig,
+                     stream: StreamConfig) -> None:
+    """What a run (or a sweep's member) from the model refuses before the model runs."""
+    if cfg.tokens is None:
+        raise TrainError("--tokens is required when training from the model")
+    if sae_cfg.d_in != lm.d_model:
+        raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
+    check_out(out)
+    check_buffer(stream, cfg)
+
+
 def check_buffer(stream: StreamConfig, cfg: TrainConfig) -> None:
     """The shuffle buffer must hold two batches (one served while the next mixes in);
     checked before the model runs."""
     if stream.buffer_rows < 2 * cfg.batch:
         raise TrainError(f"--buffer-rows {stream.buffer_rows} must hold at least two "
                          f"--batch ({cfg.batch})")
-
-
-def check_out(out: Path) -> None:
-    """An output folder a run may replace: absent, or an SAE folder."""
-    if out.exists() and not (out / "cfg.json").is_file():
-        raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
 
 
 class CountedRows:
@@ -191,7 +193,7 @@ def prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield from rest
 
 
-def fresh_dir(work: Path) -> dict:
+def _fresh(work: Path) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

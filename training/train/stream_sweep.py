@@ -35,8 +35,7 @@ from training.train.stream import (
     CountedRows,
     ShuffleBuffer,
     StreamConfig,
-    check_buffer,
-    check_out,
+    check_stream_run,
     prepend,
     stage_stream_run,
     stream_metrics,
@@ -150,15 +149,10 @@ class _LayerReader:
 def _check(lm: LoadedModel, members: dict[Path, SaeConfig], cfg: TrainConfig,
            stream: StreamConfig) -> None:
     """What a streaming sweep refuses before the model runs."""
-    if cfg.tokens is None:
-        raise TrainError("--tokens is required when training from the model")
     if not members:
         raise TrainError("a sweep needs at least one SAE")
-    check_buffer(stream, cfg)
     for out, sae_cfg in members.items():
         if sae_cfg.transcoder:
             raise TrainError("a sweep trains residual-stream SAEs: train a transcoder on its "
                              "own (one --latents, --k and --arch)")
-        if sae_cfg.d_in != lm.d_model:
-            raise TrainError(f"{lm.name} has d={lm.d_model}, SAE d_in={sae_cfg.d_in}")
-        check_out(Path(out))
+        check_stream_run(lm, Path(out), sae_cfg, cfg, stream)

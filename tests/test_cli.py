@@ -336,6 +336,36 @@ def test_train_a_sweep_from_one_read(env, acts, tmp_path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_command_resumes_an_interrupted_sweep(env, acts, tmp_path, monkeypatch) -> None:
+    from training.train.trainer import Trainer
+
+    args = ["train", "--acts", acts, "--latents", "64,128", "--k", 8, "--batch", 512,
+            "--tokens", 2048, "--checkpoint-every", 2]
+    whole = invoke(env, *args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    step = Trainer.step
+
+    def power_cut_at_step_3(trainer, batch):
+        if trainer.steps_done == 2 and trainer.sae.cfg.n_latents == 128:
+            raise RuntimeError("power cut")
+        return step(trainer, batch)
+
+    monkeypatch.setattr(Trainer, "step", power_cut_at_step_3)
+    cut = invoke(env, *args, "--out", tmp_path / "cut")
+    assert cut.exit_code != 0 and not (tmp_path / "cut" / "n64-k8-topk").exists()
+    monkeypatch.undo()
+    other = invoke(env, *args[:-2], "--checkpoint-every", 2, "--lr", 0.5, "--resume",
+                   "--out", tmp_path / "cut")
+    _one_line_error(other, "--lr")
+    resumed = invoke(env, *args, "--resume", "--out", tmp_path / "cut")
+    assert resumed.exit_code == 0, resumed.output
+    for name in ("n64-k8-topk", "n128-k8-topk"):
+        ours = load_file(str(tmp_path / "cut" / name / "sae.safetensors"))
+        theirs = load_file(str(tmp_path / "whole" / name / "sae.safetensors"))
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert not list((tmp_path / "cut").glob(".*"))
+
+
 def test_bench_sweep_times_a_sweep_against_separate_runs(env, acts) -> None:
     result = invoke(env, "bench", "sweep", "--acts", acts, "--latents", "64,128", "--k", 8,
                     "--batch", 512, "--tokens", 2048)

@@ -345,6 +345,30 @@ def test_a_transcoder_pipeline_captures_the_mlp_and_trains_a_skip_transcoder(
         assert sae.metrics["eval"]["ce_loss_recovered"] is not None
 
 
+def test_a_sweep_job_whose_worker_dies_resumes_from_its_checkpoint(stack,
+                                                                  tiny_llama_dir) -> None:
+    if stack.kind != "embedded":
+        pytest.skip("one broker is enough for the sweep job")
+    victim = stack.start_worker()
+    job_id = stack.submit("sweep", "--model", tiny_llama_dir, "--layer", 1, "--tokens",
+                          120_000, "--sweep-latents", "32,64", "--sweep-k", "4", "--batch",
+                          256, "--checkpoint-every", 5, "--analyze-tokens", 1024)
+    job_dir = Path(stack.env["SAELAB_DATA_DIR"]) / "jobs" / str(job_id)
+    deadline = time.monotonic() + 120
+    while not list(job_dir.glob("sweep/.*.partial/sweep-checkpoint.pt")):
+        assert time.monotonic() < deadline and victim.poll() is None, "no sweep checkpoint"
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (job_dir / "sweep" / "n64-k4-topk" / "cfg.json").is_file(), "killed mid-sweep"
+    stack.start_worker()
+    job = stack.wait(job_id, _ended, timeout=240)
+    assert job.state == "succeeded" and job.attempts == 2, job.message
+    assert "resumed the sweep of 2 SAEs at step" in job.log
+    assert set(job.result["sae_ids"]) == {"n32-k4-topk", "n64-k4-topk"}
+    assert not list(job_dir.glob("sweep/.*.partial"))
+
+
 def test_a_sweep_job_trains_every_combination_and_analyses_each(stack, tiny_llama_dir) -> None:
     from fastapi.testclient import TestClient
 

@@ -118,7 +118,7 @@ def test_the_command_trains_a_sweep_from_a_model(tiny_llama_dir, text_file, tmp_
         assert cfg["streamed"] and cfg["d_sae"] == int(member["name"][1:].split("-")[0])
         assert member["streamed"] and member["sweep_size"] == 4 and member["steps"] == 4
     resumed = runner.invoke(app, [*args, "--resume"], env=env)
-    assert resumed.exit_code == 2 and "--resume" in resumed.output
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
     too_wide = runner.invoke(app, [*args[:-4], "--k", "4,64", "--tokens", "1024", "--out",
                                    str(tmp_path / "other")], env=env)
     assert too_wide.exit_code == 2 and "--k 64 is not below --latents 64" in too_wide.output
@@ -240,7 +240,7 @@ def test_the_command_trains_several_layers_from_one_stream(tiny_llama_dir, text_
     assert names == ["L2/n64-k4-topk", "L2/n64-k8-topk", "L1/n64-k4-topk", "L1/n64-k8-topk"]
     assert all((tmp_path / "family" / name / "cfg.json").is_file() for name in names)
     for extra, message in ((["--layer", "1,1"], "--layer"), (["--layer", "1,9"], "layer 9"),
-                           (["--layer", "1,2", "--resume"], "--resume")):
+                           (["--layer", "1,2", "--resume"], "nothing to resume")):
         bad = runner.invoke(app, [*args, *extra, "--latents", "64", "--k", "4", "--out",
                                   str(tmp_path / "bad")], env=env)
         assert bad.exit_code == 2 and message in bad.output, bad.output

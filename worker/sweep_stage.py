@@ -33,9 +33,11 @@ def sweep_members(params: JobParams, acts: str, directory: Path) -> dict[str, di
 
 def sweep_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> dict[str, str]:
     """Train the sweep into ``<directory>/sweep``; returns {member name: SAE folder}. A
-    sweep has no checkpoints: a resumed job trains it again, unless every folder is there."""
+    resumed job continues from the sweep's checkpoint, if it reached one, and skips the
+    training when every folder is there."""
     from training.sae.autoencoder import SaeConfig
     from training.train.sweep import train_sweep
+    from training.train.sweep_checkpoint import checkpoint_path
     from training.train.trainer import TrainConfig
 
     members = {name: directory / "sweep" / name
@@ -44,19 +46,23 @@ def sweep_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> d
         return {name: str(out) for name, out in members.items()}
     configs = {members[name]: SaeConfig.from_dict(cfg)
                for name, cfg in sweep_members(params, acts, directory).items()}
-    cfg = TrainConfig(batch=params.batch, tokens=params.train_tokens, lr=params.lr)
+    cfg = TrainConfig(batch=params.batch, tokens=params.train_tokens, lr=params.lr,
+                      checkpoint_every=params.checkpoint_every)
     started, count = time.monotonic(), len(configs)
-    total = [0]
+    total, before = [0], [None]  # the steps of the sweep, and those done before this run
 
     def on_step(index: int, stats) -> None:
         if index == count - 1:  # every member has taken this step
             total[0] = total[0] or _steps(acts, cfg)
-            rate = stats.tokens / max(time.monotonic() - started, 1e-9)
+            before[0] = stats.step - 1 if before[0] is None else before[0]
+            rate = (stats.step - before[0]) * cfg.batch / max(time.monotonic() - started,
+                                                              1e-9)
             run.progress(stats.step, total[0], tokens_per_s=rate, loss=stats.fvu,
                          l0=stats.l0)
 
     run.update(force=True, message=f"training {count} SAEs from one read of {acts}")
-    train_sweep(Path(acts), configs, cfg, progress=False, on_step=on_step)
+    resume = checkpoint_path(list(configs)).is_file()
+    train_sweep(Path(acts), configs, cfg, resume=resume, progress=False, on_step=on_step)
     return {name: str(out) for name, out in members.items()}
 
 

@@ -100,7 +100,8 @@ def train(
     batch: Annotated[int, typer.Option("--batch", help="global batch in tokens")] = 4096,
     lr: Annotated[float | None, typer.Option("--lr", help="[default: 2e-4/sqrt(n/2^14)]")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 200,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", help="steps between checkpoints (0: none)")] = 200,
     dead_tokens: Annotated[int | None, typer.Option(
         "--dead-tokens", help="tokens without firing before a latent counts as dead (and "
         "AuxK trains it) [default: half the run, 2 batches to 10M]")] = None,
@@ -111,7 +112,7 @@ def train(
                                            "encoder's matmul (fp32 weights)")] = "fp32",
     nproc: Annotated[int, typer.Option("--nproc", help="data-parallel processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last "
-                                         "checkpoint")] = False,
+                                         "checkpoint (of a run or a sweep)")] = False,
 ) -> None:
     """Train a TopK / BatchTopK SAE on captured activations (or straight from a model); on
     a capture made with --site mlp, a transcoder."""
@@ -141,18 +142,15 @@ def _train(o: dict) -> dict:
         if o["nproc"] != 1:
             raise ValueError("training from --model (no --acts) runs in one process: drop "
                              "--nproc")
-        if (sweep or "," in (o["layer"] or "")) and o["resume"]:
-            raise ValueError("a sweep (several --latents, --k, --arch or --layer) cannot "
-                             "--resume: drop --resume")
         return _run_streaming(spec, o, (sizes, ks, archs) if sweep else None)
     if o["layer"] is not None and layer_list(o["layer"]) != [manifest.layer]:
         raise ValueError(f"--layer {o['layer']}: --acts {o['acts']} holds block "
                          f"{manifest.layer} only (drop --layer, or train from --model)")
     spec["sae"]["d_in"] = manifest.d_model
     if sweep:
-        if o["nproc"] != 1 or o["resume"]:
+        if o["nproc"] != 1:
             raise ValueError("a sweep (several --latents, --k or --arch) runs in one "
-                             "process and cannot --resume: drop --nproc/--resume")
+                             "process: drop --nproc")
         return _run_sweep(spec, sizes, ks, archs)
     _validate_train_spec(spec, o["nproc"])
     return _run_train(spec, o["nproc"])
@@ -187,7 +185,8 @@ def _run_streaming(spec: dict, o: dict,
         return train_streaming(lm, Path(spec["out"]), SaeConfig.from_dict(spec["sae"]), cfg,
                                stream, resume=o["resume"])
     names, groups = _layer_members(spec, layers, sweep)
-    return _sweep_result(spec, names, train_layer_sweep(lm, groups, cfg, stream))
+    return _sweep_result(spec, names, train_layer_sweep(lm, groups, cfg, stream,
+                                                        resume=o["resume"]))
 
 
 def _layer_members(spec: dict, layers: list[int],
@@ -214,7 +213,8 @@ def _run_sweep(spec: dict, sizes: list[int], ks: list[int], archs: list[str]) ->
     from training.train.trainer import TrainConfig
 
     names, members = _members(spec, _sweep_configs(spec, sizes, ks, archs), "")
-    results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]))
+    results = train_sweep(Path(spec["acts"]), members, TrainConfig.from_dict(spec["train"]),
+                          resume=spec["resume"])
     return _sweep_result(spec, names, results)
 
 

@@ -114,7 +114,7 @@ def check_out(out: Path) -> None:
         raise TrainError(f"--out {out} exists and is not an SAE folder; choose a new --out")
 
 
-_FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
+RUN_FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
           "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
           "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka",
           "skip": "--skip"}
@@ -126,7 +126,7 @@ def run_settings(trainer: Trainer) -> dict:
 
 
 def load_checkpoint(work: Path, trainer: Trainer, now: dict,
-                    flags: dict[str, str] = _FLAGS) -> dict:
+                    flags: dict[str, str] = RUN_FLAGS) -> dict:
     """The checkpoint in ``work``, loaded into ``trainer`` once its recorded settings
     match ``now`` on every key of ``flags`` (each one that differs is named by its flag:
     a resumed run must use the interrupted one's model shape, batch stream and
@@ -138,14 +138,19 @@ def load_checkpoint(work: Path, trainer: Trainer, now: dict,
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
-    saved = state.get("settings", {})
+    check_settings(state.get("settings", {}), now, flags)
+    trainer.load_state_dict(state["trainer"])
+    return state
+
+
+def check_settings(saved: dict, now: dict, flags: dict[str, str], what: str = "run") -> None:
+    """Refuse a resume whose settings ``now`` differ from the ``saved`` ones on a key of
+    ``flags``, naming each such flag with both values."""
     differ = [f"{flag} {saved[key]!r} (now {now[key]!r})" for key, flag in flags.items()
               if key in saved and saved[key] != now[key]]
     if differ:
-        raise TrainError("--resume needs the interrupted run's settings: it used "
+        raise TrainError(f"--resume needs the interrupted {what}'s settings: it used "
                          + ", ".join(differ))
-    trainer.load_state_dict(state["trainer"])
-    return state
 
 
 def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int,

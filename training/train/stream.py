@@ -37,9 +37,9 @@ from training.data.models import LoadedModel
 from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
-    _FLAGS,
     CHECKPOINT,
     CURVE_POINTS,
+    RUN_FLAGS,
     StepCallback,
     TrainError,
     check_out,
@@ -132,7 +132,7 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
             batches = prepend(first, batches)
         history = state.get("history", [])
         seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step,
-                        _settings(trainer, stream))
+                        stream_settings(trainer, stream))
         metrics = stream_metrics(trainer, holdout, history, seconds, state["steps"],
                                  cfg.batch)
         finish_stream_run(trainer, lm, stream, out, work, metrics, history,
@@ -200,18 +200,18 @@ def _fresh(work: Path) -> dict:
     return {"contexts": 0, "steps": 0}
 
 
-def _settings(trainer: Trainer, stream: StreamConfig) -> dict:
+def stream_settings(trainer: Trainer, stream: StreamConfig) -> dict:
     """What a resumed run must share with the interrupted one."""
     capture = stream.capture
     return {**run_settings(trainer), "layer": capture.layer, "dataset": capture.dataset,
             "context": capture.context}
 
 
-_STREAM_FLAGS = {**_FLAGS, "layer": "--layer", "dataset": "--dataset", "context": "--context"}
+STREAM_FLAGS = {**RUN_FLAGS, "layer": "--layer", "dataset": "--dataset", "context": "--context"}
 
 
 def _resume(trainer: Trainer, work: Path, stream: StreamConfig) -> dict:
-    state = load_checkpoint(work, trainer, _settings(trainer, stream), _STREAM_FLAGS)
+    state = load_checkpoint(work, trainer, stream_settings(trainer, stream), STREAM_FLAGS)
     log.info("resumed at step %d after %d contexts", trainer.steps_done, state["contexts"])
     return {**state, "steps": trainer.steps_done}
 

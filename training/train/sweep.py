@@ -8,7 +8,9 @@ SAEs are the SAEs those runs would write (tested); each lands in its own folder,
 the same way (a hidden partial directory, then one rename), and none is renamed into
 place before every member is saved.
 
-A sweep runs in one process and has no checkpoints: an interrupted sweep starts again.
+A sweep runs in one process. Every ``checkpoint_every`` steps it saves one checkpoint of
+all its members (``sweep_checkpoint``); ``resume`` continues from it, on the same batches
+an uninterrupted sweep would have read (tested equal).
 """
 
 from __future__ import annotations
@@ -30,18 +32,27 @@ from training.data.models import default_device
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
     CURVE_POINTS,
+    RUN_FLAGS,
     TrainError,
     final_metrics,
     partial_dir,
     plan_run,
     publish_run,
     run_folder_fields,
+    run_settings,
     stage_run,
+)
+from training.train.sweep_checkpoint import (
+    checkpoint_path,
+    load_sweep_checkpoint,
+    save_sweep_checkpoint,
 )
 from training.train.trainer import StepStats, TrainConfig, Trainer, geometric_median
 
 SweepStep = Callable[[int, StepStats], None]
 """Called with (member index, its step's figures) after every member's step."""
+Checkpoint = Callable[[list[list[dict]]], None]
+"""Saves every member's state, given their histories so far, after a common step."""
 
 
 def sweep_configs(base: SaeConfig, latents: Sequence[int], ks: Sequence[int],
@@ -62,26 +73,35 @@ def sweep_configs(base: SaeConfig, latents: Sequence[int], ks: Sequence[int],
 
 
 def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig, *,
-                progress: bool = True, on_step: SweepStep | None = None) -> list[dict]:
+                resume: bool = False, progress: bool = True,
+                on_step: SweepStep | None = None) -> list[dict]:
     """Train every ``members`` SAE (its output folder -> its config) on one batch stream;
-    returns each one's metrics, in order."""
+    returns each one's metrics, in order. ``resume`` continues the interrupted sweep of
+    the same members and settings from its checkpoint."""
     if any(sae_cfg.transcoder for sae_cfg in members.values()):
         raise TrainError("a sweep trains residual-stream SAEs: train a transcoder on its own "
                          "(one --latents, --k and --arch)")
     store, (holdout, train_rows, total_steps) = plan_run(Path(acts_dir), members, cfg)
-    cfg = replace(cfg, checkpoint_every=0)
     device = default_device()
     trainers = [Trainer(sae_cfg, cfg, total_steps, device=device)
                 for sae_cfg in members.values()]
-    with member_dirs(list(members)) as works:
-        initialise_members(trainers, store.sample(cfg.init_rows, seed=cfg.seed,
-                                                  limit_rows=train_rows))
-        histories, seconds = _loop(trainers, store, train_rows, progress, on_step)
+    outs, settings = list(members), [run_settings(trainer) for trainer in trainers]
+    histories = None  # a refused resume (other members or settings) touches nothing
+    if resume:
+        histories = load_sweep_checkpoint(outs, trainers, settings, RUN_FLAGS)["histories"]
+    with member_dirs(outs, resume) as works:
+        if not resume:
+            initialise_members(trainers, store.sample(cfg.init_rows, seed=cfg.seed,
+                                                      limit_rows=train_rows))
+        first_step = trainers[0].steps_done
+        histories, seconds = _loop(trainers, store, train_rows, progress, on_step, histories,
+                                   lambda now: save_sweep_checkpoint(outs, trainers, now,
+                                                                     settings))
         results = []
         rows = store.tail(holdout) if holdout else None  # read once for every member
         for trainer, work, history in zip(trainers, works, histories, strict=True):
-            metrics = final_metrics(trainer, rows, history,
-                                    total_steps * cfg.batch / max(seconds, 1e-9))
+            metrics = final_metrics(trainer, rows, history, (total_steps - first_step)
+                                    * cfg.batch / max(seconds, 1e-9))
             metrics["sweep_size"] = len(members)
             stage_run(trainer, work, metrics, history, **run_folder_fields(store))
             results.append(metrics)
@@ -90,24 +110,37 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
 
 
 @contextmanager
-def member_dirs(outs: list[Path]) -> Iterator[list[Path]]:
-    """Each member's partial directory, emptied (an interrupted sweep starts again), and
-    removed when the sweep ends, published or failed."""
+def member_dirs(outs: list[Path], resume: bool = False) -> Iterator[list[Path]]:
+    """Each member's partial directory: emptied for a new sweep; for a resumed one kept
+    (its checkpoint must be there) less any member staged before the stop. Removed when
+    the sweep is published, or fails with no checkpoint to resume from (then the folders
+    it made go too); a sweep that fails after a checkpoint keeps them for ``resume``."""
     works = [partial_dir(Path(out)) for out in outs]
+    if resume and not checkpoint_path(outs).is_file():
+        raise TrainError(f"nothing to resume: no sweep checkpoint in {works[-1]}")
     made = sorted({parent for work in works for parent in work.parents
                    if not parent.exists()}, key=lambda path: len(path.parts), reverse=True)
     for work in works:
-        if work.exists():
+        if not resume and work.exists():
             shutil.rmtree(work)
-        work.mkdir(parents=True)
+        shutil.rmtree(work / "sae", ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
     try:
         yield works
-    finally:
-        for work in works:
-            shutil.rmtree(work, ignore_errors=True)
-        for parent in made:  # deepest first: the folders a failed sweep made, left empty
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+    except BaseException:
+        if checkpoint_path(outs).is_file():
+            raise
+        _remove(works, made)
+        raise
+    _remove(works, made)
+
+
+def _remove(works: list[Path], made: list[Path]) -> None:
+    for work in works:
+        shutil.rmtree(work, ignore_errors=True)
+    for parent in made:  # deepest first: the folders a failed sweep made, left empty
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def publish_members(works: list[Path], outs: list[Path]) -> None:
@@ -128,28 +161,37 @@ def initialise_members(trainers: list[Trainer], sample: Tensor) -> None:
 
 
 def _loop(trainers: list[Trainer], store: ActivationStore, train_rows: int, progress: bool,
-          on_step: SweepStep | None) -> tuple[list[list[dict]], float]:
-    """The capture's shuffled batches, each read once for every trainer."""
+          on_step: SweepStep | None, histories: list[list[dict]] | None,
+          checkpoint: Checkpoint) -> tuple[list[list[dict]], float]:
+    """The capture's shuffled batches, each read once for every trainer; a resumed sweep
+    skips the batches its members have trained on."""
     cfg = trainers[0].cfg
     batches = store.iter_shuffled(cfg.batch, seed=cfg.seed, limit_rows=train_rows)
+    for _ in range(trainers[0].steps_done):
+        next(batches)
     return step_members(trainers, ((batch,) for batch in batches), [0] * len(trainers),
-                        progress, on_step, f"sweep of {len(trainers)}")
+                        progress, on_step, f"sweep of {len(trainers)}", histories,
+                        checkpoint)
 
 
 def step_members(trainers: list[Trainer], batches: Iterator[Sequence[Tensor]],
                  group_of: Sequence[int], progress: bool, on_step: SweepStep | None,
-                 desc: str) -> tuple[list[list[dict]], float]:
+                 desc: str, histories: list[list[dict]] | None = None,
+                 checkpoint: Checkpoint | None = None) -> tuple[list[list[dict]], float]:
     """Each step's batches ([batch, d], one per group of members: a layer's) read once,
-    every trainer stepped on its group's (``group_of[i]``), until their common number of
-    steps; (each member's logged history, seconds). A stream that runs out first is a
+    every trainer stepped on its group's (``group_of[i]``), from the step after the one
+    they have reached (0, or a checkpoint's) to their common number of steps, with a
+    ``checkpoint`` every ``checkpoint_every`` steps; (each member's logged history, after
+    ``histories`` when resumed, and seconds). A stream that runs out first is a
     TrainError."""
     cfg, total = trainers[0].cfg, trainers[0].total_steps
     log_every = cfg.log_every or max(1, total // CURVE_POINTS)
-    histories: list[list[dict]] = [[] for _ in trainers]
+    histories = histories or [[] for _ in trainers]
+    done = trainers[0].steps_done
     started = time.perf_counter()
-    with tqdm(total=total * cfg.batch, unit="tok", unit_scale=True, desc=desc,
-              disable=not progress) as bar:
-        for step in range(1, total + 1):
+    with tqdm(total=total * cfg.batch, initial=done * cfg.batch, unit="tok",
+              unit_scale=True, desc=desc, disable=not progress) as bar:
+        for step in range(done + 1, total + 1):
             step_batches = next(batches, None)
             if step_batches is None:
                 raise TrainError(f"the activations ran out after {step - 1} of {total} "
@@ -161,4 +203,7 @@ def step_members(trainers: list[Trainer], batches: Iterator[Sequence[Tensor]],
                 if on_step is not None:
                     on_step(index, stats)
             bar.update(cfg.batch)
+            if checkpoint is not None and cfg.checkpoint_every and (
+                    step % cfg.checkpoint_every == 0):
+                checkpoint(histories)
     return histories, time.perf_counter() - started

@@ -1,0 +1,162 @@
+"""Sweeps checkpoint and resume: a sweep from a capture stopped mid-run and resumed writes
+the SAEs an uninterrupted sweep writes, bit for bit; a sweep from the model (one block or
+several) resumed writes what resumed streaming runs of each member write; a resume of
+another sweep or with other settings is refused, naming why, and loses nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.synthetic import sparse_rows, write_capture
+from training.data.capture import CaptureConfig
+from training.data.stop import Interrupted
+from training.sae.autoencoder import SaeConfig
+from training.sae.folder import load_sae
+from training.train.run import TrainError, partial_dir
+from training.train.stream import StreamConfig, train_streaming
+from training.train.sweep import train_sweep
+from training.train.sweep_checkpoint import SWEEP_CHECKPOINT, checkpoint_path
+from training.train.trainer import TrainConfig
+
+D = 16
+CONFIGS = {"n32-topk": SaeConfig(d_in=D, n_latents=32, k=4),
+           "n64-batchtopk": SaeConfig(d_in=D, n_latents=64, k=4, architecture="batchtopk")}
+
+
+class DiskFull(OSError):
+    """A failure that is not an interruption: the checkpoint must survive it too."""
+
+
+@pytest.fixture(scope="module")
+def acts_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("synthetic") / "acts"
+    write_capture(directory, sparse_rows(12_800, D))
+    return directory
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch": 256, "tokens": 256 * 30, "warmup_steps": 5,
+                          "init_rows": 1024, "holdout_rows": 1024, "checkpoint_every": 10,
+                          "log_every": 5, "lr": 1e-2, **kw})
+
+
+def _stop_at(step: int, error: type[BaseException] = Interrupted):
+    def on_step(index: int, stats) -> None:
+        if index == 1 and stats.step == step:
+            raise error
+
+    return on_step
+
+
+def _same_folders(ours, theirs) -> None:
+    for name in ("sae.safetensors",):
+        mine, other = load_file(str(ours / name)), load_file(str(theirs / name))
+        assert mine.keys() == other.keys()
+        for key in mine:
+            assert torch.equal(mine[key], other[key]), key
+    assert (ours / "loss_curve.csv").read_text() == (theirs / "loss_curve.csv").read_text()
+
+
+def test_a_resumed_sweep_writes_the_saes_an_uninterrupted_one_does(acts_dir, tmp_path) -> None:
+    whole = train_sweep(acts_dir, {tmp_path / "whole" / n: c for n, c in CONFIGS.items()},
+                        _cfg(), progress=False)
+    cut = {tmp_path / "cut" / name: sae_cfg for name, sae_cfg in CONFIGS.items()}
+    with pytest.raises(DiskFull):
+        train_sweep(acts_dir, cut, _cfg(), progress=False, on_step=_stop_at(25, DiskFull))
+    assert checkpoint_path(list(cut)).name == SWEEP_CHECKPOINT
+    assert checkpoint_path(list(cut)).is_file(), "a failure after a checkpoint keeps it"
+    assert not any(out.exists() for out in cut)
+    steps: list[int] = []
+    resumed = train_sweep(acts_dir, cut, _cfg(), resume=True, progress=False,
+                          on_step=lambda index, stats: steps.append(stats.step))
+    assert steps == [step for step in range(21, 31) for _ in CONFIGS]
+    for name, ours, theirs in zip(CONFIGS, resumed, whole, strict=True):
+        _same_folders(tmp_path / "cut" / name, tmp_path / "whole" / name)
+        assert ours["heldout_fvu"] == theirs["heldout_fvu"] and ours["steps"] == 30
+    assert not list((tmp_path / "cut").glob(".*.partial"))
+
+
+def test_a_resume_of_another_sweep_is_refused_and_loses_nothing(acts_dir, tmp_path) -> None:
+    outs = {tmp_path / name: sae_cfg for name, sae_cfg in CONFIGS.items()}
+    with pytest.raises(TrainError, match="nothing to resume: no sweep checkpoint"):
+        train_sweep(acts_dir, outs, _cfg(), resume=True, progress=False)
+    assert not list(tmp_path.iterdir()), "a refused resume makes nothing"
+    with pytest.raises(Interrupted):
+        train_sweep(acts_dir, outs, _cfg(), progress=False, on_step=_stop_at(12))
+    saved = checkpoint_path(list(outs)).read_bytes()
+    wider = {tmp_path / "extra": SaeConfig(d_in=D, n_latents=16, k=2), **outs}
+    with pytest.raises(TrainError, match="the interrupted sweep's members: it trained"):
+        train_sweep(acts_dir, wider, _cfg(), resume=True, progress=False)
+    with pytest.raises(TrainError, match=r"--lr 0\.01 \(now 0\.02\)"):
+        train_sweep(acts_dir, outs, _cfg(lr=2e-2), resume=True, progress=False)
+    assert not partial_dir(tmp_path / "extra").exists()
+    assert checkpoint_path(list(outs)).read_bytes() == saved
+    results = train_sweep(acts_dir, outs, _cfg(), resume=True, progress=False)
+    assert [m["steps"] for m in results] == [30, 30]
+    checkpoint_path(list(outs)).parent.mkdir()
+    checkpoint_path(list(outs)).write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainError, match="cannot read the sweep checkpoint"):
+        train_sweep(acts_dir, outs, _cfg(), resume=True, progress=False)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on mat "
+                              f"{i * 7 % 13}." for i in range(3000)))
+    return path
+
+
+def _stream(text_file, layer: int = 1) -> StreamConfig:
+    return StreamConfig(CaptureConfig(layer=layer, tokens=1, dataset=str(text_file),
+                                      context=32, dtype="fp32", batch_contexts=8),
+                        buffer_rows=2048)
+
+
+def _stream_cfg() -> TrainConfig:
+    return TrainConfig(batch=256, tokens=256 * 16, lr=3e-3, warmup_steps=2, holdout_rows=512,
+                       checkpoint_every=4)
+
+
+def _resumed_alone(lm, out, sae_cfg, stream) -> dict:
+    """A single streaming run of one member, stopped at step 6 and resumed."""
+    def stop(stats) -> None:
+        if stats.step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_streaming(lm, out, sae_cfg, _stream_cfg(), stream, progress=False, on_step=stop)
+    return train_streaming(lm, out, sae_cfg, _stream_cfg(), stream, resume=True,
+                           progress=False)
+
+
+def test_a_resumed_layer_sweep_writes_what_resumed_streaming_runs_do(tiny_model, text_file,
+                                                                    tmp_path) -> None:
+    from training.train.stream_sweep import train_layer_sweep
+
+    layers = {3: {tmp_path / "deep": SaeConfig(d_in=64, n_latents=64, k=4)},
+              1: {tmp_path / "a": SaeConfig(d_in=64, n_latents=64, k=4),
+                  tmp_path / "b": SaeConfig(d_in=64, n_latents=128, k=8,
+                                            architecture="batchtopk")}}
+    with pytest.raises(Interrupted):
+        train_layer_sweep(tiny_model, layers, _stream_cfg(), _stream(text_file),
+                          progress=False, on_step=_stop_at(6))
+    with pytest.raises(TrainError, match="--dataset"):
+        train_layer_sweep(tiny_model, layers, _stream_cfg(), _stream(text_file.parent / "x"),
+                          resume=True, progress=False)
+    swept = train_layer_sweep(tiny_model, layers, _stream_cfg(), _stream(text_file),
+                              resume=True, progress=False)
+    members = [(layer, out, cfg) for layer, group in layers.items()
+               for out, cfg in group.items()]
+    for (layer, out, sae_cfg), metrics in zip(members, swept, strict=True):
+        alone = _resumed_alone(tiny_model, tmp_path / f"alone-{out.name}", sae_cfg,
+                               _stream(text_file, layer))
+        assert metrics["heldout_fvu"] == alone["heldout_fvu"] and metrics["steps"] == 16
+        ours, ours_cfg = load_sae(out)
+        theirs, theirs_cfg = load_sae(tmp_path / f"alone-{out.name}")
+        torch.testing.assert_close(ours.w_dec, theirs.w_dec, rtol=1e-5, atol=1e-6)
+        assert ours_cfg["stream_contexts"] == theirs_cfg["stream_contexts"] > 0
+        assert ours_cfg["hook_layer"] == layer
+    assert not list(tmp_path.glob(".*.partial"))

@@ -351,8 +351,8 @@ def test_a_sweep_job_whose_worker_dies_resumes_from_its_checkpoint(stack,
         pytest.skip("one broker is enough for the sweep job")
     victim = stack.start_worker()
     job_id = stack.submit("sweep", "--model", tiny_llama_dir, "--layer", 1, "--tokens",
-                          120_000, "--sweep-latents", "32,64", "--sweep-k", "4", "--batch",
-                          256, "--checkpoint-every", 5, "--analyze-tokens", 1024)
+                          60_000, "--sweep-latents", "32,64", "--sweep-k", "4", "--batch",
+                          256, "--checkpoint-every", 3, "--analyze-tokens", 1024)
     job_dir = Path(stack.env["SAELAB_DATA_DIR"]) / "jobs" / str(job_id)
     deadline = time.monotonic() + 120
     while not list(job_dir.glob("sweep/.*.partial/sweep-checkpoint.pt")):

@@ -345,14 +345,21 @@ def test_the_command_resumes_an_interrupted_sweep(env, acts, tmp_path, monkeypat
     assert whole.exit_code == 0, whole.output
     step = Trainer.step
 
-    def power_cut_at_step_3(trainer, batch):
-        if trainer.steps_done == 2 and trainer.sae.cfg.n_latents == 128:
-            raise RuntimeError("power cut")
-        return step(trainer, batch)
+    def ctrl_c_at_step(at: int):
+        def stepped(trainer, batch):
+            if trainer.steps_done == at - 1 and trainer.sae.cfg.n_latents == 128:
+                raise KeyboardInterrupt
+            return step(trainer, batch)
+        return stepped
 
-    monkeypatch.setattr(Trainer, "step", power_cut_at_step_3)
+    monkeypatch.setattr(Trainer, "step", ctrl_c_at_step(2))
+    early = invoke(env, *args, "--out", tmp_path / "cut")
+    assert early.exit_code == 130 and "nothing was kept" in early.output
+    assert not (tmp_path / "cut").exists()
+    monkeypatch.setattr(Trainer, "step", ctrl_c_at_step(3))
     cut = invoke(env, *args, "--out", tmp_path / "cut")
-    assert cut.exit_code != 0 and not (tmp_path / "cut" / "n64-k8-topk").exists()
+    assert cut.exit_code == 130 and "with --resume continues" in cut.output, cut.output
+    assert not (tmp_path / "cut" / "n64-k8-topk").exists()
     monkeypatch.undo()
     other = invoke(env, *args[:-2], "--checkpoint-every", 2, "--lr", 0.5, "--resume",
                    "--out", tmp_path / "cut")

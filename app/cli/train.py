@@ -118,8 +118,25 @@ def train(
     a capture made with --site mlp, a transcoder."""
     options = dict(locals())
     with cli_errors():
-        metrics = _train(options)
+        try:
+            metrics = _train(options)
+        except KeyboardInterrupt:
+            typer.secho(_interrupted(Path(options["out"])), err=True, fg=typer.colors.RED)
+            raise typer.Exit(130) from None
     typer.echo(json.dumps(metrics))
+
+
+def _interrupted(out: Path) -> str:
+    """What a train command stopped by Ctrl-C says: whether ``--resume`` has a checkpoint
+    (a run's, or a sweep's under OUT) to continue from."""
+    from training.train.run import CHECKPOINT, partial_dir
+    from training.train.sweep_checkpoint import SWEEP_CHECKPOINT
+
+    if (partial_dir(out) / CHECKPOINT).is_file() or any(
+            out.glob(f"**/.*.partial/{SWEEP_CHECKPOINT}")):
+        return ("interrupted: the last checkpoint is kept; the same command with --resume "
+                "continues from it")
+    return "interrupted before the first checkpoint: nothing was kept"
 
 
 def _train(o: dict) -> dict:

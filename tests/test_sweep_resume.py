@@ -5,6 +5,9 @@ another sweep or with other settings is refused, naming why, and loses nothing."
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,12 +54,17 @@ def _stop_at(step: int, error: type[BaseException] = Interrupted):
 
 
 def _same_folders(ours, theirs) -> None:
-    for name in ("sae.safetensors",):
-        mine, other = load_file(str(ours / name)), load_file(str(theirs / name))
-        assert mine.keys() == other.keys()
-        for key in mine:
-            assert torch.equal(mine[key], other[key]), key
+    mine, other = (load_file(str(ours / "sae.safetensors")),
+                   load_file(str(theirs / "sae.safetensors")))
+    assert mine.keys() == other.keys()
+    for key in mine:
+        assert torch.equal(mine[key], other[key]), key
     assert (ours / "loss_curve.csv").read_text() == (theirs / "loss_curve.csv").read_text()
+    assert (ours / "cfg.json").read_text() == (theirs / "cfg.json").read_text()
+    figures = [json.loads((folder / "metrics.json").read_text()) for folder in (ours, theirs)]
+    for measured in figures:
+        assert measured.pop("tokens_per_s") > 0  # a time, not a result
+    assert figures[0] == figures[1]
 
 
 def test_a_resumed_sweep_writes_the_saes_an_uninterrupted_one_does(acts_dir, tmp_path) -> None:
@@ -99,6 +107,47 @@ def test_a_resume_of_another_sweep_is_refused_and_loses_nothing(acts_dir, tmp_pa
     checkpoint_path(list(outs)).write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="cannot read the sweep checkpoint"):
         train_sweep(acts_dir, outs, _cfg(), resume=True, progress=False)
+
+
+def test_an_interrupted_sweep_keeps_its_folders_and_a_fresh_one_says_what_it_discards(
+        acts_dir, tmp_path, caplog) -> None:
+    outs = {tmp_path / "family" / name: sae_cfg for name, sae_cfg in CONFIGS.items()}
+    works = [partial_dir(out) for out in outs]
+    with pytest.raises(Interrupted):  # a job handed to another worker: its folders now
+        train_sweep(acts_dir, outs, _cfg(), progress=False, on_step=_stop_at(5))
+    assert all(work.is_dir() for work in works) and not checkpoint_path(list(outs)).exists()
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train_sweep(acts_dir, outs, _cfg(), resume=True, progress=False)
+    with pytest.raises(Interrupted):
+        train_sweep(acts_dir, outs, _cfg(), progress=False, on_step=_stop_at(15))
+    assert checkpoint_path(list(outs)).is_file()
+    with caplog.at_level(logging.WARNING):
+        results = train_sweep(acts_dir, outs, _cfg(), progress=False)
+    assert "starting afresh: the checkpoint in" in caplog.text
+    assert [m["steps"] for m in results] == [30, 30]
+    assert not any(work.exists() for work in works)
+
+
+def test_a_checkpoint_of_another_source_or_width_is_refused(acts_dir, tiny_model, text_file,
+                                                           tmp_path) -> None:
+    from training.train.stream_sweep import train_streaming_sweep
+
+    wide = tmp_path / "wide-acts"
+    write_capture(wide, sparse_rows(12_800, 64))
+    streamed = {tmp_path / "s" / n: SaeConfig(d_in=64, n_latents=64, k=4) for n in "ab"}
+    with pytest.raises(Interrupted):
+        train_streaming_sweep(tiny_model, streamed, _stream_cfg(), _stream(text_file),
+                              progress=False, on_step=_stop_at(6))
+    with pytest.raises(TrainError, match=r"of a sweep from the model \(no --acts\)"):
+        train_sweep(wide, streamed, _cfg(), resume=True, progress=False)
+    narrow = {tmp_path / "d" / name: sae_cfg for name, sae_cfg in CONFIGS.items()}
+    with pytest.raises(Interrupted):
+        train_sweep(acts_dir, narrow, _cfg(), progress=False, on_step=_stop_at(12))
+    widened = {out: SaeConfig(d_in=64, n_latents=cfg.n_latents, k=4,
+                              architecture=cfg.architecture) for out, cfg in narrow.items()}
+    with pytest.raises(TrainError, match=r"activations of width 16 \(now 64\), --acts "):
+        train_sweep(wide, widened, _cfg(), resume=True, progress=False)
+    assert checkpoint_path(list(narrow)).is_file() and checkpoint_path(list(streamed)).is_file()
 
 
 @pytest.fixture

@@ -115,9 +115,10 @@ def check_out(out: Path) -> None:
 
 
 RUN_FLAGS = {"n_latents": "--latents", "k": "--k", "architecture": "--arch",
-          "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
-          "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka",
-          "skip": "--skip"}
+             "dead_tokens": "--dead-tokens", "batch": "--batch", "tokens": "--tokens",
+             "lr": "--lr", "seed": "--seed", "matryoshka_widths": "--matryoshka",
+             "skip": "--skip", "precision": "--precision",
+             "d_in": "activations of width"}
 
 
 def run_settings(trainer: Trainer) -> dict:
@@ -139,8 +140,18 @@ def load_checkpoint(work: Path, trainer: Trainer, now: dict,
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise TrainError(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
     check_settings(state.get("settings", {}), now, flags)
-    trainer.load_state_dict(state["trainer"])
+    load_trainer(trainer, state["trainer"], checkpoint)
     return state
+
+
+def load_trainer(trainer: Trainer, state: dict, checkpoint: Path) -> None:
+    """A checkpoint's trainer state into ``trainer``; one that does not fit it (another
+    shape, a damaged file) is a TrainError naming the file."""
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise TrainError(f"the checkpoint {checkpoint} does not fit this run's SAE: "
+                         f"{str(exc).splitlines()[0]}") from exc
 
 
 def check_settings(saved: dict, now: dict, flags: dict[str, str], what: str = "run") -> None:
@@ -160,9 +171,7 @@ def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int
         log.info("resumed at step %d", trainer.steps_done)
         return state["history"]
     if dist.is_main:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        discard_partial(work)
     sample = store.sample(trainer.cfg.init_rows, seed=trainer.cfg.seed, limit_rows=train_rows)
     d = trainer.sae.cfg.d_in
     if trainer.sae.cfg.transcoder:  # the MLP's input and output, each with its own scale
@@ -171,6 +180,17 @@ def _start(trainer: Trainer, store: ActivationStore, work: Path, train_rows: int
     else:
         trainer.initialise(sample, estimate_input_scale(sample))
     return []
+
+
+def discard_partial(work: Path, checkpoint: str = CHECKPOINT) -> None:
+    """Empty a partial directory for a run that starts afresh, saying so when it held a
+    checkpoint that ``--resume`` would have continued."""
+    if (work / checkpoint).is_file():
+        log.warning("starting afresh: the checkpoint in %s is discarded (--resume would "
+                    "have continued it)", work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
 
 
 def _loop(trainer: Trainer, store: ActivationStore, train_rows: int, work: Path,
@@ -235,12 +255,14 @@ def heldout_stats(sae: SparseAutoencoder, rows: torch.Tensor, input_scale: float
 def final_metrics(trainer: Trainer, holdout: torch.Tensor | None, history: list[dict],
                   tokens_per_s: float) -> dict:
     """A finished run's figures: the last logged step's, and the held-out rows' [N, d]
-    (raw activations never trained on) when there are any."""
+    (raw activations never trained on) when there are any; no tokens/s when no step ran
+    in this process (a resume of a checkpoint at the last step)."""
     last = history[-1] if history else {}
     metrics = {"steps": trainer.steps_done, "tokens": trainer.steps_done * trainer.cfg.batch,
                "train_fvu": last.get("fvu"), "l0": last.get("l0"),
                "dead_fraction": last.get("dead_fraction"),
-               "tokens_per_s": tokens_per_s, "input_scale": trainer.input_scale}
+               "tokens_per_s": tokens_per_s if tokens_per_s > 0 else None,
+               "input_scale": trainer.input_scale}
     if trainer.sae.cfg.transcoder:
         metrics["target_scale"] = trainer.target_scale
     if holdout is not None and len(holdout):

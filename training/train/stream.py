@@ -43,6 +43,7 @@ from training.train.run import (
     StepCallback,
     TrainError,
     check_out,
+    discard_partial,
     final_metrics,
     load_checkpoint,
     partial_dir,
@@ -116,7 +117,7 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
     work = partial_dir(out)
     trainer = Trainer(sae_cfg, cfg, total_steps, device=lm.device)
     try:
-        state = _resume(trainer, work, stream) if resume else _fresh(work)
+        state = _resume(trainer, work, stream, lm.name) if resume else _fresh(work)
         source = activation_stream(lm, stream.capture, skip_contexts=state["contexts"])
         counted = CountedRows(source, state["contexts"])
         holdout = state.get("holdout")
@@ -132,7 +133,7 @@ def train_streaming(lm: LoadedModel, out: Path, sae_cfg: SaeConfig, cfg: TrainCo
             batches = prepend(first, batches)
         history = state.get("history", [])
         seconds = _loop(trainer, batches, counted, holdout, work, history, progress, on_step,
-                        stream_settings(trainer, stream))
+                        stream_settings(trainer, stream, lm.name))
         metrics = stream_metrics(trainer, holdout, history, seconds, state["steps"],
                                  cfg.batch)
         finish_stream_run(trainer, lm, stream, out, work, metrics, history,
@@ -194,24 +195,25 @@ def prepend(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
 
 
 def _fresh(work: Path) -> dict:
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    discard_partial(work)
     return {"contexts": 0, "steps": 0}
 
 
-def stream_settings(trainer: Trainer, stream: StreamConfig) -> dict:
+def stream_settings(trainer: Trainer, stream: StreamConfig, model: str) -> dict:
     """What a resumed run must share with the interrupted one."""
     capture = stream.capture
-    return {**run_settings(trainer), "layer": capture.layer, "dataset": capture.dataset,
-            "context": capture.context}
+    return {**run_settings(trainer), "model": model, "layer": capture.layer,
+            "dataset": capture.dataset, "context": capture.context,
+            "buffer_rows": stream.buffer_rows}
 
 
-STREAM_FLAGS = {**RUN_FLAGS, "layer": "--layer", "dataset": "--dataset", "context": "--context"}
+STREAM_FLAGS = {**RUN_FLAGS, "model": "--model", "layer": "--layer", "dataset": "--dataset",
+                "context": "--context", "buffer_rows": "--buffer-rows"}
 
 
-def _resume(trainer: Trainer, work: Path, stream: StreamConfig) -> dict:
-    state = load_checkpoint(work, trainer, stream_settings(trainer, stream), STREAM_FLAGS)
+def _resume(trainer: Trainer, work: Path, stream: StreamConfig, model: str) -> dict:
+    state = load_checkpoint(work, trainer, stream_settings(trainer, stream, model),
+                            STREAM_FLAGS)
     log.info("resumed at step %d after %d contexts", trainer.steps_done, state["contexts"])
     return {**state, "steps": trainer.steps_done}
 

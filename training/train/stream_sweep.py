@@ -85,9 +85,9 @@ def train_layer_sweep(lm: LoadedModel, layers: dict[int, dict[Path, SaeConfig]],
     group_of = [index for index, group in enumerate(layers.values()) for _ in group]
     streams = [_at_layer(stream, layer) for layer in layers]
     outs = list(members)
-    settings = [stream_settings(trainer, streams[group])
+    settings = [stream_settings(trainer, streams[group], lm.name)
                 for trainer, group in zip(trainers, group_of, strict=True)]
-    state = (load_sweep_checkpoint(outs, trainers, settings, STREAM_FLAGS) if resume
+    state = (load_sweep_checkpoint(outs, trainers, settings, STREAM_FLAGS, "model") if resume
              else {"histories": None, "stream": {}})  # a refused resume touches nothing
     with member_dirs(outs, resume) as works:
         readers = _readers(lm, list(layers), cfg, stream, state["stream"])

@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from training.data.activations import ActivationStore, estimate_input_scale
 from training.data.models import default_device
+from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig
 from training.train.run import (
     CURVE_POINTS,
     RUN_FLAGS,
     TrainError,
+    discard_partial,
     final_metrics,
     partial_dir,
     plan_run,
@@ -43,6 +45,7 @@ from training.train.run import (
     stage_run,
 )
 from training.train.sweep_checkpoint import (
+    SWEEP_CHECKPOINT,
     checkpoint_path,
     load_sweep_checkpoint,
     save_sweep_checkpoint,
@@ -53,6 +56,8 @@ SweepStep = Callable[[int, StepStats], None]
 """Called with (member index, its step's figures) after every member's step."""
 Checkpoint = Callable[[list[list[dict]]], None]
 """Saves every member's state, given their histories so far, after a common step."""
+SWEEP_FLAGS = {**RUN_FLAGS, "activations": "--acts"}
+"""What a resumed sweep from a capture must share with the interrupted one."""
 
 
 def sweep_configs(base: SaeConfig, latents: Sequence[int], ks: Sequence[int],
@@ -85,10 +90,13 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
     device = default_device()
     trainers = [Trainer(sae_cfg, cfg, total_steps, device=device)
                 for sae_cfg in members.values()]
-    outs, settings = list(members), [run_settings(trainer) for trainer in trainers]
+    outs = list(members)
+    settings = [{**run_settings(trainer), "activations": str(store.directory.resolve())}
+                for trainer in trainers]
     histories = None  # a refused resume (other members or settings) touches nothing
     if resume:
-        histories = load_sweep_checkpoint(outs, trainers, settings, RUN_FLAGS)["histories"]
+        histories = load_sweep_checkpoint(outs, trainers, settings, SWEEP_FLAGS,
+                                          "capture")["histories"]
     with member_dirs(outs, resume) as works:
         if not resume:
             initialise_members(trainers, store.sample(cfg.init_rows, seed=cfg.seed,
@@ -114,7 +122,8 @@ def member_dirs(outs: list[Path], resume: bool = False) -> Iterator[list[Path]]:
     """Each member's partial directory: emptied for a new sweep; for a resumed one kept
     (its checkpoint must be there) less any member staged before the stop. Removed when
     the sweep is published, or fails with no checkpoint to resume from (then the folders
-    it made go too); a sweep that fails after a checkpoint keeps them for ``resume``."""
+    it made go too); a sweep that fails after a checkpoint keeps them for ``resume``, and
+    an ``Interrupted`` one (a job handed to another worker) leaves them as they are."""
     works = [partial_dir(Path(out)) for out in outs]
     if resume and not checkpoint_path(outs).is_file():
         raise TrainError(f"nothing to resume: no sweep checkpoint in {works[-1]}")
@@ -122,15 +131,16 @@ def member_dirs(outs: list[Path], resume: bool = False) -> Iterator[list[Path]]:
                    if not parent.exists()}, key=lambda path: len(path.parts), reverse=True)
     for work in works:
         if not resume and work.exists():
-            shutil.rmtree(work)
+            discard_partial(work, SWEEP_CHECKPOINT)
         shutil.rmtree(work / "sae", ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
     try:
         yield works
+    except Interrupted:
+        raise  # its owner resumes it, or another process owns these folders now
     except BaseException:
-        if checkpoint_path(outs).is_file():
-            raise
-        _remove(works, made)
+        if not checkpoint_path(outs).is_file():
+            _remove(works, made)
         raise
     _remove(works, made)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from training.train.run import TrainError, check_settings, partial_dir
+from training.train.run import TrainError, check_settings, load_trainer, partial_dir
 from training.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,19 @@ def checkpoint_path(outs: Sequence[Path]) -> Path:
     return partial_dir(Path(outs[-1])) / SWEEP_CHECKPOINT
 
 
+SOURCES = {"capture": "a capture (--acts)", "model": "the model (no --acts)"}
+"""What a sweep reads, as its checkpoint records it: a resume must read the same."""
+
+
 def save_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],
                           histories: Sequence[list[dict]], settings: Sequence[dict],
                           stream: dict | None = None) -> None:
-    """Every member's state after the same step; ``stream`` is the batch stream's
-    position (a sweep from the model: ``{"contexts": int, "holdouts": [Tensor]}``)."""
+    """Every member's state after the same step; ``stream`` is the model stream's
+    position (``{"contexts": int, "holdouts": [Tensor]}``), None for a capture's."""
     path = checkpoint_path(outs)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"members": _names(outs), "settings": list(settings),
+    torch.save({"source": "capture" if stream is None else "model",
+                "members": _names(outs), "settings": list(settings),
                 "trainers": [trainer.state_dict() for trainer in trainers],
                 "histories": [list(history) for history in histories],
                 "stream": stream or {}}, tmp)
@@ -48,11 +53,13 @@ def save_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],
 
 
 def load_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],
-                          settings: Sequence[dict], flags: dict[str, str]) -> dict:
+                          settings: Sequence[dict], flags: dict[str, str],
+                          source: str) -> dict:
     """The checkpoint of the sweep writing ``outs``, loaded into ``trainers`` once it is
-    the same sweep: the same member folders in the same order, and each member's saved
-    settings equal to ``settings`` on every key of ``flags`` (a difference names its
-    flag). Returns ``{"histories": [...], "stream": {...}}``."""
+    the same sweep: one reading the same ``source`` (a key of ``SOURCES``), the same
+    member folders in the same order, and each member's saved settings equal to
+    ``settings`` on every key of ``flags`` (a difference names its flag). Returns
+    ``{"histories": [...], "stream": {...}}``."""
     path = checkpoint_path(outs)
     if not path.is_file():
         raise TrainError(f"nothing to resume: no sweep checkpoint in {path.parent}")
@@ -60,6 +67,11 @@ def load_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],
         state = torch.load(path, map_location=trainers[0].device, weights_only=False)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise TrainError(f"cannot read the sweep checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("source") not in SOURCES:
+        raise TrainError(f"{path} is not a sweep checkpoint")
+    if state["source"] != source:
+        raise TrainError(f"the sweep checkpoint in {path.parent} is of a sweep from "
+                         f"{SOURCES[state['source']]}: --resume it from there")
     if state.get("members") != _names(outs):
         raise TrainError("--resume needs the interrupted sweep's members: it trained "
                          f"{', '.join(state.get('members') or [])}; now "
@@ -67,7 +79,7 @@ def load_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],
     for saved, now in zip(state["settings"], settings, strict=True):
         check_settings(saved, now, flags, "sweep")
     for trainer, trainer_state in zip(trainers, state["trainers"], strict=True):
-        trainer.load_state_dict(trainer_state)
+        load_trainer(trainer, trainer_state, path)
     log.info("resumed the sweep of %d SAEs at step %d", len(trainers), trainers[0].steps_done)
     return {"histories": state["histories"], "stream": state["stream"]}
 

@@ -26,15 +26,13 @@ from training.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 SWEEP_CHECKPOINT = "sweep-checkpoint.pt"
+SOURCES = {"capture": "a capture (--acts)", "model": "the model (no --acts)"}
+"""What a sweep reads, as its checkpoint records it: a resume must read the same."""
 
 
 def checkpoint_path(outs: Sequence[Path]) -> Path:
     """Where the sweep writing ``outs`` (in order) keeps its checkpoint."""
     return partial_dir(Path(outs[-1])) / SWEEP_CHECKPOINT
-
-
-SOURCES = {"capture": "a capture (--acts)", "model": "the model (no --acts)"}
-"""What a sweep reads, as its checkpoint records it: a resume must read the same."""
 
 
 def save_sweep_checkpoint(outs: Sequence[Path], trainers: Sequence[Trainer],

@@ -277,6 +277,17 @@ def test_resending_a_job_nobody_takes_stops_after_max_attempts(tmp_path) -> None
     sessions.kw["bind"].dispose()
 
 
+def test_the_live_rate_counts_only_the_steps_this_worker_ran() -> None:
+    from worker.runtime import StepRate
+
+    rate = StepRate(batch=256)
+    assert rate.figures(500) == {}, "a resumed run's first report: no steps timed yet"
+    time.sleep(0.05)
+    figures = rate.figures(502)
+    assert 0 < figures["tokens_per_s"] <= 2 * 256 / 0.05
+    assert rate.figures(500) == {}
+
+
 def test_a_worker_that_lost_its_job_stops_writing(tmp_path) -> None:
     """The reaper re-queued a job whose worker was only slow: that worker's next heartbeat
     notices, it stops at its next progress report and never writes over the row again."""

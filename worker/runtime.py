@@ -50,6 +50,25 @@ class _LogTail(logging.Handler):
         self.lines.append(self.format(record))
 
 
+class StepRate:
+    """Live training tokens/s over the steps this process has run, timed from its first
+    reported step, so neither start-up nor a resumed run's skipped batches count."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.first: tuple[int, float] | None = None
+
+    def figures(self, step: int) -> dict[str, float]:
+        """``{"tokens_per_s": …}`` once a step after the first has been reported."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+        first_step, started = self.first
+        if step <= first_step:
+            return {}
+        return {"tokens_per_s": (step - first_step) * self.batch / max(now - started, 1e-9)}
+
+
 class JobRun:
     """A claimed job while its stages run."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.jobs import JobParams
 from app.settings import Settings
-from worker.runtime import SERIES_POINTS, JobRun
+from worker.runtime import SERIES_POINTS, JobRun, StepRate
 
 
 def load_model(params: JobParams, settings: Settings):
@@ -77,15 +77,13 @@ def train_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> s
     spec = train_spec(params, acts, out, resume)
     total = _total_steps(spec)
     every = max(1, total // SERIES_POINTS)
-    started, first = time.monotonic(), [None]
+    rate = StepRate(params.batch)
 
     def on_step(stats) -> None:
-        first[0] = stats.step if first[0] is None else first[0]
-        rate = (stats.step - first[0] + 1) * params.batch / max(time.monotonic() - started,
-                                                                1e-9)
         run.point(every, step=stats.step, tokens=stats.tokens, fvu=stats.fvu,
                   auxk=stats.auxk, l0=stats.l0, dead_fraction=stats.dead_fraction)
-        run.progress(stats.step, total, tokens_per_s=rate, loss=stats.fvu, l0=stats.l0)
+        run.progress(stats.step, total, **rate.figures(stats.step), loss=stats.fvu,
+                     l0=stats.l0)
 
     if params.nproc == 1:
         from training.train.launch import run_spec

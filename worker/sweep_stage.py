@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from app.job_params import JobParams
 from app.settings import Settings
-from worker.runtime import JobRun
+from worker.runtime import JobRun, StepRate
 
 
 def sweep_members(params: JobParams, acts: str, directory: Path) -> dict[str, dict]:
@@ -48,16 +47,12 @@ def sweep_stage(run: JobRun, params: JobParams, acts: str, directory: Path) -> d
                for name, cfg in sweep_members(params, acts, directory).items()}
     cfg = TrainConfig(batch=params.batch, tokens=params.train_tokens, lr=params.lr,
                       checkpoint_every=params.checkpoint_every)
-    started, count = time.monotonic(), len(configs)
-    total, before = [0], [None]  # the steps of the sweep, and those done before this run
+    count, total, rate = len(configs), [0], StepRate(cfg.batch)
 
     def on_step(index: int, stats) -> None:
         if index == count - 1:  # every member has taken this step
             total[0] = total[0] or _steps(acts, cfg)
-            before[0] = stats.step - 1 if before[0] is None else before[0]
-            rate = (stats.step - before[0]) * cfg.batch / max(time.monotonic() - started,
-                                                              1e-9)
-            run.progress(stats.step, total[0], tokens_per_s=rate, loss=stats.fvu,
+            run.progress(stats.step, total[0], **rate.figures(stats.step), loss=stats.fvu,
                          l0=stats.l0)
 
     run.update(force=True, message=f"training {count} SAEs from one read of {acts}")

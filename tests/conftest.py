@@ -83,6 +83,16 @@ def embedded_sae(embedded_model, tmp_path_factory) -> dict[str, Path]:
     return {"acts": root / "acts", "sae": root / "sae"}
 
 
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A small line corpus (3,000 short numbered sentences) for streaming from the tiny
+    Llama."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on mat "
+                              f"{i * 7 % 13}." for i in range(3000)))
+    return path
+
+
 @contextmanager
 def empty_database(kind: str, tmp_path: Path) -> Iterator[str]:
     """The URL of an empty SQLite file or a fresh PostgreSQL database (dropped after)."""

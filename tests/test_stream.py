@@ -34,22 +34,15 @@ def test_the_buffer_mixes_rows_and_serves_each_once() -> None:
         ShuffleBuffer(iter(chunks), capacity=10, batch=8, seed=0)
 
 
-def _stream(text_file) -> StreamConfig:
-    return StreamConfig(CaptureConfig(layer=1, tokens=1, dataset=str(text_file), context=32,
-                                      dtype="fp32", batch_contexts=8), buffer_rows=2048)
+def _stream(text_file, layer: int = 1) -> StreamConfig:
+    return StreamConfig(CaptureConfig(layer=layer, tokens=1, dataset=str(text_file),
+                                      context=32, dtype="fp32", batch_contexts=8),
+                        buffer_rows=2048)
 
 
 def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"batch": 256, "tokens": 256 * 16, "lr": 3e-3, "warmup_steps": 2,
                           "holdout_rows": 512, "checkpoint_every": 0, **kw})
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on mat "
-                              f"{i * 7 % 13}." for i in range(3000)))
-    return path
 
 
 def test_streaming_trains_an_sae_from_the_model(tiny_model, text_file, tmp_path) -> None:
@@ -63,17 +56,19 @@ def test_streaming_trains_an_sae_from_the_model(tiny_model, text_file, tmp_path)
     assert not partial_dir(tmp_path / "sae").exists()
 
 
-def _interrupted_at(step: int, lm, text_file, tmp_path):
-    """A streamed run (checkpoint every 4 steps) stopped at ``step``: (cfg, out, sae_cfg)."""
-    cfg, out = _cfg(checkpoint_every=4), tmp_path / "sae"
-    sae_cfg = SaeConfig(d_in=64, n_latents=128, k=8)
+def _interrupted_at(step: int, lm, text_file, tmp_path, *, out=None, sae_cfg=None,
+                    layer: int = 1):
+    """A streamed run (checkpoint every 4 steps) of block ``layer`` stopped at ``step``:
+    (cfg, out, sae_cfg); by default ``tmp_path/sae``, 128 latents, k = 8."""
+    cfg, out = _cfg(checkpoint_every=4), out or tmp_path / "sae"
+    sae_cfg = sae_cfg or SaeConfig(d_in=64, n_latents=128, k=8)
 
     def stop(stats) -> None:
         if stats.step == step:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_streaming(lm, out, sae_cfg, cfg, _stream(text_file), progress=False,
+        train_streaming(lm, out, sae_cfg, cfg, _stream(text_file, layer), progress=False,
                         on_step=stop)
     return cfg, out, sae_cfg
 
@@ -167,11 +162,8 @@ def test_a_layer_sweep_trains_each_block_as_its_own_streaming_run_would(tiny_mod
     outs = [(layer, out, sae_cfg) for layer, group in layers.items()
             for out, sae_cfg in group.items()]
     for (layer, out, sae_cfg), metrics in zip(outs, swept, strict=True):
-        stream = StreamConfig(CaptureConfig(layer=layer, tokens=1, dataset=str(text_file),
-                                            context=32, dtype="fp32", batch_contexts=8),
-                              buffer_rows=2048)
         alone = train_streaming(tiny_model, tmp_path / f"alone-{out.name}", sae_cfg, _cfg(),
-                                stream, progress=False)
+                                _stream(text_file, layer), progress=False)
         assert metrics["heldout_fvu"] == alone["heldout_fvu"]
         ours, ours_cfg = load_sae(out)
         theirs, theirs_cfg = load_sae(tmp_path / f"alone-{out.name}")
@@ -330,10 +322,9 @@ def test_bench_sweep_from_the_model_times_it_against_streaming_runs(tiny_llama_d
 
 def test_a_resume_with_other_settings_names_the_flag(tiny_model, text_file, tmp_path) -> None:
     cfg, out, sae_cfg = _interrupted_at(5, tiny_model, text_file, tmp_path)
-    other = StreamConfig(CaptureConfig(layer=2, tokens=1, dataset=str(text_file), context=32,
-                                       dtype="fp32", batch_contexts=8), buffer_rows=2048)
     with pytest.raises(ValueError, match="--layer 1 .now 2."):
-        train_streaming(tiny_model, out, sae_cfg, cfg, other, resume=True, progress=False)
+        train_streaming(tiny_model, out, sae_cfg, cfg, _stream(text_file, 2), resume=True,
+                        progress=False)
     with pytest.raises(ValueError, match="--latents 128 .now 256."):
         train_streaming(tiny_model, out, SaeConfig(d_in=64, n_latents=256, k=8), cfg,
                         _stream(text_file), resume=True, progress=False)

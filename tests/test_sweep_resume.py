@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.synthetic import sparse_rows, write_capture
-from training.data.capture import CaptureConfig
+from tests.test_stream import _cfg as stream_cfg
+from tests.test_stream import _interrupted_at, _stream
 from training.data.stop import Interrupted
 from training.sae.autoencoder import SaeConfig
 from training.sae.folder import load_sae
 from training.train.run import TrainError, partial_dir
-from training.train.stream import StreamConfig, train_streaming
+from training.train.stream import train_streaming
 from training.train.sweep import train_sweep
 from training.train.sweep_checkpoint import SWEEP_CHECKPOINT, checkpoint_path
 from training.train.trainer import TrainConfig
@@ -150,34 +151,16 @@ def test_a_checkpoint_of_another_source_or_width_is_refused(acts_dir, tiny_model
     assert checkpoint_path(list(narrow)).is_file() and checkpoint_path(list(streamed)).is_file()
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(f"Line {i}: the {['cat', 'dog', 'fox'][i % 3]} sat on mat "
-                              f"{i * 7 % 13}." for i in range(3000)))
-    return path
-
-
-def _stream(text_file, layer: int = 1) -> StreamConfig:
-    return StreamConfig(CaptureConfig(layer=layer, tokens=1, dataset=str(text_file),
-                                      context=32, dtype="fp32", batch_contexts=8),
-                        buffer_rows=2048)
-
-
 def _stream_cfg() -> TrainConfig:
-    return TrainConfig(batch=256, tokens=256 * 16, lr=3e-3, warmup_steps=2, holdout_rows=512,
-                       checkpoint_every=4)
+    """A streaming run's settings, checkpointing every 4 steps (as ``_interrupted_at``)."""
+    return stream_cfg(checkpoint_every=4)
 
 
-def _resumed_alone(lm, out, sae_cfg, stream) -> dict:
+def _resumed_alone(lm, text_file, tmp_path, out, sae_cfg, layer: int) -> dict:
     """A single streaming run of one member, stopped at step 6 and resumed."""
-    def stop(stats) -> None:
-        if stats.step == 6:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train_streaming(lm, out, sae_cfg, _stream_cfg(), stream, progress=False, on_step=stop)
-    return train_streaming(lm, out, sae_cfg, _stream_cfg(), stream, resume=True,
+    cfg, out, sae_cfg = _interrupted_at(6, lm, text_file, tmp_path, out=out, sae_cfg=sae_cfg,
+                                        layer=layer)
+    return train_streaming(lm, out, sae_cfg, cfg, _stream(text_file, layer), resume=True,
                            progress=False)
 
 
@@ -200,8 +183,8 @@ def test_a_resumed_layer_sweep_writes_what_resumed_streaming_runs_do(tiny_model,
     members = [(layer, out, cfg) for layer, group in layers.items()
                for out, cfg in group.items()]
     for (layer, out, sae_cfg), metrics in zip(members, swept, strict=True):
-        alone = _resumed_alone(tiny_model, tmp_path / f"alone-{out.name}", sae_cfg,
-                               _stream(text_file, layer))
+        alone = _resumed_alone(tiny_model, text_file, tmp_path, tmp_path / f"alone-{out.name}",
+                               sae_cfg, layer)
         assert metrics["heldout_fvu"] == alone["heldout_fvu"] and metrics["steps"] == 16
         ours, ours_cfg = load_sae(out)
         theirs, theirs_cfg = load_sae(tmp_path / f"alone-{out.name}")

@@ -119,14 +119,12 @@ def train_sweep(acts_dir: Path, members: dict[Path, SaeConfig], cfg: TrainConfig
 
 @contextmanager
 def member_dirs(outs: list[Path], resume: bool = False) -> Iterator[list[Path]]:
-    """Each member's partial directory: emptied for a new sweep; for a resumed one kept
-    (its checkpoint must be there) less any member staged before the stop. Removed when
+    """Each member's partial directory: emptied for a new sweep; for a resumed one (its
+    checkpoint already loaded) kept, less any member staged before the stop. Removed when
     the sweep is published, or fails with no checkpoint to resume from (then the folders
     it made go too); a sweep that fails after a checkpoint keeps them for ``resume``, and
     an ``Interrupted`` one (a job handed to another worker) leaves them as they are."""
     works = [partial_dir(Path(out)) for out in outs]
-    if resume and not checkpoint_path(outs).is_file():
-        raise TrainError(f"nothing to resume: no sweep checkpoint in {works[-1]}")
     made = sorted({parent for work in works for parent in work.parents
                    if not parent.exists()}, key=lambda path: len(path.parts), reverse=True)
     for work in works:

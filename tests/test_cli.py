@@ -86,6 +86,7 @@ def test_eval_of_a_sweeps_saes_together_matches_each_alone(env, acts, corpus, tm
     for row, folder in zip(listed, folders, strict=True):
         alone = json.loads(invoke(env, "eval", "--sae", folder, *common).stdout.strip()
                            .splitlines()[-1])
+        assert row.pop("precision") == alone.pop("precision") == "fp32"
         for name, value in alone.items():
             assert row[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
     assert listed[0]["ce_sae"] != listed[1]["ce_sae"]
@@ -257,7 +258,8 @@ def test_distributed_bad_input_is_one_line(env, acts, tmp_path) -> None:
 
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--context", "1"], "--context"), (["--batch", "0"], "--batch"),
-    (["--skip-contexts", "-1"], "--skip-contexts"), (["--tokens", "0"], "--tokens")])
+    (["--skip-contexts", "-1"], "--skip-contexts"), (["--tokens", "0"], "--tokens"),
+    (["--precision", "fp8"], "--precision")])
 def test_bad_eval_flags(env, acts, tmp_path, flags, fragment) -> None:
     result = invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8, "--batch", 512,
                     "--tokens", 1024, "--out", tmp_path / "sae")
@@ -287,6 +289,39 @@ def test_bench_eval_compares_shared_prefix_with_whole_passes(env) -> None:
     assert figures["timed_batches"] >= 2 and figures["max_rel_diff"] < 1e-4
     assert figures["whole_passes_tokens_per_s"] > 0 and figures["shared_prefix_tokens_per_s"] > 0
     _one_line_error(invoke(env, "bench", "eval", "--layer", 9), "layer 9")
+
+
+def test_eval_with_the_model_in_bf16_is_close_to_fp32(env, acts, corpus, tmp_path) -> None:
+    result = invoke(env, "train", "--acts", acts, "--latents", 128, "--k", 8, "--batch", 512,
+                    "--tokens", 4096, "--out", tmp_path / "sae")
+    assert result.exit_code == 0, result.output
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        result = invoke(env, "eval", "--sae", tmp_path / "sae", "--dataset", corpus,
+                        "--tokens", 1024, "--context", 64, "--precision", precision)
+        assert result.exit_code == 0, result.output
+        runs[precision] = json.loads(result.stdout.strip().splitlines()[-1])
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["tokens"] == fp32["tokens"] and bf16["ce_clean"] != fp32["ce_clean"]
+    for name in ("ce_clean", "ce_sae", "ce_ablate", "fvu"):
+        assert bf16[name] == pytest.approx(fp32[name], rel=0.02), name
+    assert bf16["kl"] >= 0 and bf16["l0"] <= 8
+
+
+def test_bench_eval_in_bf16_says_how_far_its_figures_are(env) -> None:
+    result = invoke(env, "bench", "eval", "--layer", 1, "--tokens", 300, "--batch", 2,
+                    "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    bf16 = json.loads(result.stdout.strip().splitlines()[-1])["bf16"]
+    assert bf16["shared_prefix_tokens_per_s"] > 0 and bf16["vs_fp32_shared_prefix"] > 0
+    assert 0 < bf16["max_abs_diff"]["ce_clean"] < 0.1
+    assert bf16["bf16_mean"]["ce_clean"] == pytest.approx(bf16["fp32_mean"]["ce_clean"],
+                                                          rel=0.02)
+    _one_line_error(invoke(env, "bench", "eval", "--layer", 1, "--family", 2, "--precision",
+                           "bf16"), "--family")
+    _one_line_error(invoke(env, "bench", "eval", "--layer", 1, "--precision", "fp8"),
+                    "--precision")
 
 
 def test_bench_eval_family_times_a_sweeps_evaluation(env) -> None:

@@ -99,6 +99,21 @@ def test_low_precision_logits_get_float32_log_probs() -> None:
     assert ce == pytest.approx(-float(picked.sum()), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_saes_losses_are_those_of_the_familys_path(dtype, monkeypatch) -> None:
+    """One SAE computes both log-softmaxes a chunk at a time instead of keeping the clean
+    log-probabilities: the same figures, bit for bit."""
+    torch.manual_seed(1)
+    clean, spliced = ((torch.randn(3, 9, 300) * 4).to(dtype) for _ in range(2))
+    ids = torch.randint(0, 300, (3, 10))
+    monkeypatch.setattr(metrics, "LOSS_CHUNK", 4)
+    ce_clean, ce_sae, kl = metrics._pair_losses(clean, spliced, ids)
+    log_p, expected_clean = metrics._clean_log_probs(clean.clone(), ids)
+    assert (ce_clean, ce_sae, kl) == (expected_clean,
+                                      *metrics._spliced_losses(log_p, spliced, ids))
+    assert kl > 0
+
+
 def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) -> None:
     config = tiny_model.model.config
     assert metrics._Suffix.of(tiny_model, 1) is not None

@@ -86,10 +86,14 @@ def bench_eval(
     family: Annotated[int, typer.Option("--family", help="S > 1: S random SAEs (n=8192, "
                                         "k cycling 16, 32, 64) evaluated together, as a "
                                         "sweep's are, vs each alone", min=1, max=16)] = 1,
+    precision: Annotated[str, typer.Option("--precision", help="bf16: also the shared-prefix "
+                                           "evaluation with the model in bf16, and how far "
+                                           "its figures are from fp32's")] = "fp32",
     device: DeviceOpt = None,
 ) -> None:
     """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes (with
-    --family, a sweep's SAEs evaluated together vs each alone)."""
+    --family, a sweep's SAEs evaluated together vs each alone; with --precision bf16, also
+    the model in bf16)."""
     import torch
 
     from training.bench.evaluation import bench_eval as run
@@ -102,10 +106,13 @@ def bench_eval(
             raise ValueError("--tokens and --batch must be positive")
         if family > 1 and sae is not None:
             raise ValueError("--family times random SAEs: leave out --sae")
+        if family > 1 and precision != "fp32":
+            raise ValueError("--precision bf16 is timed for one SAE: leave out --family")
         if sae is not None:
             loaded, cfg = load_sae(sae)
             model, layer = model or cfg.get("model_name"), int(cfg["hook_layer"])
         lm = load_lm(model, device)
+        bf16 = load_lm(model, device, precision) if precision != "fp32" else None
         lm.check_layer(layer)
         torch.manual_seed(0)
         if family > 1:
@@ -115,7 +122,8 @@ def bench_eval(
         else:
             if sae is None:
                 loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
-            result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch)
+            result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch,
+                         bf16=bf16)
     typer.echo(json.dumps(result))
 
 

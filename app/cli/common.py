@@ -24,6 +24,10 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda or cpu [de
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL [default: "
                                            "SAELAB_DATABASE_URL or <data dir>/saelab.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="the model's weights: fp32, "
+                                            "or bf16 (faster where the device multiplies "
+                                            "bf16 natively)")]
+PRECISIONS = ("fp32", "bf16")
 
 
 @contextmanager
@@ -58,6 +62,8 @@ def load_lm(model: str | None, device: str | None, precision: str = "fp32"):
     its weights in ``precision`` (fp32, bf16)."""
     from training.data.models import load_model, parse_dtype
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: choose fp32 or bf16 (got {precision!r})")
     settings = get_settings()
     return load_model(model or settings.default_model, data_dir=settings.data_dir,
                       device=device, dtype=parse_dtype(precision))

@@ -17,6 +17,7 @@ from app.cli.common import (
     DatasetOpt,
     DeviceOpt,
     ModelOpt,
+    PrecisionOpt,
     app,
     cli_errors,
     int_list,
@@ -41,8 +42,7 @@ def capture(
     batch: Annotated[int, typer.Option("--batch", help="contexts per forward")] = 16,
     split: Annotated[str, typer.Option("--split", help="HF dataset split")] = "train",
     text_column: Annotated[str, typer.Option("--text-column")] = "text",
-    precision: Annotated[str, typer.Option("--precision", help="the model's weights: fp32 "
-                                           "or bf16")] = "fp32",
+    precision: PrecisionOpt = "fp32",
     site: Annotated[str, typer.Option("--site", help="resid (the block's output) or mlp "
                                       "(its MLP's input and output, to train a transcoder)")
                     ] = "resid",
@@ -59,8 +59,6 @@ def capture(
                             text_column=text_column, site=site)
         outs = {layers[0]: out} if len(layers) == 1 else {
             index: out / f"L{index}" for index in layers}
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision: choose fp32 or bf16 (got {precision!r})")
         lm = load_lm(model, device, precision)
         manifests = capture_layers(lm, cfg, outs)
     for index, manifest in manifests.items():
@@ -320,10 +318,13 @@ def evaluate(
     skip_contexts: Annotated[int | None, typer.Option(
         "--skip-contexts", help="contexts of the dataset to skip first [default: those the "
         "SAE was trained on, when it is the same dataset]")] = None,
+    precision: PrecisionOpt = "fp32",
     device: DeviceOpt = None,
 ) -> None:
     """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON (of
-    several, a JSON list, each with its "sae")."""
+    several, a JSON list, each with its "sae"), with the model's "precision". In bf16 the
+    model runs in bf16 and the SAE and the losses in float32 (what that changes: bench
+    eval --precision bf16)."""
     from training.sae.folder import load_sae
     from training.train.metrics import evaluate_family_on_dataset
 
@@ -335,14 +336,14 @@ def evaluate(
             "--layer", [_layer_of(path, cfg) for path, cfg in zip(sae, cfgs, strict=True)])
         skip = skip_contexts if skip_contexts is not None else _one(
             "--skip-contexts", [_trained_contexts(cfg, dataset, context) for cfg in cfgs])
-        lm = load_lm(model, device)
+        lm = load_lm(model, device, precision)
         metrics = evaluate_family_on_dataset(
             lm, [module.to(lm.device) for module, _ in loaded], where, dataset=dataset,
             tokens=tokens, context=context, batch=batch, skip_contexts=skip)
     if len(sae) == 1:
-        typer.echo(json.dumps(metrics[0].to_dict()))
+        typer.echo(json.dumps({**metrics[0].to_dict(), "precision": precision}))
     else:
-        typer.echo(json.dumps([{"sae": str(path), **figures.to_dict()}
+        typer.echo(json.dumps([{"sae": str(path), **figures.to_dict(), "precision": precision}
                                for path, figures in zip(sae, metrics, strict=True)]))
 
 

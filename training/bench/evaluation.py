@@ -2,6 +2,8 @@
 passes, on the same batches, alternated batch by batch.
 
 Both paths compute the same figures (checked: ``max_rel_diff``); only their cost differs.
+With a bf16 copy of the model, ``bench_eval`` also times the shared-prefix evaluation in bf16
+(the SAE and the losses in float32) and says how far its figures are from fp32's.
 ``bench_family`` times a sweep's evaluation: S SAEs of one layer evaluated together
 (one clean pass per batch for all) against each evaluated alone, both ways.
 The clean pass always runs the whole model; the shared path then runs blocks L+1.. and the
@@ -13,6 +15,7 @@ gain grows with how early block L is and shrinks with the LM head's share of the
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,31 +23,52 @@ import torch
 from training.bench.timing import timed
 from training.data.models import LoadedModel
 from training.sae.autoencoder import SparseAutoencoder
-from training.train.metrics import dataset_batches, evaluate, evaluate_family
+from training.train.metrics import EvalMetrics, dataset_batches, evaluate, evaluate_family
 
 
 def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: int = 4096,
-               batch: int = 8, context: int = 128, dataset: str = "embedded"
-               ) -> dict[str, Any]:
+               batch: int = 8, context: int = 128, dataset: str = "embedded",
+               bf16: LoadedModel | None = None) -> dict[str, Any]:
     """Tokens/s of ``evaluate`` with and without the shared prefix (medians over batches,
-    after one warm-up batch of each) and the largest relative difference of their figures."""
-    batches = _batches(lm, dataset, tokens, batch, context)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    figures: dict[bool, list[dict]] = {True: [], False: []}
+    after one warm-up batch of each) and the largest relative difference of their figures.
+    With ``bf16`` (the same model in bf16) also its shared-prefix evaluation, and how far
+    each of its figures is from fp32's on the same batches."""
+    paths = {"shared": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False)],
+             "whole": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False,
+                                            share_prefix=False)]}
+    if bf16 is not None:
+        paths["bf16"] = lambda ids: [evaluate(bf16, sae, layer, [ids], progress=False)]
+    rates, figures = _alternate(paths, _batches(lm, dataset, tokens, batch, context))
+    result = {"bench": "eval", "model": lm.name, "layer": layer, "n_layers": lm.n_layers,
+              "n": sae.cfg.n_latents, "batch": batch, "context": context,
+              "timed_batches": len(figures["shared"]), "threads": torch.get_num_threads(),
+              "device": str(lm.device), "whole_passes_tokens_per_s": rates["whole"],
+              "shared_prefix_tokens_per_s": rates["shared"],
+              "speedup": rates["shared"] / rates["whole"],
+              "max_rel_diff": _max_rel_diff(figures["shared"], figures["whole"])}
+    if bf16 is not None:
+        result["bf16"] = {
+            "shared_prefix_tokens_per_s": rates["bf16"],
+            "vs_fp32_whole_passes": rates["bf16"] / rates["whole"],
+            "vs_fp32_shared_prefix": rates["bf16"] / rates["shared"],
+            "max_abs_diff": _max_abs_diff(figures["bf16"], figures["shared"]),
+            "fp32_mean": _mean(figures["shared"]), "bf16_mean": _mean(figures["bf16"])}
+    return result
+
+
+def _alternate(paths: dict[str, Callable[[torch.Tensor], list[EvalMetrics]]],
+               batches: list[torch.Tensor]) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """Run every path on each batch in turn: each path's tokens/s (the median over the
+    batches after the first, a warm-up) and its figures on those batches, in order."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    figures: dict[str, list[dict]] = {name: [] for name in paths}
     for index, ids in enumerate(batches):
-        for shared in (True, False):
-            seconds, result = timed(lambda ids=ids, shared=shared: evaluate(
-                lm, sae, layer, [ids], progress=False, share_prefix=shared))
+        for name, path in paths.items():
+            seconds, results = timed(lambda ids=ids, path=path: path(ids))
             if index:
-                times[shared].append(seconds / result.tokens)
-                figures[shared].append(result.to_dict())
-    rates = {shared: 1 / statistics.median(per_token) for shared, per_token in times.items()}
-    return {"bench": "eval", "model": lm.name, "layer": layer, "n_layers": lm.n_layers,
-            "n": sae.cfg.n_latents, "batch": batch, "context": context,
-            "timed_batches": len(times[True]), "threads": torch.get_num_threads(),
-            "device": str(lm.device), "whole_passes_tokens_per_s": rates[False],
-            "shared_prefix_tokens_per_s": rates[True], "speedup": rates[True] / rates[False],
-            "max_rel_diff": _max_rel_diff(figures[True], figures[False])}
+                times[name].append(seconds / sum(r.tokens for r in results))
+                figures[name].extend(r.to_dict() for r in results)
+    return {name: 1 / statistics.median(t) for name, t in times.items()}, figures
 
 
 def _batches(lm: LoadedModel, dataset: str, tokens: int, batch: int, context: int
@@ -67,6 +91,16 @@ def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
+def _max_abs_diff(a: list[dict], b: list[dict]) -> dict[str, float]:
+    """Each figure's largest |a − b| over the batches."""
+    return {name: max(abs(left[name] - right[name]) for left, right in zip(a, b, strict=True))
+            for name in a[0]}
+
+
+def _mean(figures: list[dict]) -> dict[str, float]:
+    return {name: statistics.fmean(row[name] for row in figures) for name in figures[0]}
+
+
 def bench_family(lm: LoadedModel, saes: list[SparseAutoencoder], layer: int, *,
                  tokens: int = 4096, batch: int = 8, context: int = 128,
                  dataset: str = "embedded") -> dict[str, Any]:
@@ -81,19 +115,12 @@ def bench_family(lm: LoadedModel, saes: list[SparseAutoencoder], layer: int, *,
                               for sae in saes],
         "whole": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False,
                                        share_prefix=False) for sae in saes]}
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    figures: dict[str, list[dict]] = {name: [] for name in paths}
-    for index, ids in enumerate(batches):
-        for name, path in paths.items():
-            seconds, results = timed(lambda ids=ids, path=path: path(ids))
-            if index:
-                times[name].append(seconds / sum(r.tokens for r in results))
-                figures[name].extend(r.to_dict() for r in results)
-    rates = {name: 1 / statistics.median(per_token) for name, per_token in times.items()}
+    rates, figures = _alternate(paths, batches)
     return {"bench": "eval-family", "model": lm.name, "layer": layer,
             "n_layers": lm.n_layers, "saes": len(saes),
             "n": [sae.cfg.n_latents for sae in saes], "k": [sae.cfg.k for sae in saes],
-            "batch": batch, "context": context, "timed_batches": len(times["family"]),
+            "batch": batch, "context": context,
+            "timed_batches": len(figures["family"]) // len(saes),
             "threads": torch.get_num_threads(), "device": str(lm.device),
             "tokens_per_s_per_sae": rates,
             "family_vs_alone": rates["family"] / rates["alone"],

@@ -211,14 +211,24 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
 
         def spliced(splice) -> Tensor:
             return suffix.logits(splice(suffix.hidden))
+    if len(splices) == 1:  # nothing to reuse: both log-softmaxes a chunk at a time
+        ce_clean, ce_sae, kl = _pair_losses(clean, spliced(splices[0]), ids)
+        _add_losses(totals[0], ids, ce_clean, ce_ablate, ce_sae, kl)
+        return
     log_p, ce_clean = _clean_log_probs(clean, ids)
     for total, splice in zip(totals, splices, strict=True):
         ce_sae, kl = _spliced_losses(log_p, spliced(splice), ids)
-        total.ce["clean"] += ce_clean
-        total.ce["ablate"] += ce_ablate
-        total.ce["sae"] += ce_sae
-        total.kl += kl
-        total.predicted += ids.numel() - ids.shape[0]
+        _add_losses(total, ids, ce_clean, ce_ablate, ce_sae, kl)
+
+
+def _add_losses(total: _Totals, ids: Tensor, ce_clean: float, ce_ablate: float,
+                ce_sae: float, kl: float) -> None:
+    """Add one batch's summed CEs and KL over the predicted positions of ids [B, T]."""
+    total.ce["clean"] += ce_clean
+    total.ce["ablate"] += ce_ablate
+    total.ce["sae"] += ce_sae
+    total.kl += kl
+    total.predicted += ids.numel() - ids.shape[0]
 
 
 LOSS_CHUNK = 512
@@ -261,6 +271,21 @@ def _spliced_losses(clean_log_p: Tensor, spliced: Tensor, ids: Tensor) -> tuple[
                              (log_p.exp() * (log_p - log_q)).sum()]).double()
     ce_sae, kl = sums.tolist()
     return ce_sae, kl
+
+
+def _pair_losses(clean: Tensor, spliced: Tensor, ids: Tensor) -> tuple[float, float, float]:
+    """Summed next-token CE of the clean and the spliced logits [B, ≥ T − 1, V] and
+    KL(clean ‖ spliced), each chunk's two log-softmaxes in float32 (the figures of
+    :func:`_clean_log_probs` then :func:`_spliced_losses`, without keeping the clean
+    log-probabilities: one SAE has no use for them)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=spliced.device)
+    for b, positions, target in _chunks(ids):
+        log_p = F.log_softmax(clean[b, positions].float(), -1)
+        log_q = F.log_softmax(spliced[b, positions].float(), -1)
+        sums += torch.stack([-log_p.gather(1, target).sum(), -log_q.gather(1, target).sum(),
+                             (log_p.exp() * (log_p - log_q)).sum()]).double()
+    ce_clean, ce_sae, kl = sums.tolist()
+    return ce_clean, ce_sae, kl
 
 
 def _summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:

@@ -9,7 +9,7 @@ import torch
 
 from training.data.hooks import edit_site
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
-from training.train import ablation, metrics
+from training.train import ablation, eval_losses, metrics
 
 
 def _batches(seed: int = 0) -> list[torch.Tensor]:
@@ -33,7 +33,7 @@ def test_shared_prefix_equals_three_whole_passes(tiny_model, layer, site, monkey
         with torch.no_grad():
             sae.w_skip.copy_(torch.randn(64, 64) * 0.1)
             sae.threshold.fill_(0.05)
-    monkeypatch.setattr(metrics, "LOSS_CHUNK", 37)  # chunks that split a context
+    monkeypatch.setattr(eval_losses, "LOSS_CHUNK", 37)  # chunks that split a context
     shared = metrics.evaluate(tiny_model, sae, layer, _batches(), progress=False)
     whole = metrics.evaluate(tiny_model, sae, layer, _batches(), progress=False,
                              share_prefix=False)
@@ -63,7 +63,7 @@ def test_a_family_gets_the_figures_each_sae_gets_alone(tiny_model, share_prefix,
     for sae in family[::2]:  # thresholds that differ, so the three differ at the MLP too
         with torch.no_grad():
             sae.threshold.fill_(0.02 * sae.cfg.k)
-    monkeypatch.setattr(metrics, "LOSS_CHUNK", 37)
+    monkeypatch.setattr(eval_losses, "LOSS_CHUNK", 37)
     together = metrics.evaluate_family(tiny_model, family, 2, _batches(3), progress=False,
                                        share_prefix=share_prefix)
     alone = [metrics.evaluate(tiny_model, sae, 2, _batches(3), progress=False,
@@ -91,7 +91,7 @@ def test_low_precision_logits_get_float32_log_probs() -> None:
     torch.manual_seed(0)
     logits = (torch.randn(2, 5, 300) * 4).bfloat16()
     ids = torch.randint(0, 300, (2, 6))
-    log_p, ce = metrics._clean_log_probs(logits, ids)
+    log_p, ce = eval_losses.clean_log_probs(logits, ids)
     expected = torch.log_softmax(logits.float(), -1)
     assert log_p.dtype == torch.float32
     torch.testing.assert_close(log_p, expected, rtol=0, atol=1e-6)
@@ -106,11 +106,11 @@ def test_one_saes_losses_are_those_of_the_familys_path(dtype, monkeypatch) -> No
     torch.manual_seed(1)
     clean, spliced = ((torch.randn(3, 9, 300) * 4).to(dtype) for _ in range(2))
     ids = torch.randint(0, 300, (3, 10))
-    monkeypatch.setattr(metrics, "LOSS_CHUNK", 4)
-    ce_clean, ce_sae, kl = metrics._pair_losses(clean, spliced, ids)
-    log_p, expected_clean = metrics._clean_log_probs(clean.clone(), ids)
+    monkeypatch.setattr(eval_losses, "LOSS_CHUNK", 4)
+    ce_clean, ce_sae, kl = eval_losses.pair_losses(clean, spliced, ids)
+    log_p, expected_clean = eval_losses.clean_log_probs(clean.clone(), ids)
     assert (ce_clean, ce_sae, kl) == (expected_clean,
-                                      *metrics._spliced_losses(log_p, spliced, ids))
+                                      *eval_losses.spliced_losses(log_p, spliced, ids))
     assert kl > 0
 
 

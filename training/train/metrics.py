@@ -7,11 +7,11 @@ embeddings, mask), and the spliced pass runs only blocks L+1.. and the LM head f
 edited output (``_Suffix``; models whose layout it does not know run three whole passes).
 The ablated pass does not depend on the text in those models, so it runs once per (model,
 layer, context length) and each batch reads its CE from the cached log-probabilities
-(``training.train.ablation``). The losses are computed a chunk of positions at a time;
-the clean log-probabilities take the clean logits' place and serve every SAE of a family
-(``evaluate_family``: a sweep's SAEs on the same batches, one clean pass for all, each SAE
-adding only its spliced pass); float32 logits become them in place (lower-precision ones
-get a float32 copy, so the KL never reads rounded log-probabilities). BOS positions are left
+(``training.train.ablation``). The losses are computed a chunk of positions at a time
+(``training.train.eval_losses``): one SAE takes a chunk's clean and spliced log-softmax
+together; a family (``evaluate_family``: a sweep's SAEs on the same batches, one clean pass
+for all, each SAE adding only its spliced pass) keeps the clean log-probabilities, in the
+clean logits' place, for every SAE. BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
 MLP output instead (its prediction from the MLP's input; zero for the ablation): the
 clean pass also records that output y, and since the block only adds y to its residual
@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -43,6 +42,12 @@ from training.data.models import LoadedModel
 from training.data.packing import pack_contexts
 from training.sae.autoencoder import Encoding, SparseAutoencoder
 from training.train.ablation import ablated_log_probs, summed_ce, zero_after_bos
+from training.train.eval_losses import (
+    clean_log_probs,
+    pair_losses,
+    spliced_losses,
+    summed_ce_of_logits,
+)
 
 
 @dataclass
@@ -185,7 +190,7 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
     if suffix is None:
         clean = lm.model(input_ids=ids, use_cache=False).logits
         with edit_site(lm.blocks, layer, site, zero_after_bos):
-            ce_ablate = _summed_ce_of_logits(lm.model(input_ids=ids, use_cache=False).logits,
+            ce_ablate = summed_ce_of_logits(lm.model(input_ids=ids, use_cache=False).logits,
                                              ids)
 
         def spliced(splice) -> Tensor:
@@ -196,7 +201,7 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
             clean = lm.model(input_ids=ids, use_cache=False).logits
         y = suffix.mlp_out  # block L's output is its residual input plus y: swap y out
         without = suffix.hidden - y
-        ce_ablate = _summed_ce_of_logits(suffix.logits(without + zero_after_bos(y)), ids)
+        ce_ablate = summed_ce_of_logits(suffix.logits(without + zero_after_bos(y)), ids)
 
         def spliced(splice) -> Tensor:
             return suffix.logits(without + splice(y, suffix.mlp_in))
@@ -207,17 +212,17 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         if ablated is not None:
             ce_ablate = summed_ce(ablated, ids)
         else:  # e.g. contexts that start with different tokens
-            ce_ablate = _summed_ce_of_logits(suffix.logits(zero_after_bos(suffix.hidden)), ids)
+            ce_ablate = summed_ce_of_logits(suffix.logits(zero_after_bos(suffix.hidden)), ids)
 
         def spliced(splice) -> Tensor:
             return suffix.logits(splice(suffix.hidden))
     if len(splices) == 1:  # nothing to reuse: both log-softmaxes a chunk at a time
-        ce_clean, ce_sae, kl = _pair_losses(clean, spliced(splices[0]), ids)
+        ce_clean, ce_sae, kl = pair_losses(clean, spliced(splices[0]), ids)
         _add_losses(totals[0], ids, ce_clean, ce_ablate, ce_sae, kl)
         return
-    log_p, ce_clean = _clean_log_probs(clean, ids)
+    log_p, ce_clean = clean_log_probs(clean, ids)
     for total, splice in zip(totals, splices, strict=True):
-        ce_sae, kl = _spliced_losses(log_p, spliced(splice), ids)
+        ce_sae, kl = spliced_losses(log_p, spliced(splice), ids)
         _add_losses(total, ids, ce_clean, ce_ablate, ce_sae, kl)
 
 
@@ -229,72 +234,6 @@ def _add_losses(total: _Totals, ids: Tensor, ce_clean: float, ce_ablate: float,
     total.ce["sae"] += ce_sae
     total.kl += kl
     total.predicted += ids.numel() - ids.shape[0]
-
-
-LOSS_CHUNK = 512
-"""Positions of one context whose [chunk, vocab] log-probabilities are computed at once."""
-
-
-def _chunks(ids: Tensor) -> Iterator[tuple[int, slice, Tensor]]:
-    """(context b, positions, their targets [chunk, 1]) over every predicted position of
-    ids [B, T], a chunk inside one context so that ``logits[b, positions]`` is a view."""
-    predicted = ids.shape[1] - 1
-    for b in range(ids.shape[0]):
-        for start in range(0, predicted, LOSS_CHUNK):
-            stop = min(start + LOSS_CHUNK, predicted)
-            yield b, slice(start, stop), ids[b, start + 1: stop + 1].unsqueeze(1)
-
-
-def _clean_log_probs(logits: Tensor, ids: Tensor) -> tuple[Tensor, float]:
-    """float32 log-probabilities of the clean logits [B, ≥ T − 1, V] at the predicted
-    positions of ids, which every SAE of a family reuses, and their summed next-token CE.
-    float32 logits become them in place (a chunk at a time: no second [B, T, V] tensor);
-    lower-precision ones get a float32 copy, so the KL never reads rounded log-probs."""
-    out = logits if logits.dtype == torch.float32 else torch.empty(
-        logits.shape, dtype=torch.float32, device=logits.device)
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for b, positions, target in _chunks(ids):
-        log_p = F.log_softmax(logits[b, positions].float(), -1)
-        out[b, positions] = log_p
-        total -= log_p.gather(1, target).sum().double()
-    return out, float(total)
-
-
-def _spliced_losses(clean_log_p: Tensor, spliced: Tensor, ids: Tensor) -> tuple[float, float]:
-    """Summed next-token CE of the spliced logits [B, ≥ T − 1, V] and KL(clean ‖ spliced),
-    from the clean log-probabilities of :func:`_clean_log_probs`; one log-softmax."""
-    sums = torch.zeros(2, dtype=torch.float64, device=spliced.device)
-    for b, positions, target in _chunks(ids):
-        log_p = clean_log_p[b, positions]
-        log_q = F.log_softmax(spliced[b, positions].float(), -1)
-        sums += torch.stack([-log_q.gather(1, target).sum(),
-                             (log_p.exp() * (log_p - log_q)).sum()]).double()
-    ce_sae, kl = sums.tolist()
-    return ce_sae, kl
-
-
-def _pair_losses(clean: Tensor, spliced: Tensor, ids: Tensor) -> tuple[float, float, float]:
-    """Summed next-token CE of the clean and the spliced logits [B, ≥ T − 1, V] and
-    KL(clean ‖ spliced), each chunk's two log-softmaxes in float32 (the figures of
-    :func:`_clean_log_probs` then :func:`_spliced_losses`, without keeping the clean
-    log-probabilities: one SAE has no use for them)."""
-    sums = torch.zeros(3, dtype=torch.float64, device=spliced.device)
-    for b, positions, target in _chunks(ids):
-        log_p = F.log_softmax(clean[b, positions].float(), -1)
-        log_q = F.log_softmax(spliced[b, positions].float(), -1)
-        sums += torch.stack([-log_p.gather(1, target).sum(), -log_q.gather(1, target).sum(),
-                             (log_p.exp() * (log_p - log_q)).sum()]).double()
-    ce_clean, ce_sae, kl = sums.tolist()
-    return ce_clean, ce_sae, kl
-
-
-def _summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:
-    """Σ next-token CE of logits [B, ≥ T − 1, V] over the predicted positions of ids."""
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for b, positions, target in _chunks(ids):
-        total += F.cross_entropy(logits[b, positions].float(), target[:, 0],
-                                 reduction="sum").double()
-    return float(total)
 
 
 SHARED_PREFIX_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})

@@ -47,6 +47,28 @@ def test_shared_prefix_equals_three_whole_passes(tiny_model, layer, site, monkey
 
 
 @pytest.mark.parametrize("site", ["resid", "mlp"])
+def test_a_bf16_model_shares_its_prefix_too(tiny_llama_dir, data_dir, site) -> None:
+    """With the model in bf16 (``--precision bf16``) the SAE or transcoder runs in float32
+    between bf16 blocks, and the shared prefix still gives the whole passes' figures."""
+    from training.data.models import load_model
+
+    bf16 = load_model(str(tiny_llama_dir), data_dir=data_dir, device="cpu",
+                      dtype=torch.bfloat16)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(3)
+    sae = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8, site=site,
+                                      architecture="batchtopk" if site == "mlp" else "topk"))
+    if site == "mlp":
+        with torch.no_grad():
+            sae.threshold.fill_(0.05)
+    shared = metrics.evaluate(bf16, sae, 2, _batches(), progress=False)
+    whole = metrics.evaluate(bf16, sae, 2, _batches(), progress=False, share_prefix=False)
+    for name in ("fvu", "l0", "ce_clean", "ce_sae", "ce_ablate", "kl"):
+        assert getattr(shared, name) == pytest.approx(getattr(whole, name), rel=1e-3), name
+    assert shared.kl > 0 and shared.l0 > 0
+
+
+@pytest.mark.parametrize("site", ["resid", "mlp"])
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_a_family_gets_the_figures_each_sae_gets_alone(tiny_model, share_prefix, site,
                                                         monkeypatch) -> None:

@@ -9,13 +9,11 @@ its weights). Prints one JSON line per block.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
+import types
 from pathlib import Path
 
 import torch
@@ -24,21 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.cli.common import load_lm  # noqa: E402
+from training.bench.timing import timed  # noqa: E402
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder  # noqa: E402
 from training.train import metrics  # noqa: E402
 
 ORIGINAL = "1c104cb^:training/train/metrics.py"
 
 
-def _original_metrics():
+def _original_metrics() -> types.ModuleType:
     source = subprocess.run(["git", "-C", str(ROOT), "show", ORIGINAL], check=True,
                             capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="saelab-bench-")) / "original_metrics.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("original_metrics", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["original_metrics"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = types.ModuleType("original_metrics")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    exec(compile(source, ORIGINAL, "exec"), module.__dict__)
     return module
 
 
@@ -62,9 +58,7 @@ def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int)
     figures: dict[str, list[dict]] = {name: [] for name in paths}
     for index, ids in enumerate(batches):
         for name, path in paths.items():
-            start = time.perf_counter()
-            result = path(ids)
-            seconds = time.perf_counter() - start
+            seconds, result = timed(lambda ids=ids, path=path: path(ids))
             if index >= 2:
                 times[name].append(seconds / result.tokens)
                 figures[name].append(result.to_dict())
@@ -77,6 +71,7 @@ def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int)
             "bf16_vs_original": rates["bf16"] / rates["original"],
             "fp32_max_rel_diff_vs_original": rel, "timed_batches": len(times["fp32"]),
             "tokens_per_batch": 8 * 127, "threads": torch.get_num_threads()}
+
 
 if __name__ == "__main__":
     main([int(arg) for arg in sys.argv[1:]] or [15, 6])

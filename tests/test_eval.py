@@ -64,7 +64,7 @@ def test_a_bf16_model_shares_its_prefix_too(tiny_llama_dir, data_dir, site) -> N
     shared = metrics.evaluate(bf16, sae, 2, _batches(), progress=False)
     whole = metrics.evaluate(bf16, sae, 2, _batches(), progress=False, share_prefix=False)
     for name in ("fvu", "l0", "ce_clean", "ce_sae", "ce_ablate", "kl"):
-        assert getattr(shared, name) == pytest.approx(getattr(whole, name), rel=1e-3), name
+        assert getattr(shared, name) == pytest.approx(getattr(whole, name), rel=1e-4), name
     assert shared.kl > 0 and shared.l0 > 0
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from app.cli.common import (
+    PRECISIONS,
     DeviceOpt,
     ModelOpt,
     bench_app,
@@ -106,14 +107,16 @@ def bench_eval(
             raise ValueError("--tokens and --batch must be positive")
         if family > 1 and sae is not None:
             raise ValueError("--family times random SAEs: leave out --sae")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision: choose fp32 or bf16 (got {precision!r})")
         if family > 1 and precision != "fp32":
             raise ValueError("--precision bf16 is timed for one SAE: leave out --family")
         if sae is not None:
             loaded, cfg = load_sae(sae)
             model, layer = model or cfg.get("model_name"), int(cfg["hook_layer"])
         lm = load_lm(model, device)
-        bf16 = load_lm(model, device, precision) if precision != "fp32" else None
         lm.check_layer(layer)
+        bf16 = load_lm(model, device, precision) if precision != "fp32" else None
         torch.manual_seed(0)
         if family > 1:
             result = run_family(lm, [SparseAutoencoder(SaeConfig(

@@ -10,8 +10,8 @@ layer, context length) and each batch reads its CE from the cached log-probabili
 (``training.train.ablation``). The losses are computed a chunk of positions at a time
 (``training.train.eval_losses``): one SAE takes a chunk's clean and spliced log-softmax
 together; a family (``evaluate_family``: a sweep's SAEs on the same batches, one clean pass
-for all, each SAE adding only its spliced pass) keeps the clean log-probabilities, in the
-clean logits' place, for every SAE. BOS positions are left
+for all, each SAE adding only its spliced pass) keeps the clean log-probabilities for every
+SAE (in the float32 clean logits' place; a bf16 model's get a float32 copy). BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
 MLP output instead (its prediction from the MLP's input; zero for the ablation): the
 clean pass also records that output y, and since the block only adds y to its residual
@@ -200,11 +200,15 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         with suffix.recording():
             clean = lm.model(input_ids=ids, use_cache=False).logits
         y = suffix.mlp_out  # block L's output is its residual input plus y: swap y out
-        without = suffix.hidden - y
-        ce_ablate = summed_ce_of_logits(suffix.logits(without + zero_after_bos(y)), ids)
+        without = suffix.hidden.float() - y.float()  # float32: a bf16 model rounds once
+
+        def swapped(edit: Tensor) -> Tensor:
+            return suffix.logits((without + edit.float()).to(y.dtype))
+
+        ce_ablate = summed_ce_of_logits(swapped(zero_after_bos(y)), ids)
 
         def spliced(splice) -> Tensor:
-            return suffix.logits(without + splice(y, suffix.mlp_in))
+            return swapped(splice(y, suffix.mlp_in))
     else:
         ablated = ablated_log_probs(lm, layer, ids)
         with suffix.recording():
@@ -221,6 +225,7 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         _add_losses(totals[0], ids, ce_clean, ce_ablate, ce_sae, kl)
         return
     log_p, ce_clean = clean_log_probs(clean, ids)
+    del clean  # bf16 logits: log_p is their float32 copy, and the spliced passes need room
     for total, splice in zip(totals, splices, strict=True):
         ce_sae, kl = spliced_losses(log_p, spliced(splice), ids)
         _add_losses(total, ids, ce_clean, ce_ablate, ce_sae, kl)

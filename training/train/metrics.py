@@ -191,7 +191,7 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         clean = lm.model(input_ids=ids, use_cache=False).logits
         with edit_site(lm.blocks, layer, site, zero_after_bos):
             ce_ablate = summed_ce_of_logits(lm.model(input_ids=ids, use_cache=False).logits,
-                                             ids)
+                                            ids)
 
         def spliced(splice) -> Tensor:
             with edit_site(lm.blocks, layer, site, splice):
@@ -225,7 +225,7 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
         _add_losses(totals[0], ids, ce_clean, ce_ablate, ce_sae, kl)
         return
     log_p, ce_clean = clean_log_probs(clean, ids)
-    del clean  # bf16 logits: log_p is their float32 copy, and the spliced passes need room
+    del clean  # log_p replaces them (in place, or a bf16 model's as a float32 copy)
     for total, splice in zip(totals, splices, strict=True):
         ce_sae, kl = spliced_losses(log_p, spliced(splice), ids)
         _add_losses(total, ids, ce_clean, ce_ablate, ce_sae, kl)

@@ -14,9 +14,10 @@ for all, each SAE adding only its spliced pass) keeps the clean log-probabilitie
 SAE (in the float32 clean logits' place; a bf16 model's get a float32 copy). BOS positions are left
 untouched in both edits (the SAE was not trained on them). A transcoder replaces block L's
 MLP output instead (its prediction from the MLP's input; zero for the ablation): the
-clean pass also records that output y, and since the block only adds y to its residual
-stream, the edited block output is its clean output − y + the edit, run through the
-suffix (the ablated pass too, as it depends on the text there). Reported:
+clean pass also records the residual stream the block adds that output to (the input of
+its post-attention norm), and the edited block output is that residual + the edit, as the
+block itself adds it, run through the suffix (the ablated pass too, as it depends on the
+text there). Reported:
 
 * FVU / explained variance: Σ‖x − x̂‖² / Σ‖x − x̄‖² over all non-BOS tokens (of the MLP
   output y and ŷ for a transcoder).
@@ -199,11 +200,10 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
     elif site == "mlp":
         with suffix.recording():
             clean = lm.model(input_ids=ids, use_cache=False).logits
-        y = suffix.mlp_out  # block L's output is its residual input plus y: swap y out
-        without = suffix.hidden.float() - y.float()  # float32: a bf16 model rounds once
+        y, residual = suffix.mlp_out, suffix.mlp_residual  # block L's output: residual + y
 
         def swapped(edit: Tensor) -> Tensor:
-            return suffix.logits((without + edit.float()).to(y.dtype))
+            return suffix.logits(residual + edit)
 
         ce_ablate = summed_ce_of_logits(swapped(zero_after_bos(y)), ids)
 
@@ -250,14 +250,16 @@ class _Suffix:
     """The blocks after ``layer``, the final norm and the LM head of a Llama-layout model
     (``model.model.layers`` / ``.norm``, an output embedding), run from an edited block-L
     output with the inputs block L+1 saw in the clean pass. At the ``mlp`` site it also
-    records block L's MLP input and output: the block adds that output to its residual
-    stream and nothing after, so swapping it in the block's output is the edit."""
+    records block L's MLP input and output and the residual stream the block adds that
+    output to (the input of its ``post_attention_layernorm``): residual + the edit is the
+    edited block output, with the block's own rounding."""
 
     def __init__(self, lm: LoadedModel, layer: int, norm, head, site: str = "resid") -> None:
         self.lm, self.layer, self.norm, self.head, self.site = lm, layer, norm, head, site
         self.hidden: Tensor | None = None
         self.mlp_in: Tensor | None = None
         self.mlp_out: Tensor | None = None
+        self.mlp_residual: Tensor | None = None
         self.kwargs: dict = {}
 
     @classmethod
@@ -271,6 +273,8 @@ class _Suffix:
             return None  # e.g. Granite/Cohere scale the logits after the head
         if len(set(getattr(config, "layer_types", None) or [])) > 1:
             return None  # sliding and full attention mixed: masks differ per block
+        if site == "mlp" and not hasattr(lm.blocks[layer], "post_attention_layernorm"):
+            return None  # no recorded residual to add the edit to
         return cls(lm, layer, norm, head, site)
 
     @contextmanager
@@ -287,6 +291,9 @@ class _Suffix:
             self.mlp_in = inputs[0]
             self.mlp_out = output[0] if isinstance(output, tuple) else output
 
+        def keep_residual(_module, inputs):
+            self.mlp_residual = inputs[0]
+
         blocks = self.lm.blocks
         handles = [blocks[self.layer].register_forward_hook(keep_output)]
         if self.layer + 1 < len(blocks):
@@ -294,6 +301,8 @@ class _Suffix:
                 keep_inputs, with_kwargs=True))
         if self.site == "mlp":
             handles.append(mlp_of(blocks, self.layer).register_forward_hook(keep_mlp))
+            handles.append(blocks[self.layer].post_attention_layernorm
+                           .register_forward_pre_hook(keep_residual))
         try:
             yield
         finally:

@@ -151,6 +151,17 @@ def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) ->
     assert metrics._Suffix.of(tiny_model, 1) is None
 
 
+def test_a_transcoder_without_a_recordable_residual_runs_whole_passes(tiny_model, monkeypatch
+                                                                     ) -> None:
+    """Without a post-attention norm there is no residual to add the edit to: block 1's
+    transcoder runs whole passes, and block 1's SAE, or block 2's transcoder, still do not."""
+    assert metrics._Suffix.of(tiny_model, 1, "mlp") is not None
+    monkeypatch.delattr(tiny_model.blocks[1], "post_attention_layernorm")
+    assert metrics._Suffix.of(tiny_model, 1, "mlp") is None
+    assert metrics._Suffix.of(tiny_model, 1) is not None
+    assert metrics._Suffix.of(tiny_model, 2, "mlp") is not None
+
+
 def _ablated_log_probs_per_batch(lm, layer: int, ids: torch.Tensor) -> torch.Tensor:
     """log p [B, T − 1, V] of the zero-ablated model, run on these very contexts."""
     with edit_site(lm.blocks, layer, "resid", ablation.zero_after_bos):

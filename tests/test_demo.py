@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -50,6 +51,8 @@ def test_sigterm_stops_the_demo_and_its_worker(tmp_path, tiny_llama_dir) -> None
             raise AssertionError("the demo's job never started")
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=60) != 0
+        served = re.search(rb"explorer: http://127\.0\.0\.1:(\d+)/", demo.stderr.read())
+        assert served and int(served[1]) != 8000  # --port 0: a free port, not the default
         deadline = time.monotonic() + 60
         while _workers_of(data) and time.monotonic() < deadline:
             time.sleep(0.3)

@@ -51,7 +51,8 @@ def demo(
                                             "latents to steer-evaluate")] = 2,
     model: Annotated[str | None, typer.Option("--model", help="[default: settings]")] = None,
     host: Annotated[str | None, typer.Option("--host")] = None,
-    port: Annotated[int | None, typer.Option("--port")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="[default: settings, 8000; "
+                                             "0: any free port]")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving the "
                                         "explorer when the job is done")] = True,
 ) -> None:
@@ -71,7 +72,7 @@ def demo(
         worker = _start_worker(settings)
         try:
             with serve_in_thread(create_app(settings), host or settings.host,
-                                 port or settings.port) as base:
+                                 settings.port if port is None else port) as base:
                 url = f"{base}/"
                 job_id = _demo_job(sessions, settings, params)
                 typer.echo(f"explorer: {url}   (job {job_id}: {url}jobs/{job_id})", err=True)

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         """Where each job writes its artifacts, ``<jobs_dir>/<id>/``."""
         return self.data_dir / "jobs"
 
+    @property
+    def eval_records_dir(self) -> Path:
+        """Where evaluations keep their recorded clean passes (``training.evaluation.
+        records``), which later evaluations of the same text and block read."""
+        return self.data_dir / "eval-records"
+
 
 def get_settings() -> Settings:
     return Settings()

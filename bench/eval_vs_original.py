@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from app.cli.common import load_lm  # noqa: E402
 from training.bench.timing import timed  # noqa: E402
+from training.evaluation import metrics  # noqa: E402
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder  # noqa: E402
-from training.train import metrics  # noqa: E402
 
 ORIGINAL = "1c104cb^:training/train/metrics.py"
 

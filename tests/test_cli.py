@@ -83,10 +83,12 @@ def test_eval_of_a_sweeps_saes_together_matches_each_alone(env, acts, corpus, tm
     assert together.exit_code == 0, together.output
     listed = json.loads(together.stdout.strip().splitlines()[-1])
     assert [row["sae"] for row in listed] == [str(f) for f in folders]
+    assert {row.pop("clean_pass") for row in listed} == {"written"}
     for row, folder in zip(listed, folders, strict=True):
-        alone = json.loads(invoke(env, "eval", "--sae", folder, *common).stdout.strip()
-                           .splitlines()[-1])
+        alone = json.loads(invoke(env, "eval", "--sae", folder, *common, "--no-record")
+                           .stdout.strip().splitlines()[-1])
         assert row.pop("precision") == alone.pop("precision") == "fp32"
+        assert alone.pop("clean_pass") == "not recorded: --no-record"
         for name, value in alone.items():
             assert row[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
     assert listed[0]["ce_sae"] != listed[1]["ce_sae"]
@@ -99,6 +101,35 @@ def test_eval_of_a_sweeps_saes_together_matches_each_alone(env, acts, corpus, tm
     del cfg["hook_layer"]  # a folder that does not say which layer it reads
     (moved / "cfg.json").write_text(json.dumps(cfg))
     _one_line_error(invoke(env, "eval", "--sae", moved, *common), "give --layer")
+
+
+def test_a_second_eval_of_the_same_text_reads_its_clean_pass(env, acts, corpus, tmp_path
+                                                              ) -> None:
+    """The first evaluation records the clean pass under the data dir; the next one of the
+    same text and block, of this SAE or another, reads it and gives the same figures (the
+    KL to float rounding); other text is not read from it."""
+    for name, seed in (("a", 1), ("b", 2)):
+        result = invoke(env, "train", "--acts", acts, "--latents", 64, "--k", 8, "--batch",
+                        512, "--tokens", 512 * 4, "--seed", seed, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+
+    def evaluate(name: str, *flags) -> dict:
+        result = invoke(env, "eval", "--sae", tmp_path / name, "--dataset", corpus,
+                        "--tokens", 700, "--context", 64, *flags)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first = evaluate("a")
+    assert first.pop("clean_pass") == "written"
+    records = Path(env["SAELAB_DATA_DIR"]) / "eval-records"
+    assert any(folder.is_dir() for folder in records.iterdir())
+    for name in ("a", "b"):
+        fresh, read = evaluate(name, "--no-record"), evaluate(name)
+        assert fresh.pop("clean_pass") == "not recorded: --no-record"
+        assert read.pop("clean_pass") == "read"
+        assert read.pop("kl") == pytest.approx(fresh.pop("kl"), rel=2e-5)
+        assert read == fresh
+    assert evaluate("a", "--tokens", 400)["clean_pass"] == "written"  # other text
 
 
 def test_two_gloo_processes_match_one(env, acts, tmp_path) -> None:

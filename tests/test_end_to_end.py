@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from training.evaluation.metrics import evaluate_sae_on_dataset
 from training.sae.folder import load_sae
-from training.train.metrics import evaluate_sae_on_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from training.data.hooks import edit_site
+from training.evaluation import ablation, metrics
+from training.evaluation import losses as eval_losses
+from training.evaluation.suffix import Suffix
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
-from training.train import ablation, eval_losses, metrics
 
 
 def _batches(seed: int = 0) -> list[torch.Tensor]:
@@ -142,24 +144,24 @@ def test_one_saes_losses_are_those_of_the_familys_path(dtype, monkeypatch) -> No
 
 def test_models_whose_blocks_differ_run_whole_passes(tiny_model, monkeypatch) -> None:
     config = tiny_model.model.config
-    assert metrics._Suffix.of(tiny_model, 1) is not None
+    assert Suffix.of(tiny_model, 1) is not None
     monkeypatch.setattr(config, "layer_types", ["full_attention", "sliding_attention"] * 2,
                         raising=False)
-    assert metrics._Suffix.of(tiny_model, 1) is None
+    assert Suffix.of(tiny_model, 1) is None
     monkeypatch.setattr(config, "layer_types", None, raising=False)
     monkeypatch.setattr(config, "model_type", "granite", raising=False)
-    assert metrics._Suffix.of(tiny_model, 1) is None
+    assert Suffix.of(tiny_model, 1) is None
 
 
 def test_a_transcoder_without_a_recordable_residual_runs_whole_passes(tiny_model, monkeypatch
                                                                      ) -> None:
     """Without a post-attention norm there is no residual to add the edit to: block 1's
     transcoder runs whole passes, and block 1's SAE, or block 2's transcoder, still do not."""
-    assert metrics._Suffix.of(tiny_model, 1, "mlp") is not None
+    assert Suffix.of(tiny_model, 1, "mlp") is not None
     monkeypatch.delattr(tiny_model.blocks[1], "post_attention_layernorm")
-    assert metrics._Suffix.of(tiny_model, 1, "mlp") is None
-    assert metrics._Suffix.of(tiny_model, 1) is not None
-    assert metrics._Suffix.of(tiny_model, 2, "mlp") is not None
+    assert Suffix.of(tiny_model, 1, "mlp") is None
+    assert Suffix.of(tiny_model, 1) is not None
+    assert Suffix.of(tiny_model, 2, "mlp") is not None
 
 
 def _ablated_log_probs_per_batch(lm, layer: int, ids: torch.Tensor) -> torch.Tensor:

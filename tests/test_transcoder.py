@@ -114,7 +114,7 @@ def test_the_saelens_file_alone_reads_back_as_the_transcoder(transcoders, mlp_ca
 
 
 def test_eval_replaces_the_mlp_output(tiny_model, transcoders) -> None:
-    from training.train.metrics import dataset_batches, evaluate
+    from training.evaluation.metrics import dataset_batches, evaluate
 
     sae, _ = load_sae(transcoders["skip"][0])
     batches = list(dataset_batches(tiny_model, "embedded", tokens=2048, context=64, batch=8,

@@ -320,13 +320,20 @@ def evaluate(
         "SAE was trained on, when it is the same dataset]")] = None,
     precision: PrecisionOpt = "fp32",
     device: DeviceOpt = None,
+    record: Annotated[bool, typer.Option(
+        "--record/--no-record", help="keep this text's clean pass under the data dir and "
+        "read it when it is there: a later evaluation at this block on the same text "
+        "runs only each SAE's spliced pass")] = True,
 ) -> None:
     """FVU, L0, dead fraction, CE loss recovered, ΔLM loss and KL of an SAE, as JSON (of
-    several, a JSON list, each with its "sae"), with the model's "precision". In bf16 the
-    model runs in bf16 and the SAE and the losses in float32 (what that changes: bench
-    eval --precision bf16)."""
+    several, a JSON list, each with its "sae"), with the model's "precision" and what
+    became of the clean pass ("clean_pass": "read" from a record, "written" to one, or
+    "not recorded: why"). In bf16 the model runs in bf16 and the SAE and the losses in
+    float32 (what that changes: bench eval --precision bf16)."""
+    from app.settings import get_settings
+    from training.evaluation.metrics import evaluate_family_on_dataset
+    from training.evaluation.records import CleanRecords
     from training.sae.folder import load_sae
-    from training.train.metrics import evaluate_family_on_dataset
 
     with cli_errors():
         loaded = [load_sae(path) for path in sae]
@@ -337,13 +344,16 @@ def evaluate(
         skip = skip_contexts if skip_contexts is not None else _one(
             "--skip-contexts", [_trained_contexts(cfg, dataset, context) for cfg in cfgs])
         lm = load_lm(model, device, precision)
+        records = CleanRecords(get_settings().eval_records_dir) if record else None
         metrics = evaluate_family_on_dataset(
             lm, [module.to(lm.device) for module, _ in loaded], where, dataset=dataset,
-            tokens=tokens, context=context, batch=batch, skip_contexts=skip)
+            tokens=tokens, context=context, batch=batch, skip_contexts=skip, records=records)
+    about = {"precision": precision,
+             "clean_pass": records.outcome if records else "not recorded: --no-record"}
     if len(sae) == 1:
-        typer.echo(json.dumps({**metrics[0].to_dict(), "precision": precision}))
+        typer.echo(json.dumps({**metrics[0].to_dict(), **about}))
     else:
-        typer.echo(json.dumps([{"sae": str(path), **figures.to_dict(), "precision": precision}
+        typer.echo(json.dumps([{"sae": str(path), **figures.to_dict(), **about}
                                for path, figures in zip(sae, metrics, strict=True)]))
 
 

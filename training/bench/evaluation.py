@@ -22,8 +22,8 @@ import torch
 
 from training.bench.timing import timed
 from training.data.models import LoadedModel
+from training.evaluation.metrics import EvalMetrics, dataset_batches, evaluate, evaluate_family
 from training.sae.autoencoder import SparseAutoencoder
-from training.train.metrics import EvalMetrics, dataset_batches, evaluate, evaluate_family
 
 
 def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: int = 4096,

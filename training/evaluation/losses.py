@@ -77,3 +77,45 @@ def summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:
         total += F.cross_entropy(logits[b, positions].float(), target[:, 0],
                                  reduction="sum").double()
     return float(total)
+
+
+
+def clean_kl_terms(logits: Tensor, ids: Tensor, unembed: Tensor) -> tuple[Tensor, Tensor]:
+    """What a recorded clean pass keeps for the KL (``training.evaluation.records``), at
+    the predicted positions of ids [B, T]: the log-normaliser logsumexp(z_p) [B, T − 1]
+    of the clean logits [B, ≥ T − 1, V] and the mean unembedding ū = Σ_v p(v) W_U[v]
+    [B, T − 1, d] of their softmax p (float32 both); ``unembed`` is W_U [V, d] in float32."""
+    batch, predicted = ids.shape[0], ids.shape[1] - 1
+    log_normaliser = torch.empty(batch, predicted, dtype=torch.float32, device=logits.device)
+    mean_unembed = torch.empty(batch, predicted, unembed.shape[1], dtype=torch.float32,
+                               device=logits.device)
+    for b, positions, _target in chunks(ids):
+        chunk = logits[b, positions].float()
+        log_normaliser[b, positions] = torch.logsumexp(chunk, -1)
+        p = torch.softmax(chunk, -1)
+        torch.mm(p, unembed, out=mean_unembed[b, positions])
+    return log_normaliser, mean_unembed
+
+
+def recorded_losses(spliced: Tensor, states: Tensor, ids: Tensor, clean_states: Tensor,
+                    clean_log_normaliser: Tensor, mean_unembed: Tensor) -> tuple[float, float]:
+    """Summed next-token CE of the spliced logits z_q [B, ≥ T − 1, V] (as ``spliced_losses``
+    sums it) and KL(clean ‖ spliced) from a recorded clean pass, without the clean
+    distribution: with z = W_U u for the final norm's outputs u, Σ_v p(v) z_q(v) − Σ_v p(v)
+    z_p(v) = ū · (u_q − u_p), so per position
+
+        KL(p ‖ q) = logsumexp(z_q) − logsumexp(z_p) − ū · (u_q − u_p),
+
+    each term small where the SAE's output is close to the clean one (float64 sums).
+    ``states``/``clean_states``: u_q, u_p [B, ≥ T − 1, d]."""
+    sums = torch.zeros(2, dtype=torch.float64, device=spliced.device)
+    for b, positions, target in chunks(ids):
+        logits = spliced[b, positions].float()
+        log_q = F.log_softmax(logits, -1)
+        sums += torch.stack([-log_q.gather(1, target).sum().double(),
+                             torch.logsumexp(logits, -1).double().sum()])
+    predicted = ids.shape[1] - 1
+    moved = states[:, :predicted].double() - clean_states[:, :predicted].double()
+    cross = float((mean_unembed.double() * moved).sum())
+    ce_sae, log_normalisers = sums.tolist()
+    return ce_sae, log_normalisers - float(clean_log_normaliser.double().sum()) - cross

@@ -3,7 +3,7 @@
 Zero-ablating block L's output after position 0 leaves the model nothing of the text: every
 position t ≥ 1 holds h = 0 after block L, and position 0 holds the state of the first token
 alone (under the causal mask it attends only to itself in every block before). In a
-Llama-layout model (the allow-list of ``metrics._Suffix``: rotary positions only, blocks that
+Llama-layout model (the allow-list of ``suffix.Suffix``: rotary positions only, blocks that
 take nothing but the residual stream, the rotary embeddings and the causal mask; packed
 contexts, no padding) each later block then sees inputs that depend on the position only, so
 the ablated log-probabilities at position t are the same for every context that starts with
@@ -53,13 +53,13 @@ def ablated_log_probs(lm: LoadedModel, layer: int, ids: Tensor) -> Tensor | None
     position 0, for the positions 0..T−2 of the contexts ids [B, T]; None where they cannot
     be shared (the contexts start with different tokens, or the model carries hooks).
 
-    Call it only for models ``metrics._Suffix`` accepts, at the residual stream (a
+    Call it only for models ``suffix.Suffix`` accepts, at the residual stream (a
     transcoder's ablation zeroes the MLP output, which leaves block L's output dependent on
     the text)."""
     first = ids[:, 0]
-    if ids.shape[1] < 2 or bool((first != first[0]).any()) or _hooked(lm.model):
+    if ids.shape[1] < 2 or bool((first != first[0]).any()) or hooked(lm.model):
         return None
-    fingerprint = _weights_fingerprint(lm.model)
+    fingerprint = weights_fingerprint(lm.model)
     if fingerprint is None:
         return None
     key = (layer, int(first[0]), fingerprint)
@@ -81,7 +81,7 @@ def summed_ce(log_probs: Tensor, ids: Tensor) -> float:
     return -float(log_probs[: targets.shape[0]].gather(1, targets).double().sum())
 
 
-def _weights_fingerprint(model: nn.Module) -> tuple | None:
+def weights_fingerprint(model: nn.Module) -> tuple | None:
     """Storage and in-place version of every parameter and buffer (the key changes when a
     weight is replaced, moved, cast or edited); None for weights made in inference mode,
     which keep no version counter."""
@@ -92,7 +92,7 @@ def _weights_fingerprint(model: nn.Module) -> tuple | None:
         return None
 
 
-def _hooked(model: nn.Module) -> bool:
+def hooked(model: nn.Module) -> bool:
     """Any forward hook of ours or a caller's on the model. transformers' own
     output-recording hooks (installed once something asks for hidden states or attentions,
     and left in place) only read outputs, so they do not count."""

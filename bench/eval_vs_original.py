@@ -1,8 +1,9 @@
 """The evaluation as it first shipped (three whole passes, ``training/train/metrics.py`` of
 commit 1c104cb^, read with ``git show``) against today's, in fp32 and with the model in
-bf16, on the same batches of 8 × 128 tokens, alternated batch by batch; medians over the
-batches after two warm-up ones. A random n = 8,192, k = 32 SAE (the cost does not depend on
-its weights). Prints one JSON line per block.
+bf16, and in fp32 recording its clean pass and then reading that record (an evaluation of
+text at a block already evaluated), on the same batches of 8 × 128 tokens, alternated batch
+by batch; medians over the batches after two warm-up ones. A random n = 8,192, k = 32 SAE
+(the cost does not depend on its weights). Prints one JSON line per block.
 
     .venv/bin/python bench/eval_vs_original.py 15 6
 """
@@ -13,6 +14,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from app.cli.common import load_lm  # noqa: E402
 from training.bench.timing import timed  # noqa: E402
 from training.evaluation import metrics  # noqa: E402
+from training.evaluation.records import CleanRecords  # noqa: E402
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder  # noqa: E402
 
 ORIGINAL = "1c104cb^:training/train/metrics.py"
@@ -45,15 +48,33 @@ def main(layers: list[int]) -> None:
     sae = SparseAutoencoder(SaeConfig(d_in=fp32.d_model, n_latents=8192, k=32))
     batches = list(metrics.dataset_batches(fp32, "embedded", tokens=7 * 8 * 127, context=128,
                                            batch=8))
-    for layer in layers:
-        print(json.dumps(_compare(original, fp32, bf16, sae, batches, layer)), flush=True)
+    with tempfile.TemporaryDirectory(prefix="saelab-records-") as work:
+        records = CleanRecords(Path(work))
+        for layer in layers:
+            print(json.dumps(_compare(original, fp32, bf16, sae, batches, layer, records)),
+                  flush=True)
 
 
-def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int) -> dict:
+def _recorded(lm, sae, layer: int, records: CleanRecords, outcome: str):
+    """``metrics.evaluate`` with ``records``, refusing a batch whose clean pass was not
+    ``outcome`` ("written", or "read" from the record the other path wrote)."""
+    def path(ids: torch.Tensor):
+        figures = metrics.evaluate(lm, sae, layer, [ids], progress=False, records=records)
+        if records.outcome != outcome:
+            raise RuntimeError(f"the clean pass was {records.outcome!r}, not {outcome!r}")
+        return figures
+
+    return path
+
+
+def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int,
+             records: CleanRecords) -> dict:
     paths = {"original": lambda ids: original.evaluate(fp32, sae, layer, [ids],
                                                        progress=False),
              "fp32": lambda ids: metrics.evaluate(fp32, sae, layer, [ids], progress=False),
-             "bf16": lambda ids: metrics.evaluate(bf16, sae, layer, [ids], progress=False)}
+             "bf16": lambda ids: metrics.evaluate(bf16, sae, layer, [ids], progress=False),
+             "recording": _recorded(fp32, sae, layer, records, "written"),
+             "read": _recorded(fp32, sae, layer, records, "read")}
     times: dict[str, list[float]] = {name: [] for name in paths}
     figures: dict[str, list[dict]] = {name: [] for name in paths}
     for index, ids in enumerate(batches):
@@ -63,13 +84,20 @@ def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int)
                 times[name].append(seconds / result.tokens)
                 figures[name].append(result.to_dict())
     rates = {name: 1 / statistics.median(per_token) for name, per_token in times.items()}
-    rel = max(abs(new[key] - old[key]) / max(abs(old[key]), 1e-9)
-              for new, old in zip(figures["fp32"], figures["original"], strict=True)
-              for key in new)
+
+    def max_rel_diff(path: str, reference: str) -> float:
+        return max(abs(new[key] - old[key]) / max(abs(old[key]), 1e-9)
+                   for new, old in zip(figures[path], figures[reference], strict=True)
+                   for key in new)
+
     return {"bench": "eval-vs-original", "layer": layer, "tokens_per_s": rates,
             "fp32_vs_original": rates["fp32"] / rates["original"],
             "bf16_vs_original": rates["bf16"] / rates["original"],
-            "fp32_max_rel_diff_vs_original": rel, "timed_batches": len(times["fp32"]),
+            "recording_vs_original": rates["recording"] / rates["original"],
+            "read_vs_original": rates["read"] / rates["original"],
+            "fp32_max_rel_diff_vs_original": max_rel_diff("fp32", "original"),
+            "read_max_rel_diff_vs_fp32": max_rel_diff("read", "fp32"),
+            "timed_batches": len(times["fp32"]),
             "tokens_per_batch": 8 * 127, "threads": torch.get_num_threads()}
 
 

@@ -319,6 +319,9 @@ def test_bench_eval_compares_shared_prefix_with_whole_passes(env) -> None:
     # rounding differs (measured up to 1.5e-5 relative, in the small KL)
     assert figures["timed_batches"] >= 2 and figures["max_rel_diff"] < 1e-4
     assert figures["whole_passes_tokens_per_s"] > 0 and figures["shared_prefix_tokens_per_s"] > 0
+    records = figures["records"]  # each batch recorded, then read
+    assert records["read_tokens_per_s"] > 0 and records["recording_tokens_per_s"] > 0
+    assert records["recording_max_rel_diff"] == 0 and records["read_max_rel_diff"] < 1e-4
     _one_line_error(invoke(env, "bench", "eval", "--layer", 9), "layer 9")
 
 

@@ -5,6 +5,8 @@ never read for other weights, text, block or batching, nor when it is damaged.""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -235,3 +237,20 @@ def test_the_kl_from_the_mean_unembedding_is_the_kl(monkeypatch) -> None:
     got_ce, got_kl = eval_losses.recorded_losses(spliced, states, ids, clean_states, *terms)
     assert got_ce == ce_sae and kl > 1
     assert got_kl == pytest.approx(kl, rel=1e-5)
+
+
+def test_a_record_removed_while_it_is_read_still_serves_that_reader(tiny_model, tmp_path
+                                                                    ) -> None:
+    """Another process's eviction may remove a record between its check and its reading:
+    the files checked are mapped, so the reader still gets the whole batch."""
+    kept, sae = CleanRecords(tmp_path), _sae()
+    metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
+    key = records.record_key(tiny_model, 1, "resid", _batches())
+    opened = kept.read(key, _batches(), "resid", tiny_model.device)
+    fresh = [records.RecordedFile(tmp_path / key / f"batch-{i:05d}.safetensors", ids, "resid",
+                                  tiny_model.device).load() for i, ids in enumerate(_batches())]
+    shutil.rmtree(tmp_path / key)
+    for got, expected in zip((f.load() for f in opened), fresh, strict=True):
+        assert torch.equal(got.inputs["hidden"], expected.inputs["hidden"])
+        assert torch.equal(got.mean_unembed, expected.mean_unembed)
+        assert (got.ce_clean, got.ce_ablate) == (expected.ce_clean, expected.ce_ablate)

@@ -92,13 +92,14 @@ def bench_eval(
                                            "its figures are from fp32's")] = "fp32",
     device: DeviceOpt = None,
 ) -> None:
-    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes (with
-    --family, a sweep's SAEs evaluated together vs each alone; with --precision bf16, also
-    the model in bf16)."""
+    """Evaluation tokens/s: the shared-prefix passes vs three whole forward passes, and an
+    evaluation that reads its recorded clean pass (with --family, a sweep's SAEs evaluated
+    together vs each alone; with --precision bf16, also the model in bf16)."""
     import torch
 
     from training.bench.evaluation import bench_eval as run
     from training.bench.evaluation import bench_family as run_family
+    from training.evaluation.records import CleanRecords
     from training.sae.autoencoder import SaeConfig, SparseAutoencoder
     from training.sae.folder import load_sae
 
@@ -125,8 +126,9 @@ def bench_eval(
         else:
             if sae is None:
                 loaded = SparseAutoencoder(SaeConfig(d_in=lm.d_model, n_latents=8192, k=32))
-            result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch,
-                         bf16=bf16)
+            with tempfile.TemporaryDirectory(prefix="saelab-bench-records-") as work:
+                result = run(lm, loaded.to(lm.device), layer, tokens=tokens, batch=batch,
+                             bf16=bf16, records=CleanRecords(Path(work)))
     typer.echo(json.dumps(result))
 
 

@@ -3,7 +3,10 @@ passes, on the same batches, alternated batch by batch.
 
 Both paths compute the same figures (checked: ``max_rel_diff``); only their cost differs.
 With a bf16 copy of the model, ``bench_eval`` also times the shared-prefix evaluation in bf16
-(the SAE and the losses in float32) and says how far its figures are from fp32's.
+(the SAE and the losses in float32) and says how far its figures are from fp32's. With a
+records folder it also times the evaluation that records its clean pass, and the one that
+reads that record (each batch recorded, then read: the cost of an evaluation of text at a
+block already evaluated, whatever the SAE).
 ``bench_family`` times a sweep's evaluation: S SAEs of one layer evaluated together
 (one clean pass per batch for all) against each evaluated alone, both ways.
 The clean pass always runs the whole model; the shared path then runs blocks L+1.. and the
@@ -23,21 +26,27 @@ import torch
 from training.bench.timing import timed
 from training.data.models import LoadedModel
 from training.evaluation.metrics import EvalMetrics, dataset_batches, evaluate, evaluate_family
+from training.evaluation.records import CleanRecords
 from training.sae.autoencoder import SparseAutoencoder
 
 
 def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: int = 4096,
                batch: int = 8, context: int = 128, dataset: str = "embedded",
-               bf16: LoadedModel | None = None) -> dict[str, Any]:
+               bf16: LoadedModel | None = None, records: CleanRecords | None = None
+               ) -> dict[str, Any]:
     """Tokens/s of ``evaluate`` with and without the shared prefix (medians over batches,
     after one warm-up batch of each) and the largest relative difference of their figures.
     With ``bf16`` (the same model in bf16) also its shared-prefix evaluation, and how far
-    each of its figures is from fp32's on the same batches."""
+    each of its figures is from fp32's on the same batches. With ``records`` (an empty
+    folder) also the evaluation that records the clean pass and the one that reads it."""
     paths = {"shared": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False)],
              "whole": lambda ids: [evaluate(lm, sae, layer, [ids], progress=False,
                                             share_prefix=False)]}
     if bf16 is not None:
         paths["bf16"] = lambda ids: [evaluate(bf16, sae, layer, [ids], progress=False)]
+    if records is not None:
+        paths["recording"] = _recorded(lm, sae, layer, records, "written")
+        paths["read"] = _recorded(lm, sae, layer, records, "read")
     rates, figures = _alternate(paths, _batches(lm, dataset, tokens, batch, context))
     result = {"bench": "eval", "model": lm.name, "layer": layer, "n_layers": lm.n_layers,
               "n": sae.cfg.n_latents, "batch": batch, "context": context,
@@ -53,7 +62,28 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
             "vs_fp32_shared_prefix": rates["bf16"] / rates["shared"],
             "max_abs_diff": _max_abs_diff(figures["bf16"], figures["shared"]),
             "fp32_mean": _mean(figures["shared"]), "bf16_mean": _mean(figures["bf16"])}
+    if records is not None:
+        result["records"] = {
+            "recording_tokens_per_s": rates["recording"], "read_tokens_per_s": rates["read"],
+            "recording_vs_shared_prefix": rates["recording"] / rates["shared"],
+            "read_vs_whole_passes": rates["read"] / rates["whole"],
+            "read_vs_shared_prefix": rates["read"] / rates["shared"],
+            "read_max_rel_diff": _max_rel_diff(figures["read"], figures["shared"]),
+            "recording_max_rel_diff": _max_rel_diff(figures["recording"], figures["shared"])}
     return result
+
+
+def _recorded(lm: LoadedModel, sae: SparseAutoencoder, layer: int, records: CleanRecords,
+              outcome: str) -> Callable[[torch.Tensor], list[EvalMetrics]]:
+    """``evaluate`` with ``records``, refusing to time a batch whose clean pass was not
+    ``outcome`` ("written": recorded now; "read": from the record)."""
+    def path(ids: torch.Tensor) -> list[EvalMetrics]:
+        figures = evaluate(lm, sae, layer, [ids], progress=False, records=records)
+        if records.outcome != outcome:
+            raise RuntimeError(f"the clean pass was {records.outcome!r}, not {outcome!r}")
+        return [figures]
+
+    return path
 
 
 def _alternate(paths: dict[str, Callable[[torch.Tensor], list[EvalMetrics]]],

@@ -252,11 +252,14 @@ def _evaluate_recorded(lm: LoadedModel, layer: int, batches: list[Tensor],
     """Every batch from the record of this clean pass, or (with none) computed and
     recorded, the record renamed into place once whole."""
     batches = [ids.to(lm.device) for ids in batches]
+    if not batches:
+        raise ValueError("evaluation saw no tokens")
     key = record_key(lm, layer, suffix.site, batches)
     recorded = records.read(key, batches, suffix.site, lm.device)
     if recorded is not None:
         log.info("the clean pass of block %d was read from the record %s", layer, key)
-        for batch in recorded:
+        for recorded_file in recorded:
+            batch = recorded_file.load()
             _evaluate_from_record(batch, totals, splices, suffix)
             bar.update(batch.ids.numel() - batch.ids.shape[0])
         records.outcome = "read"

@@ -203,28 +203,26 @@ class CleanRecords:
         "written" (recorded), or "not recorded: why"."""
 
     def read(self, key: str, batches: list[Tensor], site: str, device: torch.device
-             ) -> list[RecordedBatch] | None:
-        """The record ``key`` of exactly these batches, loaded; None when there is none.
-        A record that cannot be read (damaged, or of other ids) is removed, with a
+             ) -> list[RecordedFile] | None:
+        """The record ``key`` of exactly these batches, one file a batch, each checked
+        (names, shapes, token ids) and mapped but loaded only when asked; None when there
+        is none. A record that fails a check (damaged, or of other ids) is removed, with a
         warning, and the pass is computed again."""
         folder = self.root / key
         if not (folder / RECORD_FILE).is_file():
             return None
         try:
             os.utime(folder / RECORD_FILE)  # read now: the last to be evicted
-            loaded = [_load_batch(folder / f"batch-{index:05d}.safetensors", site, device)
-                      for index in range(len(batches))]
             described = json.loads((folder / RECORD_FILE).read_text())
-            if described.get("batches") != len(batches) or not all(
-                    torch.equal(got.ids, ids.to(device))
-                    for got, ids in zip(loaded, batches, strict=True)):
-                raise ValueError("its token ids are not those of this evaluation")
+            if described.get("batches") != len(batches):
+                raise ValueError(f"it holds {described.get('batches')} batches")
+            return [RecordedFile(folder / f"batch-{index:05d}.safetensors", ids, site, device)
+                    for index, ids in enumerate(batches)]
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             log.warning("the evaluation record %s cannot be read (%s): removing it and "
                         "running the clean pass again", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        return loaded
 
     def writer(self, key: str, nbytes: int, unembed: Tensor) -> RecordWriter | None:
         """A writer for record ``key`` of ``nbytes``; None when it would take over half
@@ -264,13 +262,33 @@ class CleanRecords:
                 total -= size
 
 
-def _load_batch(path: Path, site: str, device: torch.device) -> RecordedBatch:
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        figures = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    inputs = {name: tensor for name, tensor in tensors.items()
-              if name not in (*KL_TERMS, "ids")}
-    if sorted(inputs) != sorted(SITE_INPUTS[site]):
-        raise ValueError(f"{path.name} holds {sorted(tensors)}, not a {site} record")
-    return RecordedBatch(tensors["ids"], inputs, *(tensors[name] for name in KL_TERMS),
-                         float(figures["ce_clean"]), float(figures["ce_ablate"]))
+class RecordedFile:
+    """One batch of a record, checked against the batch ids [B, T] it must hold and kept
+    mapped (so removing the record meanwhile cannot pull it away), loaded by ``load``."""
+
+    def __init__(self, path: Path, ids: Tensor, site: str, device: torch.device) -> None:
+        self.handle = safe_open(str(path), framework="pt", device=str(device))
+        batch, length = ids.shape
+        d = self.handle.get_slice(SITE_INPUTS[site][0]).get_shape()[-1]
+        expected = {"ids": [batch, length], "clean_states": [batch, length - 1, d],
+                    "log_normaliser": [batch, length - 1],
+                    "mean_unembed": [batch, length - 1, d],
+                    **{name: [batch, length, d] for name in SITE_INPUTS[site]}}
+        shapes = {name: self.handle.get_slice(name).get_shape()
+                  for name in self.handle.keys()}  # noqa: SIM118
+        if shapes != expected:
+            raise ValueError(f"{path.name} holds {shapes}, not the {site} record of a "
+                             f"[{batch}, {length}] batch")
+        self.figures = {name: float((self.handle.metadata() or {})[name])
+                        for name in ("ce_clean", "ce_ablate")}
+        if not torch.equal(self.handle.get_tensor("ids"), ids.to(device)):
+            raise ValueError(f"the token ids of {path.name} are not those of this batch")
+        self.site = site
+
+    def load(self) -> RecordedBatch:
+        tensors = {name: self.handle.get_tensor(name)
+                   for name in ("ids", *KL_TERMS, *SITE_INPUTS[self.site])}
+        return RecordedBatch(tensors["ids"],
+                             {name: tensors[name] for name in SITE_INPUTS[self.site]},
+                             *(tensors[name] for name in KL_TERMS), self.figures["ce_clean"],
+                             self.figures["ce_ablate"])

@@ -254,3 +254,20 @@ def test_a_record_removed_while_it_is_read_still_serves_that_reader(tiny_model, 
         assert torch.equal(got.inputs["hidden"], expected.inputs["hidden"])
         assert torch.equal(got.mean_unembed, expected.mean_unembed)
         assert (got.ce_clean, got.ce_ablate) == (expected.ce_clean, expected.ce_ablate)
+
+
+@pytest.mark.slow
+def test_the_embedded_models_record(embedded_model, embedded_sae, tmp_path) -> None:
+    """SmolLM2 and a trained SAE of its block 3: read from the record, the KL is within a
+    relative 1e-5 of the fresh evaluation's and every other figure is the same."""
+    from training.sae.folder import load_sae
+
+    sae, _cfg = load_sae(embedded_sae["sae"])
+    batches = list(metrics.dataset_batches(embedded_model, "embedded", tokens=2 * 4 * 127,
+                                           context=128, batch=4, skip_contexts=200))
+    kept = CleanRecords(tmp_path)
+    fresh = metrics.evaluate(embedded_model, sae, 3, batches, progress=False, records=kept)
+    read = metrics.evaluate(embedded_model, sae, 3, batches, progress=False, records=kept)
+    assert kept.outcome == "read" and 0 < read.kl < 5 and read.ce_loss_recovered > 0.5
+    for name, value in fresh.to_dict().items():
+        assert getattr(read, name) == pytest.approx(value, rel=1e-5 if name == "kl" else 0)

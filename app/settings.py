@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     """Language models kept loaded for probing and steering (least recently used goes)."""
     inference_saes: int = 4
     """SAEs kept loaded for probing and steering."""
+    eval_records_gb: float = Field(4.0, ge=0)
+    """Bound of ``<data_dir>/eval-records`` (the recorded clean passes later evaluations of
+    the same text read; the records read longest ago go first); 0 keeps none."""
 
     anthropic_api_key: str = Field("", validation_alias=AliasChoices(
         "SAELAB_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"), repr=False)
@@ -105,6 +108,10 @@ class Settings(BaseSettings):
         """Where evaluations keep their recorded clean passes (``training.evaluation.
         records``), which later evaluations of the same text and block read."""
         return self.data_dir / "eval-records"
+
+    @property
+    def eval_records_bytes(self) -> int:
+        return int(self.eval_records_gb * 2**30)
 
 
 def get_settings() -> Settings:

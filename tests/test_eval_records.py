@@ -1,17 +1,23 @@
 """Recorded clean passes on the tiny random Llama: an evaluation that reads one gives the
 figures of one that runs the model (every figure bit for bit but the KL, which the record's
 mean unembedding gives to float rounding), for any SAE of that block, and a record is
-never read for other weights, text, block or batching, nor when it is damaged."""
+never read for other weights, text, block, batching or code, nor when it is damaged; a
+record that cannot be written never fails the evaluation."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from training.evaluation import losses as eval_losses
-from training.evaluation import metrics, records
+from training.evaluation import metrics, record_key, records
+from training.evaluation.record_key import record_key as key_of
 from training.evaluation.records import CleanRecords
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
@@ -85,24 +91,20 @@ def test_a_family_reads_the_record_too(tiny_model, tmp_path, site) -> None:
                                                    progress=False))
 
 
-@pytest.mark.parametrize("site", ["resid", "mlp"])
-def test_a_bf16_models_record(tiny_llama_dir, data_dir, tmp_path, site) -> None:
-    """With the model in bf16 the record keeps its bf16 tensors: every figure but the KL
-    is the fresh evaluation's, bit for bit; the KL reads the logits before their bf16
-    rounding, so it moves by that rounding."""
+def test_a_bf16_model_is_not_recorded(tiny_llama_dir, data_dir, tmp_path) -> None:
+    """A bf16 model rounds its logits after the head, which a record's KL cannot see: its
+    evaluations run fresh every time, with the figures they have without records."""
     from training.data.models import load_model
 
     bf16 = load_model(str(tiny_llama_dir), data_dir=data_dir, device="cpu",
                       dtype=torch.bfloat16)
-    kept, sae = CleanRecords(tmp_path), _sae(site, seed=5)
-    metrics.evaluate(bf16, sae, 2, _batches(), progress=False, records=kept)
-    read = metrics.evaluate(bf16, sae, 2, _batches(), progress=False, records=kept)
-    assert kept.outcome == "read"
-    fresh = metrics.evaluate(bf16, sae, 2, _batches(), progress=False)
-    for name, value in fresh.to_dict().items():
-        if name != "kl":
-            assert getattr(read, name) == value, name
-    assert read.kl == pytest.approx(fresh.kl, rel=1e-3)
+    kept, sae = CleanRecords(tmp_path), _sae(seed=5)
+    for _ in range(2):
+        got = metrics.evaluate(bf16, sae, 2, _batches(), progress=False, records=kept)
+        assert kept.outcome.startswith("not recorded: the model is not in float32")
+    assert got.to_dict() == metrics.evaluate(bf16, sae, 2, _batches(),
+                                             progress=False).to_dict()
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
 def test_other_weights_text_block_or_batching_get_their_own_record(tiny_model, tmp_path
@@ -129,7 +131,21 @@ def test_other_weights_text_block_or_batching_get_their_own_record(tiny_model, t
         with torch.no_grad():
             weight.copy_(saved)
     assert outcome(_batches()) == "read"  # the first record again
-    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 5
+    data = tiny_model.blocks[0].mlp.up_proj.weight.data  # an edit no version counter sees
+    try:
+        data.mul_(3)
+        assert outcome(_batches()) == "written"
+    finally:
+        data.copy_(saved)
+    assert outcome(_batches()) == "read"
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 6
+
+
+def test_another_version_of_the_evaluation_code_reads_no_record(tiny_model, monkeypatch
+                                                                ) -> None:
+    key = key_of(tiny_model, 1, "resid", _batches())
+    monkeypatch.setattr(record_key, "code_digest", lambda: "another saelab")
+    assert key_of(tiny_model, 1, "resid", _batches()) != key
 
 
 def test_a_damaged_record_is_removed_and_the_pass_run_again(tiny_model, tmp_path, caplog
@@ -138,12 +154,33 @@ def test_a_damaged_record_is_removed_and_the_pass_run_again(tiny_model, tmp_path
     expected = metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
     (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     shard = folder / "batch-00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-    again = metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
-    assert kept.outcome == "written" and "cannot be read" in caplog.text
-    assert again.to_dict() == expected.to_dict()
+    flipped = bytearray(shard.read_bytes())
+    flipped[-5] ^= 0x10  # one bit of a tensor's data
+    for damage in (lambda: shard.write_bytes(shard.read_bytes()[:1000]),  # truncated
+                   lambda: shard.write_bytes(bytes(flipped)),
+                   lambda: (folder / "record.json").write_text("[]"),
+                   lambda: (folder / "record.json").write_text("{not json")):
+        damage()
+        caplog.clear()
+        again = metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False,
+                                 records=kept)
+        assert kept.outcome == "written" and "damaged" in caplog.text
+        assert again.to_dict() == expected.to_dict()
     assert metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False,
                             records=kept) and kept.outcome == "read"
+
+
+def test_a_folder_a_killed_removal_left_is_replaced(tiny_model, tmp_path) -> None:
+    """A record's folder without its record.json (a removal killed halfway) neither
+    blocks its name nor reads as a record."""
+    kept, sae = CleanRecords(tmp_path), _sae()
+    key = key_of(tiny_model, 1, "resid", _batches())
+    (tmp_path / key).mkdir(parents=True)
+    (tmp_path / key / "batch-00000.safetensors").write_bytes(b"left over")
+    metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
+    assert kept.outcome == "written" and (tmp_path / key / "record.json").is_file()
+    metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
+    assert kept.outcome == "read"
 
 
 def test_a_record_of_other_ids_is_never_read(tiny_model, tmp_path) -> None:
@@ -152,7 +189,7 @@ def test_a_record_of_other_ids_is_never_read(tiny_model, tmp_path) -> None:
     kept, sae = CleanRecords(tmp_path), _sae()
     metrics.evaluate(tiny_model, sae, 1, _batches(seed=4), progress=False, records=kept)
     (other,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    key = records.record_key(tiny_model, 1, "resid", _batches())
+    key = key_of(tiny_model, 1, "resid", _batches())
     other.rename(tmp_path / key)
     assert kept.read(key, _batches(), "resid", tiny_model.device) is None
     assert not (tmp_path / key).exists()
@@ -160,33 +197,58 @@ def test_a_record_of_other_ids_is_never_read(tiny_model, tmp_path) -> None:
 
 def test_records_stay_within_their_bound(tiny_model, tmp_path) -> None:
     sae = _sae()
-    size = records.record_bytes(_batches(), "resid", 64, torch.float32)
+    size = records.record_bytes(_batches(), "resid", 64)
     kept = CleanRecords(tmp_path, max_bytes=int(size * 2.5))
     for seed in range(3):
         metrics.evaluate(tiny_model, sae, 1, _batches(seed), progress=False, records=kept)
         assert kept.outcome == "written"
     names = {p.name for p in tmp_path.iterdir()}
-    assert records.record_key(tiny_model, 1, "resid", _batches(0)) not in names  # oldest
-    assert records.record_key(tiny_model, 1, "resid", _batches(2)) in names
+    assert key_of(tiny_model, 1, "resid", _batches(0)) not in names  # oldest
+    assert key_of(tiny_model, 1, "resid", _batches(2)) in names
     small = CleanRecords(tmp_path / "small", max_bytes=size)  # a record over half of it
     metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=small)
     assert small.outcome.startswith("not recorded") and "over half" in small.outcome
     assert not small.root.exists()
 
 
-def test_a_record_that_cannot_be_written_never_fails_the_evaluation(tiny_model, tmp_path,
-                                                                    monkeypatch) -> None:
-    """A full disk while recording: the figures come back, nothing half-written stays."""
-    def disk_full(*_args, **_kwargs):
-        raise OSError(28, "No space left on device")
+FULL_DISK = textwrap.dedent("""
+    import json, resource, signal, sys
+    from pathlib import Path
+    import torch
+    from training.data.models import load_model
+    from training.evaluation import metrics
+    from training.evaluation.records import CleanRecords
+    from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
-    monkeypatch.setattr(records, "save_file", disk_full)
-    kept, sae = CleanRecords(tmp_path), _sae()
-    figures = metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
-    assert kept.outcome.startswith("not recorded") and "No space" in kept.outcome
-    assert figures.to_dict() == metrics.evaluate(tiny_model, sae, 1, _batches(),
-                                                 progress=False).to_dict()
-    assert list(tmp_path.iterdir()) == []
+    lm = load_model(sys.argv[1], data_dir=Path(sys.argv[2]), device="cpu")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(4, 512, (3, 40), generator=generator) for _ in range(2)]
+    for ids in batches:
+        ids[:, 0] = 1
+    fresh = metrics.evaluate(lm, sae, 1, batches, progress=False)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))
+    kept = CleanRecords(Path(sys.argv[3]))
+    got = metrics.evaluate(lm, sae, 1, batches, progress=False, records=kept)
+    print(json.dumps({"outcome": kept.outcome, "same": got.to_dict() == fresh.to_dict()}))
+""")
+
+
+def test_a_record_that_cannot_be_written_never_fails_the_evaluation(tiny_llama_dir, data_dir,
+                                                                    tmp_path) -> None:
+    """Files limited to 20 kB, a fifth of a batch's (the kernel refuses the rest of the
+    write, as a full disk does): the figures come back whole and nothing half-written
+    stays."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(tiny_llama_dir),
+                          str(data_dir), str(tmp_path / "records"), "20000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["outcome"].startswith("not recorded")
+    assert "File too large" in result["outcome"], result["outcome"]
+    assert list((tmp_path / "records").iterdir()) == []
 
 
 def test_an_evaluation_that_fails_leaves_no_record(tiny_model, tmp_path, monkeypatch) -> None:
@@ -245,10 +307,9 @@ def test_a_record_removed_while_it_is_read_still_serves_that_reader(tiny_model, 
     the files checked are mapped, so the reader still gets the whole batch."""
     kept, sae = CleanRecords(tmp_path), _sae()
     metrics.evaluate(tiny_model, sae, 1, _batches(), progress=False, records=kept)
-    key = records.record_key(tiny_model, 1, "resid", _batches())
+    key = key_of(tiny_model, 1, "resid", _batches())
     opened = kept.read(key, _batches(), "resid", tiny_model.device)
-    fresh = [records.RecordedFile(tmp_path / key / f"batch-{i:05d}.safetensors", ids, "resid",
-                                  tiny_model.device).load() for i, ids in enumerate(_batches())]
+    fresh = [f.load() for f in kept.read(key, _batches(), "resid", tiny_model.device)]
     shutil.rmtree(tmp_path / key)
     for got, expected in zip((f.load() for f in opened), fresh, strict=True):
         assert torch.equal(got.inputs["hidden"], expected.inputs["hidden"])

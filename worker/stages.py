@@ -165,12 +165,12 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def evaluate_stage(lm, saes: dict[Path, object], store, tokens: int, records_dir: Path
+def evaluate_stage(lm, saes: dict[Path, object], store, tokens: int, settings: Settings
                    ) -> None:
     """CE loss recovered, KL, FVU ... of each SAE (by folder) spliced in, on the text that
     follows its capture (text the SAE was not trained on), saved as each folder's
     ``eval.json``. Several SAEs of one capture (a sweep's) share each batch's clean pass,
-    and later evaluations of that text at that block read it from ``records_dir``."""
+    and later evaluations of that text at that block read it from the settings' records."""
     from app.store.persist import EVAL_FILE
     from training.evaluation.metrics import evaluate_family_on_dataset
     from training.evaluation.records import CleanRecords
@@ -180,7 +180,9 @@ def evaluate_stage(lm, saes: dict[Path, object], store, tokens: int, records_dir
                                          dataset=manifest.dataset, tokens=tokens,
                                          context=manifest.context,
                                          skip_contexts=manifest.contexts, progress=False,
-                                         records=CleanRecords(records_dir))
+                                         records=CleanRecords(settings.eval_records_dir,
+                                                              settings.eval_records_bytes)
+                                         if settings.eval_records_bytes else None)
     for sae_dir, figures in zip(saes, metrics, strict=True):
         tmp = Path(sae_dir) / f".{EVAL_FILE}.tmp"  # whole or absent: a resume trusts it
         tmp.write_text(json.dumps(figures.to_dict(), indent=2))
@@ -233,8 +235,7 @@ def analyze_stage(run: JobRun, params: JobParams, settings: Settings, sae_dir: s
                              max_tokens=params.analyze_tokens, progress=False, on_chunk=report)
     if params.eval_tokens and evaluate:
         run.update(force=True, message="evaluating the SAE spliced into the model")
-        evaluate_stage(lm, {Path(sae_dir): sae}, store, params.eval_tokens,
-                       settings.eval_records_dir)
+        evaluate_stage(lm, {Path(sae_dir): sae}, store, params.eval_tokens, settings)
     run.update(force=True, message=f"saving {sae.cfg.n_latents} latents to the store")
     sae_id = save_analysis(run.sessions, sae_dir=Path(sae_dir), sae_cfg=cfg,
                            model_name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,

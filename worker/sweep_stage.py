@@ -85,7 +85,7 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
     lm = load_sae_model(params, settings, first_cfg)
     if params.eval_tokens:
         evaluate_members(run, params, [Path(sae_dir) for sae_dir in todo.values()], acts, lm,
-                         settings.eval_records_dir)
+                         settings)
     for number, (name, sae_dir) in enumerate(saes.items(), start=1):
         if name in done:
             continue
@@ -97,7 +97,7 @@ def analyze_members(run: JobRun, params: JobParams, settings: Settings, result: 
 
 
 def evaluate_members(run: JobRun, params: JobParams, folders: list[Path], acts: str,
-                     lm, records_dir: Path) -> None:
+                     lm, settings: Settings) -> None:
     """Evaluate the sweep's SAEs in ``folders`` that have no ``eval.json`` yet together,
     on the same batches (one clean pass per batch for all, then each SAE's spliced pass),
     each into its folder's ``eval.json``. A folder's ``eval.json`` is this job's own: the
@@ -115,4 +115,4 @@ def evaluate_members(run: JobRun, params: JobParams, folders: list[Path], acts: 
     run.update(force=True, message=f"evaluating {len(todo)} SAEs spliced into the model, "
                                    "on the same batches")
     saes = {folder: load_sae(folder)[0].to(lm.device) for folder in todo}
-    evaluate_stage(lm, saes, ActivationStore(Path(acts)), params.eval_tokens, records_dir)
+    evaluate_stage(lm, saes, ActivationStore(Path(acts)), params.eval_tokens, settings)

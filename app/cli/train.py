@@ -344,12 +344,15 @@ def evaluate(
         skip = skip_contexts if skip_contexts is not None else _one(
             "--skip-contexts", [_trained_contexts(cfg, dataset, context) for cfg in cfgs])
         lm = load_lm(model, device, precision)
-        records = CleanRecords(get_settings().eval_records_dir) if record else None
+        settings = get_settings()
+        records = (CleanRecords(settings.eval_records_dir, settings.eval_records_bytes)
+                   if record and settings.eval_records_bytes else None)
         metrics = evaluate_family_on_dataset(
             lm, [module.to(lm.device) for module, _ in loaded], where, dataset=dataset,
             tokens=tokens, context=context, batch=batch, skip_contexts=skip, records=records)
-    about = {"precision": precision,
-             "clean_pass": records.outcome if records else "not recorded: --no-record"}
+    about = {"precision": precision, "clean_pass": records.outcome if records else
+             "not recorded: --no-record" if not record else
+             "not recorded: SAELAB_EVAL_RECORDS_GB is 0"}
     if len(sae) == 1:
         typer.echo(json.dumps({**metrics[0].to_dict(), **about}))
     else:

@@ -79,7 +79,6 @@ def summed_ce_of_logits(logits: Tensor, ids: Tensor) -> float:
     return float(total)
 
 
-
 def clean_kl_terms(logits: Tensor, ids: Tensor, unembed: Tensor) -> tuple[Tensor, Tensor]:
     """What a recorded clean pass keeps for the KL (``training.evaluation.records``), at
     the predicted positions of ids [B, T]: the log-normaliser logsumexp(z_p) [B, T − 1]

@@ -50,13 +50,8 @@ from training.evaluation.passes import (
     shared_passes,
     whole_passes,
 )
-from training.evaluation.records import (
-    CleanRecords,
-    RecordedBatch,
-    RecordWriter,
-    record_bytes,
-    record_key,
-)
+from training.evaluation.record_key import record_key
+from training.evaluation.records import CleanRecords, RecordedBatch, RecordWriter, record_bytes
 from training.evaluation.suffix import Suffix
 from training.sae.autoencoder import Encoding, SparseAutoencoder
 
@@ -212,9 +207,10 @@ def _evaluate_batch(lm: LoadedModel, layer: int, ids: Tensor, totals: list[_Tota
     evaluation of this batch needs of the clean pass is recorded."""
     passes = (whole_passes(lm, layer, ids, site) if suffix is None
               else shared_passes(lm, layer, ids, suffix))
-    terms = clean_kl_terms(passes.clean, ids, writer.unembed) if writer is not None else None
+    recording = writer is not None and writer.failure is None
+    terms = clean_kl_terms(passes.clean, ids, suffix.head.weight) if recording else None
     ce_clean = _add_spliced_losses(passes, ids, totals, splices)
-    if writer is not None:
+    if recording:
         writer.add(RecordedBatch(ids, passes.inputs, passes.clean_states, *terms, ce_clean,
                                  passes.ce_ablate))
 
@@ -237,10 +233,13 @@ def _add_spliced_losses(passes: Passes, ids: Tensor, totals: list[_Totals],
 
 def _recordable(lm: LoadedModel, suffix: Suffix | None, records: CleanRecords) -> bool:
     """Whether this evaluation's clean pass can be recorded or read: the forward after
-    block L runs alone, the LM head has no bias (the KL reads the mean unembedding) and no
-    hook changes the model."""
+    block L runs alone, the model is float32 and its LM head has no bias (the KL reads the
+    mean unembedding: ``training.evaluation.records``), and no hook changes the model."""
     reason = ("the model's forward after block L cannot run alone" if suffix is None
               else "the LM head has a bias" if getattr(suffix.head, "bias", None) is not None
+              else "the model is not in float32: a KL read from a record would differ from "
+                   "a fresh one by the rounding of its logits"
+              if any(p.dtype != torch.float32 for p in lm.model.parameters())
               else "the model carries hooks" if hooked(lm.model) else None)
     records.outcome = f"not recorded: {reason}" if reason else None
     return reason is None
@@ -264,16 +263,15 @@ def _evaluate_recorded(lm: LoadedModel, layer: int, batches: list[Tensor],
             bar.update(batch.ids.numel() - batch.ids.shape[0])
         records.outcome = "read"
         return
-    nbytes = record_bytes(batches, suffix.site, lm.d_model, next(lm.model.parameters()).dtype)
-    writer = records.writer(key, nbytes, suffix.head.weight)
+    writer = records.writer(key, record_bytes(batches, suffix.site, lm.d_model))
     with writer or nullcontext():
         for ids in batches:
             _evaluate_batch(lm, layer, ids, totals, splices, suffix, suffix.site, writer)
             bar.update(ids.numel() - ids.shape[0])
         if writer is not None:
-            writer.commit({"model": lm.name, "layer": layer, "site": suffix.site,
-                           "tokens": sum(ids.numel() - ids.shape[0] for ids in batches)})
-            records.outcome = writer.outcome
+            records.outcome = writer.commit({
+                "model": lm.name, "layer": layer, "site": suffix.site,
+                "tokens": sum(ids.numel() - ids.shape[0] for ids in batches)})
 
 
 def _evaluate_from_record(batch: RecordedBatch, totals: list[_Totals],

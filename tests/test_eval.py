@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_eval import tiny_batches as _batches
+from tests.tiny_eval import tiny_sae
 from training.data.hooks import edit_site
 from training.evaluation import ablation, metrics
 from training.evaluation import losses as eval_losses
@@ -14,27 +16,12 @@ from training.evaluation.suffix import Suffix
 from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 
-def _batches(seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(4, 512, (3, 40), generator=generator) for _ in range(2)]
-    for ids in batches:
-        ids[:, 0] = 1  # BOS
-    return batches
-
-
 @pytest.mark.parametrize("site", ["resid", "mlp"])
 @pytest.mark.parametrize("layer", [0, 2, 3])
 def test_shared_prefix_equals_three_whole_passes(tiny_model, layer, site, monkeypatch) -> None:
     """An SAE of block L's output, or a transcoder of its MLP (whose edit is the block's
     clean output with the MLP's output swapped), at every layer, the last one included."""
-    torch.manual_seed(layer)
-    sae = SparseAutoencoder(SaeConfig(d_in=64, n_latents=128, k=8, site=site,
-                                      architecture="batchtopk" if site == "mlp" else "topk",
-                                      skip=site == "mlp"))
-    if site == "mlp":  # a skip path and a threshold that let latents fire
-        with torch.no_grad():
-            sae.w_skip.copy_(torch.randn(64, 64) * 0.1)
-            sae.threshold.fill_(0.05)
+    sae = tiny_sae(site, seed=layer)
     monkeypatch.setattr(eval_losses, "LOSS_CHUNK", 37)  # chunks that split a context
     shared = metrics.evaluate(tiny_model, sae, layer, _batches(), progress=False)
     whole = metrics.evaluate(tiny_model, sae, layer, _batches(), progress=False,

@@ -15,35 +15,16 @@ import textwrap
 import pytest
 import torch
 
+from tests.tiny_eval import tiny_batches as _batches
+from tests.tiny_eval import tiny_sae as _sae
 from training.evaluation import losses as eval_losses
 from training.evaluation import metrics, record_key, records
 from training.evaluation.record_key import record_key as key_of
 from training.evaluation.records import CleanRecords
-from training.sae.autoencoder import SaeConfig, SparseAutoencoder
 
 KL_REL = 2e-5
 """How far the KL from a record's mean unembedding may be from the KL of the clean
 log-probabilities: float32 rounding of terms that are each ~40× the KL."""
-
-
-def _batches(seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(4, 512, (3, 40), generator=generator) for _ in range(2)]
-    for ids in batches:
-        ids[:, 0] = 1  # BOS
-    return batches
-
-
-def _sae(site: str = "resid", seed: int = 0, n: int = 128) -> SparseAutoencoder:
-    torch.manual_seed(seed)
-    sae = SparseAutoencoder(SaeConfig(d_in=64, n_latents=n, k=8, site=site,
-                                      architecture="batchtopk" if site == "mlp" else "topk",
-                                      skip=site == "mlp"))
-    if site == "mlp":  # a skip path and a threshold that let latents fire
-        with torch.no_grad():
-            sae.w_skip.copy_(torch.randn(64, 64) * 0.1)
-            sae.threshold.fill_(0.05)
-    return sae
 
 
 def _assert_same_figures(got: metrics.EvalMetrics, expected: metrics.EvalMetrics) -> None:

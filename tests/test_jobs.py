@@ -406,6 +406,9 @@ def test_a_sweep_job_trains_every_combination_and_analyses_each(stack, tiny_llam
         assert len({e["tokens"] for e in evals}) == 1 and len({e["ce_sae"] for e in evals}) == 4
     assert "evaluating 4 SAEs together, on the same batches" in job.log
     assert job.log.count("loading the model") == 2, "once to capture, once for all members"
+    (record,) = (Path(stack.env["SAELAB_DATA_DIR"]) / "eval-records").glob("*/record.json")
+    described = json.loads(record.read_text())  # their clean pass, for later evaluations
+    assert (described["layer"], described["tokens"]) == (1, evals[0]["tokens"])
     settings = Settings(data_dir=Path(stack.env["SAELAB_DATA_DIR"]),
                         database_url=stack.env["SAELAB_DATABASE_URL"])
     with TestClient(create_app(settings)) as client:

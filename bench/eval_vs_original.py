@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.cli.common import load_lm  # noqa: E402
+from training.bench.evaluation import max_rel_diff, recorded_path  # noqa: E402
 from training.bench.timing import timed  # noqa: E402
 from training.evaluation import metrics  # noqa: E402
 from training.evaluation.records import CleanRecords  # noqa: E402
@@ -55,16 +56,10 @@ def main(layers: list[int]) -> None:
                   flush=True)
 
 
-def _recorded(lm, sae, layer: int, records: CleanRecords, outcome: str):
-    """``metrics.evaluate`` with ``records``, refusing a batch whose clean pass was not
-    ``outcome`` ("written", or "read" from the record the other path wrote)."""
-    def path(ids: torch.Tensor):
-        figures = metrics.evaluate(lm, sae, layer, [ids], progress=False, records=records)
-        if records.outcome != outcome:
-            raise RuntimeError(f"the clean pass was {records.outcome!r}, not {outcome!r}")
-        return figures
-
-    return path
+def _one(path):
+    """A path of ``training.bench.evaluation`` (a list of one evaluation's figures) as the
+    evaluation's figures."""
+    return lambda ids: path(ids)[0]
 
 
 def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int,
@@ -73,8 +68,8 @@ def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int,
                                                        progress=False),
              "fp32": lambda ids: metrics.evaluate(fp32, sae, layer, [ids], progress=False),
              "bf16": lambda ids: metrics.evaluate(bf16, sae, layer, [ids], progress=False),
-             "recording": _recorded(fp32, sae, layer, records, "written"),
-             "read": _recorded(fp32, sae, layer, records, "read")}
+             "recording": _one(recorded_path(fp32, sae, layer, records, "written")),
+             "read": _one(recorded_path(fp32, sae, layer, records, "read"))}
     times: dict[str, list[float]] = {name: [] for name in paths}
     figures: dict[str, list[dict]] = {name: [] for name in paths}
     for index, ids in enumerate(batches):
@@ -85,18 +80,13 @@ def _compare(original, fp32, bf16, sae, batches: list[torch.Tensor], layer: int,
                 figures[name].append(result.to_dict())
     rates = {name: 1 / statistics.median(per_token) for name, per_token in times.items()}
 
-    def max_rel_diff(path: str, reference: str) -> float:
-        return max(abs(new[key] - old[key]) / max(abs(old[key]), 1e-9)
-                   for new, old in zip(figures[path], figures[reference], strict=True)
-                   for key in new)
-
     return {"bench": "eval-vs-original", "layer": layer, "tokens_per_s": rates,
             "fp32_vs_original": rates["fp32"] / rates["original"],
             "bf16_vs_original": rates["bf16"] / rates["original"],
             "recording_vs_original": rates["recording"] / rates["original"],
             "read_vs_original": rates["read"] / rates["original"],
-            "fp32_max_rel_diff_vs_original": max_rel_diff("fp32", "original"),
-            "read_max_rel_diff_vs_fp32": max_rel_diff("read", "fp32"),
+            "fp32_max_rel_diff_vs_original": max_rel_diff(figures["fp32"], figures["original"]),
+            "read_max_rel_diff_vs_fp32": max_rel_diff(figures["read"], figures["fp32"]),
             "timed_batches": len(times["fp32"]),
             "tokens_per_batch": 8 * 127, "threads": torch.get_num_threads()}
 

@@ -45,8 +45,8 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
     if bf16 is not None:
         paths["bf16"] = lambda ids: [evaluate(bf16, sae, layer, [ids], progress=False)]
     if records is not None:
-        paths["recording"] = _recorded(lm, sae, layer, records, "written")
-        paths["read"] = _recorded(lm, sae, layer, records, "read")
+        paths["recording"] = recorded_path(lm, sae, layer, records, "written")
+        paths["read"] = recorded_path(lm, sae, layer, records, "read")
     rates, figures = _alternate(paths, _batches(lm, dataset, tokens, batch, context))
     result = {"bench": "eval", "model": lm.name, "layer": layer, "n_layers": lm.n_layers,
               "n": sae.cfg.n_latents, "batch": batch, "context": context,
@@ -54,7 +54,7 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
               "device": str(lm.device), "whole_passes_tokens_per_s": rates["whole"],
               "shared_prefix_tokens_per_s": rates["shared"],
               "speedup": rates["shared"] / rates["whole"],
-              "max_rel_diff": _max_rel_diff(figures["shared"], figures["whole"])}
+              "max_rel_diff": max_rel_diff(figures["shared"], figures["whole"])}
     if bf16 is not None:
         result["bf16"] = {
             "shared_prefix_tokens_per_s": rates["bf16"],
@@ -68,12 +68,12 @@ def bench_eval(lm: LoadedModel, sae: SparseAutoencoder, layer: int, *, tokens: i
             "recording_vs_shared_prefix": rates["recording"] / rates["shared"],
             "read_vs_whole_passes": rates["read"] / rates["whole"],
             "read_vs_shared_prefix": rates["read"] / rates["shared"],
-            "read_max_rel_diff": _max_rel_diff(figures["read"], figures["shared"]),
-            "recording_max_rel_diff": _max_rel_diff(figures["recording"], figures["shared"])}
+            "read_max_rel_diff": max_rel_diff(figures["read"], figures["shared"]),
+            "recording_max_rel_diff": max_rel_diff(figures["recording"], figures["shared"])}
     return result
 
 
-def _recorded(lm: LoadedModel, sae: SparseAutoencoder, layer: int, records: CleanRecords,
+def recorded_path(lm: LoadedModel, sae: SparseAutoencoder, layer: int, records: CleanRecords,
               outcome: str) -> Callable[[torch.Tensor], list[EvalMetrics]]:
     """``evaluate`` with ``records``, refusing to time a batch whose clean pass was not
     ``outcome`` ("written": recorded now; "read": from the record)."""
@@ -112,7 +112,7 @@ def _batches(lm: LoadedModel, dataset: str, tokens: int, batch: int, context: in
     return batches
 
 
-def _max_rel_diff(a: list[dict], b: list[dict]) -> float:
+def max_rel_diff(a: list[dict], b: list[dict]) -> float:
     worst = 0.0
     for left, right in zip(a, b, strict=True):
         for name, value in left.items():
@@ -155,4 +155,4 @@ def bench_family(lm: LoadedModel, saes: list[SparseAutoencoder], layer: int, *,
             "tokens_per_s_per_sae": rates,
             "family_vs_alone": rates["family"] / rates["alone"],
             "family_vs_whole_passes": rates["family"] / rates["whole"],
-            "max_rel_diff": _max_rel_diff(figures["family"], figures["alone"])}
+            "max_rel_diff": max_rel_diff(figures["family"], figures["alone"])}
